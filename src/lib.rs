@@ -2,5 +2,10 @@
 //! hands each client application the proxy most likely to work for it, from
 //! memory. See ARCHITECTURE.md for the map of the modules.
 
+pub mod api;
+pub mod app;
 pub mod config;
+pub mod health;
 pub mod proxy;
+pub mod shutdown;
+pub mod store;

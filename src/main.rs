@@ -1,1 +1,35 @@
-fn main() {}
+//! The `proxy-pool` command: parse the command line, initialise logging, run
+//! one command, and map its outcome to an exit code (0 ok, 2 bad configuration
+//! or usage, 1 anything else).
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use proxy_pool::app::{self, Cli};
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            let usage_error = err.use_stderr();
+            let _ = err.print();
+            return if usage_error {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_millis()
+        .target(env_logger::Target::Stderr)
+        .init();
+    match app::run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::from(app::exit_code(&err))
+        }
+    }
+}

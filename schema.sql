@@ -1,0 +1,65 @@
+-- proxy-pool schema. Applied by `proxy-pool migrate` and at `serve` start, in
+-- one transaction under an advisory lock; every statement is idempotent, so
+-- running it again (or from an older schema) leaves one correct schema.
+-- Rows of `proxies` are never deleted: `is_active` says whether a proxy works now.
+
+CREATE TABLE IF NOT EXISTS proxies (
+    id                bigserial PRIMARY KEY,
+    protocol          text        NOT NULL,
+    ip                inet        NOT NULL,
+    port              integer     NOT NULL,
+    username          text,
+    password          text,
+    is_active         boolean     NOT NULL DEFAULT false,
+    latency_ms        integer,
+    anonymity         text,
+    country           text,
+    first_seen_at     timestamptz NOT NULL DEFAULT now(),
+    last_seen_at      timestamptz NOT NULL DEFAULT now(),
+    last_validated_at timestamptz,
+    supports_https    boolean,
+    exit_ip           inet,
+    CONSTRAINT proxies_protocol_check CHECK (protocol IN ('http', 'https', 'socks4', 'socks5')),
+    CONSTRAINT proxies_port_check CHECK (port BETWEEN 1 AND 65535),
+    CONSTRAINT proxies_anonymity_check CHECK (anonymity IN ('elite', 'anonymous', 'transparent'))
+);
+
+-- History of checks, so that a proxy's record stays traceable.
+ALTER TABLE proxies ADD COLUMN IF NOT EXISTS check_count integer NOT NULL DEFAULT 0;
+ALTER TABLE proxies ADD COLUMN IF NOT EXISTS alive_count integer NOT NULL DEFAULT 0;
+-- Why the last check failed (refused, timeout, not_judge, ...), NULL when alive.
+ALTER TABLE proxies ADD COLUMN IF NOT EXISTS last_dead_reason text;
+-- Which headers gave the proxy away, e.g. 'Via: 1.1 squid', NULL for elite proxies.
+ALTER TABLE proxies ADD COLUMN IF NOT EXISTS anonymity_evidence text;
+-- Validation leases, so that several instances never check one proxy twice in a cycle.
+ALTER TABLE proxies ADD COLUMN IF NOT EXISTS lease_until timestamptz;
+
+-- One row per distinct proxy: NULL usernames compare equal through coalesce.
+CREATE UNIQUE INDEX IF NOT EXISTS proxies_identity
+    ON proxies (protocol, ip, port, (coalesce(username, '')));
+
+-- The validator's selection, one partial index per branch of its WHERE clause.
+CREATE INDEX IF NOT EXISTS proxies_never_validated
+    ON proxies (id) WHERE last_validated_at IS NULL;
+CREATE INDEX IF NOT EXISTS proxies_active_by_validation
+    ON proxies (last_validated_at) WHERE is_active;
+CREATE INDEX IF NOT EXISTS proxies_relisted_inactive
+    ON proxies (last_validated_at)
+    WHERE NOT is_active AND last_seen_at > last_validated_at;
+
+-- Which list gave which proxy: each list's yield (active now, ever active).
+CREATE TABLE IF NOT EXISTS proxy_sources (
+    source        text        NOT NULL,
+    proxy_id      bigint      NOT NULL REFERENCES proxies (id),
+    first_seen_at timestamptz NOT NULL DEFAULT now(),
+    last_seen_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (source, proxy_id)
+);
+CREATE INDEX IF NOT EXISTS proxy_sources_proxy ON proxy_sources (proxy_id);
+
+-- One row per list, so that several instances fetch each list once per interval.
+CREATE TABLE IF NOT EXISTS fetch_leases (
+    source       text PRIMARY KEY,
+    fetched_at   timestamptz NOT NULL,
+    fetched_by   text NOT NULL
+);

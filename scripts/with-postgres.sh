@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# Runs a command with DATABASE_URL pointing at a PostgreSQL server, provisioning
+# one when needed, and stops whatever it started when the command ends.
+#
+#   scripts/with-postgres.sh [--data DIR] [--keep-data] -- COMMAND [ARGS...]
+#
+# Where the database comes from, in order:
+#   1. DATABASE_URL, when set: used as it is, nothing is started.
+#   2. Docker, when `docker info` answers: `docker compose up -d postgres` with the
+#      repository's docker-compose.yml (stopped again afterwards).
+#   3. A throwaway local cluster: initdb + pg_ctl on a free port of 127.0.0.1 with
+#      trust authentication and its data under DIR (default target/pgdata); Debian's
+#      postgresql package is installed with apt-get when its binaries are missing.
+#      As root the cluster runs as the unprivileged `postgres` user (initdb refuses
+#      root). The data directory is wiped first unless --keep-data is given.
+set -euo pipefail
+
+repo=$(cd "$(dirname "$0")/.." && pwd)
+data_dir="$repo/target/pgdata"
+keep_data=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --data) data_dir=$2; shift 2 ;;
+    --keep-data) keep_data=1; shift ;;
+    --) shift; break ;;
+    *) break ;;
+  esac
+done
+if [ $# -eq 0 ]; then
+  echo "usage: $0 [--data DIR] [--keep-data] -- COMMAND [ARGS...]" >&2
+  exit 2
+fi
+
+log() { echo "with-postgres: $*" >&2; }
+
+cleanup_cmds=()
+cleanup() {
+  local status=$?
+  for cmd in "${cleanup_cmds[@]:-}"; do
+    [ -n "$cmd" ] && eval "$cmd" >/dev/null 2>&1 || true
+  done
+  exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+find_pg_bin() {
+  local dir
+  for dir in /usr/lib/postgresql/*/bin; do
+    if [ -x "$dir/initdb" ] && [ -x "$dir/pg_ctl" ]; then PG_BIN=$dir; fi
+  done
+  if [ -z "${PG_BIN:-}" ] && command -v initdb >/dev/null && command -v pg_ctl >/dev/null; then
+    PG_BIN=$(dirname "$(command -v initdb)")
+  fi
+  [ -n "${PG_BIN:-}" ]
+}
+
+free_port() {
+  local port
+  for _ in $(seq 1 200); do
+    port=$(( 20000 + RANDOM % 30000 ))
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+      echo "$port"
+      return 0
+    fi
+  done
+  return 1
+}
+
+start_docker() {
+  log "starting PostgreSQL with docker compose"
+  (cd "$repo" && docker compose up -d --wait postgres) >&2
+  cleanup_cmds+=("cd '$repo' && docker compose down")
+  export DATABASE_URL="postgres://proxy_pool:proxy_pool@127.0.0.1:${PROXY_POOL_PG_PORT:-55432}/proxy_pool"
+}
+
+start_local_cluster() {
+  PG_BIN=""
+  if ! find_pg_bin; then
+    log "PostgreSQL binaries not found: installing Debian's postgresql package"
+    local sudo=""
+    [ "$(id -u)" -ne 0 ] && sudo="sudo"
+    $sudo apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq postgresql >&2
+    find_pg_bin || { log "no initdb/pg_ctl after installing postgresql"; exit 1; }
+  fi
+  local run_as=()
+  if [ "$(id -u)" -eq 0 ]; then
+    id postgres >/dev/null 2>&1 || useradd --system --home-dir /var/lib/postgresql --shell /bin/bash postgres
+    run_as=(runuser -u postgres --)
+  fi
+  local port
+  port=$(free_port) || { log "no free port found"; exit 1; }
+  if [ "$keep_data" -eq 0 ] || [ ! -f "$data_dir/PG_VERSION" ]; then
+    rm -rf "$data_dir"
+    mkdir -p "$data_dir"
+    [ "${#run_as[@]}" -gt 0 ] && chown postgres: "$data_dir"
+    log "initdb in $data_dir"
+    "${run_as[@]}" "$PG_BIN/initdb" -D "$data_dir" -U postgres --auth=trust -E UTF8 --no-sync >/dev/null
+  fi
+  # The parent directories must be traversable by the postgres user.
+  if [ "${#run_as[@]}" -gt 0 ]; then
+    local dir=$data_dir
+    while [ "$dir" != "/" ]; do dir=$(dirname "$dir"); chmod o+x "$dir" 2>/dev/null || true; done
+  fi
+  log "starting a local cluster on 127.0.0.1:$port"
+  "${run_as[@]}" "$PG_BIN/pg_ctl" -D "$data_dir" -l "$data_dir/server.log" -w -t 60 \
+    -o "-c listen_addresses=127.0.0.1 -c port=$port -c unix_socket_directories='$data_dir' -c max_connections=400 -c fsync=off -c synchronous_commit=off -c full_page_writes=off" \
+    start >/dev/null
+  cleanup_cmds+=("${run_as[*]} '$PG_BIN/pg_ctl' -D '$data_dir' -m fast -w stop")
+  export DATABASE_URL="postgres://postgres@127.0.0.1:$port/postgres"
+  export PROXY_POOL_PG_DATA="$data_dir"
+  export PROXY_POOL_PG_BIN="$PG_BIN"
+}
+
+if [ -n "${DATABASE_URL:-}" ]; then
+  log "using DATABASE_URL from the environment"
+elif command -v docker >/dev/null 2>&1 && timeout 10 docker info >/dev/null 2>&1; then
+  start_docker
+else
+  start_local_cluster
+fi
+log "DATABASE_URL=$(echo "$DATABASE_URL" | sed -E 's#(://[^:/@]+):[^@]*@#\1:***@#')"
+
+"$@"

@@ -1,0 +1,49 @@
+//! What the service knows of its own health without asking anyone on the hot
+//! path: whether the database answered last time, and when the snapshot was
+//! last written. Background threads update it; /health only reads it.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+
+use chrono::Utc;
+
+#[derive(Debug, Default)]
+pub struct Health {
+    database_up: AtomicBool,
+    /// Unix seconds of the last snapshot written or loaded; 0 = none.
+    snapshot_at: AtomicI64,
+}
+
+impl Health {
+    pub fn new() -> Health {
+        Health::default()
+    }
+
+    pub fn database_up(&self) -> bool {
+        self.database_up.load(Ordering::Relaxed)
+    }
+
+    /// Records the outcome of a database operation; logs transitions only, so
+    /// an outage is reported once, not once per attempt.
+    pub fn record_database(&self, up: bool, error: Option<&dyn std::fmt::Display>) {
+        let was_up = self.database_up.swap(up, Ordering::Relaxed);
+        match (was_up, up) {
+            (true, false) => match error {
+                Some(err) => log::warn!("database down: {err}; serving from memory, retrying"),
+                None => log::warn!("database down; serving from memory, retrying"),
+            },
+            (false, true) => log::info!("database up"),
+            _ => {}
+        }
+    }
+
+    pub fn record_snapshot_now(&self) {
+        self.snapshot_at
+            .store(Utc::now().timestamp(), Ordering::Relaxed);
+    }
+
+    /// Seconds since the last snapshot, or None when there was none.
+    pub fn snapshot_age_seconds(&self) -> Option<i64> {
+        let at = self.snapshot_at.load(Ordering::Relaxed);
+        (at > 0).then(|| (Utc::now().timestamp() - at).max(0))
+    }
+}

@@ -1,0 +1,399 @@
+//! The only module that knows SQL: the connection pool, migrations, the
+//! fetcher's bulk upserts, the validator's leased selection and result writes,
+//! and the state manager's loads. Rows of `proxies` are never deleted.
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use postgres::NoTls;
+use r2d2_postgres::PostgresConnectionManager;
+
+use crate::config::{redact_url, DatabaseConfig};
+use crate::proxy::{ActiveProxy, Anonymity, Protocol, ProxyKey};
+
+const SCHEMA: &str = include_str!("../schema.sql");
+/// Serializes migrations of concurrent instances (an arbitrary constant).
+const MIGRATION_LOCK: i64 = 0x7072_6f78_7970_6f6f; // "proxypoo"
+/// Rows per upsert statement: large enough to amortise the round trip, small
+/// enough to keep one statement's memory and lock time bounded.
+pub const UPSERT_BATCH: usize = 20_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("bad database url {url}: {message}")]
+    Url { url: String, message: String },
+    #[error("database unavailable: {0}")]
+    Unavailable(#[from] r2d2::Error),
+    #[error("database error: {0}")]
+    Query(#[from] postgres::Error),
+}
+
+type Pool = r2d2::Pool<PostgresConnectionManager<NoTls>>;
+
+/// A bounded pool of PostgreSQL connections.
+#[derive(Clone)]
+pub struct Store {
+    pool: Pool,
+}
+
+/// What an upsert of one list did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UpsertCounts {
+    /// Rows created: proxies never seen before.
+    pub new: u64,
+    /// Rows written in all (new and re-listed).
+    pub upserted: u64,
+}
+
+/// Which proxies a validation cycle checks (the contract's selection).
+#[derive(Clone, Copy, Debug)]
+pub struct DuePolicy {
+    pub revalidate_after: Duration,
+    pub retry_inactive_after: Option<Duration>,
+    /// How long a claimed batch stays reserved for the instance that claimed it.
+    pub lease: Duration,
+}
+
+/// A proxy claimed for checking.
+#[derive(Clone, Debug)]
+pub struct DueProxy {
+    pub id: i64,
+    pub key: ProxyKey,
+}
+
+/// One check's findings, as written back.
+#[derive(Clone, Debug)]
+pub struct CheckRecord {
+    pub id: i64,
+    pub alive: bool,
+    pub latency_ms: Option<u32>,
+    pub anonymity: Option<Anonymity>,
+    pub supports_https: Option<bool>,
+    pub country: Option<String>,
+    pub exit_ip: Option<IpAddr>,
+    pub dead_reason: Option<String>,
+    pub evidence: Option<String>,
+}
+
+/// How many of a list's proxies work now and ever did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SourceYield {
+    pub source: String,
+    pub listed: i64,
+    pub active_now: i64,
+    pub ever_active: i64,
+}
+
+impl Store {
+    /// Builds the pool without connecting: the first use connects, so a
+    /// database that is down at start-up is retried by the caller.
+    pub fn connect(config: &DatabaseConfig) -> Result<Store, StoreError> {
+        let mut pg_config: postgres::Config =
+            config
+                .url
+                .parse()
+                .map_err(|err: postgres::Error| StoreError::Url {
+                    url: redact_url(&config.url),
+                    message: err.to_string(),
+                })?;
+        pg_config.connect_timeout(config.checkout_timeout);
+        pg_config.keepalives(true);
+        pg_config.keepalives_idle(Duration::from_secs(30));
+        if pg_config.get_application_name().is_none() {
+            pg_config.application_name("proxy-pool");
+        }
+        let manager = PostgresConnectionManager::new(pg_config, NoTls);
+        let pool = r2d2::Pool::builder()
+            .max_size(config.pool_size)
+            .min_idle(Some(0))
+            .connection_timeout(config.checkout_timeout)
+            .test_on_check_out(false)
+            .error_handler(Box::new(r2d2::NopErrorHandler))
+            .build_unchecked(manager);
+        Ok(Store { pool })
+    }
+
+    fn conn(&self) -> Result<r2d2::PooledConnection<PostgresConnectionManager<NoTls>>, StoreError> {
+        Ok(self.pool.get()?)
+    }
+
+    /// Applies schema.sql in one transaction under an advisory lock, so two
+    /// instances starting together do not race.
+    pub fn migrate(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn()?;
+        let mut tx = conn.transaction()?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
+        tx.batch_execute(SCHEMA)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// A cheap round trip, for /health.
+    pub fn ping(&self) -> Result<(), StoreError> {
+        self.conn()?.simple_query("SELECT 1")?;
+        Ok(())
+    }
+
+    /// Every active proxy, for the state manager's start-up load and sync.
+    pub fn load_active(&self) -> Result<Vec<ActiveProxy>, StoreError> {
+        let mut conn = self.conn()?;
+        let rows = conn.query(
+            "SELECT id, protocol, ip, port, username, password, latency_ms, anonymity,
+                    country, supports_https, last_validated_at
+             FROM proxies WHERE is_active",
+            &[],
+        )?;
+        let mut proxies = Vec::with_capacity(rows.len());
+        for row in rows {
+            let Some(key) = key_from_row(&row, 1) else {
+                continue;
+            };
+            let latency: Option<i32> = row.get(6);
+            let anonymity: Option<String> = row.get(7);
+            proxies.push(ActiveProxy {
+                id: row.get(0),
+                key,
+                latency_ms: latency.and_then(|l| u32::try_from(l).ok()),
+                anonymity: anonymity.as_deref().and_then(Anonymity::parse),
+                country: row.get(8),
+                supports_https: row.get(9),
+                last_validated_at: row.get::<_, Option<DateTime<Utc>>>(10),
+            });
+        }
+        Ok(proxies)
+    }
+
+    /// Inserts or refreshes the proxies a list gave, one statement per batch:
+    /// `last_seen_at` moves, validation results stay, nothing is deleted, and
+    /// the list is recorded as a giver of each proxy.
+    pub fn upsert_listed(
+        &self,
+        source: &str,
+        proxies: &[ProxyKey],
+    ) -> Result<UpsertCounts, StoreError> {
+        let mut counts = UpsertCounts::default();
+        if proxies.is_empty() {
+            return Ok(counts);
+        }
+        let mut conn = self.conn()?;
+        let statement = conn.prepare(
+            "WITH input AS (
+                 SELECT * FROM unnest($1::text[], $2::inet[], $3::int4[], $4::text[], $5::text[])
+                     AS t(protocol, ip, port, username, password)
+             ), upserted AS (
+                 INSERT INTO proxies AS p (protocol, ip, port, username, password)
+                 SELECT protocol, ip, port, username, password FROM input
+                 ON CONFLICT (protocol, ip, port, (coalesce(username, ''))) DO UPDATE
+                     SET last_seen_at = now(), password = EXCLUDED.password
+                 RETURNING p.id, (p.xmax = 0) AS inserted
+             ), linked AS (
+                 INSERT INTO proxy_sources (source, proxy_id)
+                 SELECT $6, id FROM upserted
+                 ON CONFLICT (source, proxy_id) DO UPDATE SET last_seen_at = now()
+             )
+             SELECT count(*) FILTER (WHERE inserted), count(*) FROM upserted",
+        )?;
+        // One row may be touched once per statement: fold keys that differ
+        // only by password (the identity is protocol, ip, port, username).
+        let mut seen = HashSet::with_capacity(proxies.len().min(UPSERT_BATCH));
+        let mut batch: Vec<&ProxyKey> = Vec::with_capacity(proxies.len().min(UPSERT_BATCH));
+        let mut flush = |batch: &mut Vec<&ProxyKey>| -> Result<(), StoreError> {
+            if batch.is_empty() {
+                return Ok(());
+            }
+            let protocols: Vec<&str> = batch.iter().map(|k| k.protocol.as_str()).collect();
+            let ips: Vec<IpAddr> = batch.iter().map(|k| k.ip).collect();
+            let ports: Vec<i32> = batch.iter().map(|k| i32::from(k.port)).collect();
+            let users: Vec<Option<&str>> = batch.iter().map(|k| k.username.as_deref()).collect();
+            let passwords: Vec<Option<&str>> =
+                batch.iter().map(|k| k.password.as_deref()).collect();
+            let row = conn.query_one(
+                &statement,
+                &[&protocols, &ips, &ports, &users, &passwords, &source],
+            )?;
+            counts.new += row.get::<_, i64>(0) as u64;
+            counts.upserted += row.get::<_, i64>(1) as u64;
+            batch.clear();
+            Ok(())
+        };
+        for chunk in proxies.chunks(UPSERT_BATCH) {
+            seen.clear();
+            for key in chunk {
+                if seen.insert((key.protocol, key.ip, key.port, key.username.as_deref())) {
+                    batch.push(key);
+                }
+            }
+            flush(&mut batch)?;
+        }
+        Ok(counts)
+    }
+
+    /// How many proxies the selection would give now (for progress reports).
+    pub fn count_due(&self, policy: &DuePolicy) -> Result<i64, StoreError> {
+        let mut conn = self.conn()?;
+        let (revalidate, retry) = policy_seconds(policy);
+        let row = conn.query_one(
+            &format!("SELECT count(*) FROM proxies WHERE {DUE_PREDICATE}"),
+            &[&revalidate, &retry],
+        )?;
+        Ok(row.get(0))
+    }
+
+    /// Claims up to `limit` due proxies that no instance holds a lease on, in
+    /// id order, and leases them for `policy.lease`. Concurrent instances skip
+    /// each other's locked rows, so no proxy is checked twice in a cycle; a
+    /// batch claimed by an instance that died is due again when its lease ends.
+    pub fn claim_due(&self, policy: &DuePolicy, limit: i64) -> Result<Vec<DueProxy>, StoreError> {
+        let mut conn = self.conn()?;
+        let (revalidate, retry) = policy_seconds(policy);
+        let lease = policy.lease.as_secs_f64();
+        let rows = conn.query(
+            &format!(
+                "UPDATE proxies SET lease_until = now() + $3 * interval '1 second'
+                 WHERE id IN (
+                     SELECT id FROM proxies
+                     WHERE ({DUE_PREDICATE}) AND (lease_until IS NULL OR lease_until < now())
+                     ORDER BY id LIMIT $4
+                     FOR UPDATE SKIP LOCKED)
+                 RETURNING id, protocol, ip, port, username, password"
+            ),
+            &[&revalidate, &retry, &lease, &limit],
+        )?;
+        let mut due: Vec<DueProxy> = rows
+            .iter()
+            .filter_map(|row| {
+                Some(DueProxy {
+                    id: row.get(0),
+                    key: key_from_row(row, 1)?,
+                })
+            })
+            .collect();
+        due.sort_by_key(|d| d.id);
+        Ok(due)
+    }
+
+    /// Writes a batch of check results in one statement and releases their
+    /// leases. A dead proxy keeps the latency and anonymity of its last
+    /// successful check; counts of checks and alive checks keep its history.
+    pub fn write_results(&self, results: &[CheckRecord]) -> Result<(), StoreError> {
+        if results.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<i64> = results.iter().map(|r| r.id).collect();
+        let alive: Vec<bool> = results.iter().map(|r| r.alive).collect();
+        let latency: Vec<Option<i32>> = results
+            .iter()
+            .map(|r| r.latency_ms.map(|l| l.min(i32::MAX as u32) as i32))
+            .collect();
+        let anonymity: Vec<Option<&str>> = results
+            .iter()
+            .map(|r| r.anonymity.map(|a| a.as_str()))
+            .collect();
+        let https: Vec<Option<bool>> = results.iter().map(|r| r.supports_https).collect();
+        let country: Vec<Option<&str>> = results.iter().map(|r| r.country.as_deref()).collect();
+        let exit_ip: Vec<Option<IpAddr>> = results.iter().map(|r| r.exit_ip).collect();
+        let reason: Vec<Option<&str>> = results.iter().map(|r| r.dead_reason.as_deref()).collect();
+        let evidence: Vec<Option<&str>> = results.iter().map(|r| r.evidence.as_deref()).collect();
+        let mut conn = self.conn()?;
+        conn.execute(
+            "UPDATE proxies AS p SET
+                 is_active = r.alive,
+                 latency_ms = CASE WHEN r.alive THEN r.latency_ms ELSE p.latency_ms END,
+                 anonymity = CASE WHEN r.alive THEN r.anonymity ELSE p.anonymity END,
+                 supports_https = CASE WHEN r.alive THEN r.supports_https ELSE p.supports_https END,
+                 country = coalesce(r.country, p.country),
+                 exit_ip = CASE WHEN r.alive THEN r.exit_ip ELSE p.exit_ip END,
+                 anonymity_evidence = CASE WHEN r.alive THEN r.evidence ELSE p.anonymity_evidence END,
+                 last_dead_reason = r.dead_reason,
+                 last_validated_at = now(),
+                 check_count = p.check_count + 1,
+                 alive_count = p.alive_count + r.alive::int,
+                 lease_until = NULL
+             FROM unnest($1::int8[], $2::bool[], $3::int4[], $4::text[], $5::bool[],
+                         $6::text[], $7::inet[], $8::text[], $9::text[])
+                 AS r(id, alive, latency_ms, anonymity, supports_https, country, exit_ip,
+                      dead_reason, evidence)
+             WHERE p.id = r.id",
+            &[
+                &ids, &alive, &latency, &anonymity, &https, &country, &exit_ip, &reason,
+                &evidence,
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Each list's yield: proxies it listed, how many are active now, and how
+    /// many were ever found alive.
+    pub fn source_yields(&self) -> Result<Vec<SourceYield>, StoreError> {
+        let mut conn = self.conn()?;
+        let rows = conn.query(
+            "SELECT s.source, count(*), count(*) FILTER (WHERE p.is_active),
+                    count(*) FILTER (WHERE p.alive_count > 0)
+             FROM proxy_sources s JOIN proxies p ON p.id = s.proxy_id
+             GROUP BY s.source ORDER BY s.source",
+            &[],
+        )?;
+        Ok(rows
+            .iter()
+            .map(|row| SourceYield {
+                source: row.get(0),
+                listed: row.get(1),
+                active_now: row.get(2),
+                ever_active: row.get(3),
+            })
+            .collect())
+    }
+
+    /// Takes the fetch of `source` for this interval if no instance has
+    /// fetched it within `interval` (minus a small slack for clock jitter).
+    /// Returns false when another instance already did.
+    pub fn claim_fetch(
+        &self,
+        source: &str,
+        interval: Duration,
+        instance: &str,
+    ) -> Result<bool, StoreError> {
+        let mut conn = self.conn()?;
+        let slack = (interval.as_secs_f64() * 0.1).min(5.0);
+        let seconds = (interval.as_secs_f64() - slack).max(0.0);
+        let rows = conn.execute(
+            "INSERT INTO fetch_leases AS l (source, fetched_at, fetched_by)
+             VALUES ($1, now(), $3)
+             ON CONFLICT (source) DO UPDATE SET fetched_at = now(), fetched_by = $3
+             WHERE l.fetched_at <= now() - $2 * interval '1 second'",
+            &[&source, &seconds, &instance],
+        )?;
+        Ok(rows == 1)
+    }
+}
+
+/// The contract's selection; $1 = revalidate_after seconds, $2 = retry seconds (0: never).
+const DUE_PREDICATE: &str = "last_validated_at IS NULL
+    OR (is_active AND last_validated_at < now() - $1 * interval '1 second')
+    OR ($2 > 0 AND NOT is_active AND last_seen_at > last_validated_at
+        AND last_validated_at < now() - $2 * interval '1 second')";
+
+fn policy_seconds(policy: &DuePolicy) -> (f64, f64) {
+    (
+        policy.revalidate_after.as_secs_f64(),
+        policy
+            .retry_inactive_after
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0),
+    )
+}
+
+/// Reads (protocol, ip, port, username, password) starting at column `first`.
+fn key_from_row(row: &postgres::Row, first: usize) -> Option<ProxyKey> {
+    let protocol: String = row.get(first);
+    let port: i32 = row.get(first + 2);
+    Some(ProxyKey {
+        protocol: Protocol::from_scheme(&protocol)?,
+        ip: row.get(first + 1),
+        port: u16::try_from(port).ok()?,
+        username: row.get(first + 3),
+        password: row.get(first + 4),
+    })
+}

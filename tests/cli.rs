@@ -1,0 +1,168 @@
+//! The command line as an operator meets it: check-config, migrate, and the
+//! serve lifecycle (health, SIGTERM).
+
+mod support;
+
+use std::process::Command;
+use std::time::Duration;
+
+use support::*;
+
+fn run(args: &[&str], config: &str, database_url: Option<&str>) -> (i32, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.ini");
+    std::fs::write(&path, config).unwrap();
+    let mut command = Command::new(binary());
+    command
+        .arg("--config")
+        .arg(&path)
+        .args(args)
+        .env_remove("DATABASE_URL");
+    if let Some(url) = database_url {
+        command.env("DATABASE_URL", url);
+    }
+    let output = command.output().unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+const SOURCES: &str = "[fetcher]\nsource_urls = http://127.0.0.1:9/list.txt\n";
+
+#[test]
+fn check_config_names_a_misspelled_key_and_its_line_with_exit_2() {
+    let config = format!("[database]\nurl = postgres://x@127.0.0.1/db\n{SOURCES}[validator]\nvalidation_timeout = 5000\n");
+    let (code, _, stderr) = run(&["check-config"], &config, None);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("config.ini:6: [validator] validation_timeout"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("did you mean validation_timeout_ms"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn check_config_prints_effective_values_with_env_override() {
+    let config = format!("[database]\nurl = postgres://x@127.0.0.1/db\n{SOURCES}");
+    let (code, stdout, stderr) = run(
+        &["check-config"],
+        &config,
+        Some("postgres://env:pw@127.0.0.1:5/envdb"),
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("url = postgres://env:***@127.0.0.1:5/envdb"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("validation_workers = 100"), "{stdout}");
+    assert!(!stdout.contains("pw@"));
+}
+
+#[test]
+fn missing_config_file_is_a_configuration_error() {
+    let output = Command::new(binary())
+        .args(["--config", "/nonexistent/proxy-pool.ini", "check-config"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("/nonexistent/proxy-pool.ini"), "{stderr}");
+}
+
+#[test]
+fn unknown_command_is_a_usage_error() {
+    let output = Command::new(binary()).arg("frobnicate").output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+}
+
+#[test]
+fn the_shipped_config_ini_is_valid() {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.ini")).unwrap();
+    let (code, stdout, stderr) = run(&["check-config"], &text, None);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("validation_target = http://httpbin.org/get"));
+}
+
+fn table_shape(db: &TestDb) -> Vec<String> {
+    let mut client = db.client();
+    let mut shape: Vec<String> = client
+        .query(
+            "SELECT table_name || '.' || column_name || ':' || data_type
+             FROM information_schema.columns WHERE table_schema = 'public'",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    shape.extend(
+        client
+            .query(
+                "SELECT indexname FROM pg_indexes WHERE schemaname = 'public'",
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<_, String>(0)),
+    );
+    shape.sort();
+    shape
+}
+
+#[test]
+fn migrate_twice_and_concurrently_leaves_one_correct_schema() {
+    let db = TestDb::new();
+    let config = config_text(&db.url, SOURCES);
+    let (code, _, stderr) = run(&["migrate"], &config, None);
+    assert_eq!(code, 0, "{stderr}");
+    let first = table_shape(&db);
+    assert!(first.contains(&"proxies.ip:inet".to_string()), "{first:?}");
+    assert!(first.contains(&"proxies.is_active:boolean".to_string()));
+    assert!(first.contains(&"proxies_identity".to_string()));
+    let (code, _, stderr) = run(&["migrate"], &config, None);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(table_shape(&db), first);
+
+    // Four at once on a fresh database.
+    let db2 = TestDb::new();
+    let config2 = config_text(&db2.url, SOURCES);
+    let handles: Vec<_> = (0..4)
+        .map(|_| {
+            let config = config2.clone();
+            std::thread::spawn(move || run(&["migrate"], &config, None))
+        })
+        .collect();
+    for handle in handles {
+        let (code, _, stderr) = handle.join().unwrap();
+        assert_eq!(code, 0, "{stderr}");
+    }
+    assert_eq!(table_shape(&db2), first);
+}
+
+#[test]
+fn migrate_against_an_unreachable_database_fails_with_exit_1() {
+    let config = format!(
+        "[database]\nurl = postgres://x@127.0.0.1:1/db\ncheckout_timeout_ms = 2000\n{SOURCES}"
+    );
+    let (code, _, stderr) = run(&["migrate"], &config, None);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("migration failed"), "{stderr}");
+}
+
+#[test]
+fn serve_answers_health_and_exits_0_on_sigterm() {
+    let db = TestDb::new();
+    let config = config_text(&db.url, &format!("[server]\nbind = 127.0.0.1:0\n{SOURCES}"));
+    let mut service = Service::start(&config);
+    wait_for("health ok", Duration::from_secs(20), || {
+        get(&service.url("/health")).json()["status"] == "ok"
+    });
+    let health = get(&service.url("/health")).json();
+    assert_eq!(health["database"], "up");
+    assert_eq!(service.terminate(), 0, "{}", service.log_text());
+}
