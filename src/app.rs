@@ -2,18 +2,30 @@
 //! order, and on shutdown stops and joins them in reverse. Each command of the
 //! CLI is one function here.
 
+use std::io::Read;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use crate::api::{ApiContext, ApiServer};
 use crate::config::{Config, ConfigError};
+use crate::fetcher::parse::{parse_list, ParseOptions};
+use crate::fetcher::{FetchKind, Fetcher};
 use crate::health::Health;
+use crate::metrics::Metrics;
+use crate::proxy::Protocol;
+use crate::scheduler::{next_tick, start_metronome};
 use crate::shutdown::{Shutdown, ShutdownSignal};
-use crate::store::Store;
+use crate::snapshot;
+use crate::state::State;
+use crate::store::{DuePolicy, Store};
+use crate::validator::check::{CheckConfig, Checker};
+use crate::validator::cycle::{Validator, ValidatorSettings};
+use crate::validator::geoip::Geoip;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -80,17 +92,146 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             println!("schema applied");
             Ok(())
         }
+        Command::Import { file, protocol } => import(&config, &file, protocol.as_deref()),
+        Command::Fetch => fetch_once(&config),
+        Command::Validate => validate_once(&config),
         Command::Serve => serve(config),
-        Command::Import { .. } | Command::Fetch | Command::Validate => {
-            anyhow::bail!("not available in this build")
+    }
+}
+
+/// A name for this process in the database's coordination rows.
+fn instance_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "host".into());
+    format!("{host}-{}", std::process::id())
+}
+
+fn import(config: &Config, file: &str, protocol: Option<&str>) -> anyhow::Result<()> {
+    let default_protocol = match protocol {
+        None => config.fetcher.default_protocol,
+        Some(name) => Protocol::from_scheme(name).ok_or_else(|| {
+            UsageError(format!(
+                "--protocol: expected http, https, socks4 or socks5, found {name:?}"
+            ))
+        })?,
+    };
+    let mut bytes = Vec::new();
+    if file == "-" {
+        std::io::stdin()
+            .read_to_end(&mut bytes)
+            .context("cannot read standard input")?;
+    } else {
+        bytes = std::fs::read(file).with_context(|| format!("cannot read {file}"))?;
+    }
+    let options = ParseOptions {
+        default_protocol,
+        allow_private_addresses: config.fetcher.allow_private_addresses,
+    };
+    let started = Instant::now();
+    let parsed = parse_list(&String::from_utf8_lossy(&bytes), &options);
+    for reject in parsed.first_rejects.iter() {
+        eprintln!("{file}:{}: rejected ({}): {}", reject.line, reject.reason, reject.text);
+    }
+    let store = Store::connect(&config.database)?;
+    store.migrate().context("migration failed")?;
+    let source = if file == "-" { "import:stdin".to_string() } else { format!("import:{file}") };
+    let counts = store
+        .upsert_listed(&source, &parsed.proxies)
+        .context("cannot store the proxies")?;
+    println!(
+        "{file}: {} lines, {} parsed, {} new, {} rejected, {} duplicates in {} ms",
+        parsed.lines,
+        parsed.proxies.len(),
+        counts.new,
+        parsed.rejected,
+        parsed.duplicates,
+        started.elapsed().as_millis()
+    );
+    Ok(())
+}
+
+fn fetch_once(config: &Config) -> anyhow::Result<()> {
+    let store = Store::connect(&config.database)?;
+    store.migrate().context("migration failed")?;
+    let health = Arc::new(Health::new());
+    let fetcher = Arc::new(Fetcher::new(config, store, health, instance_name()));
+    let statuses = fetcher.fetch_all_once(FetchKind::Manual);
+    for status in &statuses {
+        println!("{}", status.summary_line());
+    }
+    if !statuses.is_empty() && statuses.iter().all(|s| s.last_error.is_some()) {
+        anyhow::bail!("every list failed");
+    }
+    Ok(())
+}
+
+fn build_validator(
+    config: &Config,
+    store: Store,
+    state: Arc<State>,
+    health: Arc<Health>,
+) -> anyhow::Result<Validator> {
+    let geoip = match &config.geoip.database {
+        Some(path) => Some(
+            Geoip::open(path)
+                .map_err(|err| ConfigError {
+                    file: "config".into(),
+                    problems: vec![crate::config::Problem {
+                        line: None,
+                        section: "geoip".into(),
+                        key: Some("database".into()),
+                        message: format!("cannot use {}: {err}", path.display()),
+                    }],
+                })?,
+        ),
+        None => None,
+    };
+    let checker = Checker::new(CheckConfig {
+        judge_url: config.validator.target.clone(),
+        timeout: config.validator.timeout,
+        connect_timeout: config.validator.connect_timeout,
+        max_body_bytes: 64 * 1024,
+    });
+    let settings = ValidatorSettings {
+        workers: config.validator.workers,
+        timeout: config.validator.timeout,
+        policy: due_policy(config),
+    };
+    Validator::new(store, checker, geoip, settings, state, health)
+        .context("cannot start the validator pool")
+}
+
+pub fn due_policy(config: &Config) -> DuePolicy {
+    DuePolicy {
+        revalidate_after: config.validator.revalidate_after,
+        retry_inactive_after: config.validator.retry_inactive_after,
+        // Long enough for a claimed batch to wait behind a full pool and be checked.
+        lease: (config.validator.timeout * 10).max(Duration::from_secs(60)),
+    }
+}
+
+fn validate_once(config: &Config) -> anyhow::Result<()> {
+    let store = Store::connect(&config.database)?;
+    store.migrate().context("migration failed")?;
+    let health = Arc::new(Health::new());
+    let state = Arc::new(State::new(config.scoring.clone()));
+    let validator = build_validator(config, store, state, health)?;
+    let summary = validator.run_cycle(&ShutdownSignal::never());
+    println!("{}", summary.summary_line());
+    if let Some(reason) = summary.skipped {
+        if summary.checked == 0 && reason.starts_with("judge") {
+            anyhow::bail!("{reason}");
         }
     }
+    Ok(())
 }
 
 /// Waits for the database and migrates it, retrying with capped exponential
 /// backoff. Returns false when shutdown came first.
 fn wait_for_database(store: &Store, health: &Health, shutdown: &ShutdownSignal) -> bool {
     let mut backoff = Duration::from_millis(500);
+    let mut logged = false;
     loop {
         match store.migrate() {
             Ok(()) => {
@@ -98,12 +239,10 @@ fn wait_for_database(store: &Store, health: &Health, shutdown: &ShutdownSignal) 
                 return true;
             }
             Err(err) => {
-                // Logged once per outage by Health; the first failure at start
-                // is worth a line of its own.
-                if backoff == Duration::from_millis(500) {
-                    log::warn!("database not ready ({err}); retrying with backoff");
+                if !logged {
+                    log::warn!("database not ready ({err}); serving from memory and retrying with backoff");
+                    logged = true;
                 }
-                health.record_database(false, Some(&err));
             }
         }
         if shutdown.wait(backoff) {
@@ -113,28 +252,197 @@ fn wait_for_database(store: &Store, health: &Health, shutdown: &ShutdownSignal) 
     }
 }
 
+/// Loads the snapshot into `state`; a corrupt one is moved aside by `snapshot::load`.
+fn restore_snapshot(config: &Config, state: &State, health: &Health) {
+    let path = &config.state.snapshot_path;
+    match snapshot::load(path) {
+        Ok(Some(data)) => {
+            let entries = state.restore(data, SystemTime::now());
+            health.record_snapshot_now();
+            log::info!("snapshot {} loaded: {entries} stats entries", path.display());
+        }
+        Ok(None) => log::info!("no snapshot at {}: starting with empty stats", path.display()),
+        Err(err) => log::warn!("snapshot {}: {err}; starting with empty stats", path.display()),
+    }
+}
+
+fn write_snapshot(config: &Config, state: &State, health: &Health) {
+    let data = state.snapshot_data();
+    match snapshot::write_atomic(&config.state.snapshot_path, &data) {
+        Ok(info) => {
+            health.record_snapshot_now();
+            log::info!(
+                "snapshot written: {} entries, {} bytes in {} ms",
+                info.entries,
+                info.bytes,
+                info.duration.as_millis()
+            );
+        }
+        Err(err) => log::error!(
+            "cannot write the snapshot {}: {err}",
+            config.state.snapshot_path.display()
+        ),
+    }
+}
+
+/// Reloads the active set from the database; the database's health follows.
+fn sync_active(store: &Store, state: &State, health: &Health) {
+    match store.load_active() {
+        Ok(active) => {
+            health.record_database(true, None);
+            state.replace_active(active);
+        }
+        Err(err) => health.record_database(false, Some(&err)),
+    }
+}
+
+fn spawn(name: &str, body: impl FnOnce() + Send + 'static) -> anyhow::Result<JoinHandle<()>> {
+    thread::Builder::new()
+        .name(name.to_string())
+        .spawn(body)
+        .with_context(|| format!("cannot start thread {name}"))
+}
+
+/// Joins threads until `deadline`; threads still busy then are left to end with the process.
+fn join_until(handles: Vec<JoinHandle<()>>, deadline: Instant) {
+    for handle in handles {
+        while !handle.is_finished() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(10));
+        }
+        if handle.is_finished() {
+            let _ = handle.join();
+        } else {
+            log::warn!(
+                "thread {} still busy at the shutdown deadline",
+                handle.thread().name().unwrap_or("?")
+            );
+        }
+    }
+}
+
 fn serve(config: Config) -> anyhow::Result<()> {
     let shutdown = Shutdown::new();
-    shutdown
-        .on_signals()
-        .context("cannot install signal handlers")?;
+    shutdown.on_signals().context("cannot install signal handlers")?;
     let signal = shutdown.signal();
+    let config = Arc::new(config);
     let health = Arc::new(Health::new());
-    let store = Store::connect(&config.database)?;
+    let metrics = Arc::new(Metrics::new());
+    let state = Arc::new(State::new(config.scoring.clone()));
+    restore_snapshot(&config, &state, &health);
 
+    let store = Store::connect(&config.database)?;
+    let fetcher = Arc::new(Fetcher::new(&config, store.clone(), health.clone(), instance_name()));
+    let validator = Arc::new(build_validator(&config, store.clone(), state.clone(), health.clone())?);
+    let (validate_tx, validate_rx) = crossbeam_channel::bounded::<()>(1);
+    let (snapshot_tx, snapshot_rx) = crossbeam_channel::bounded::<()>(1);
+
+    if !config.server.bind.ip().is_loopback() && config.server.api_token.is_none() {
+        log::warn!(
+            "listening on {} without [server] api_token: anyone who can reach it can use and administer the pool",
+            config.server.bind
+        );
+    }
     let context = Arc::new(ApiContext {
-        server: config.server.clone(),
+        config: config.clone(),
         health: health.clone(),
+        metrics: metrics.clone(),
+        state: state.clone(),
+        fetcher: Some(fetcher.clone()),
+        validator: Some(validator.clone()),
+        validate_now: validate_tx.clone(),
+        snapshot_now: Some(snapshot_tx),
     });
     let mut api = ApiServer::start(context).map_err(anyhow::Error::msg)?;
     log::info!("listening on http://{}", api.local_addr);
 
+    let mut handles = Vec::new();
     if wait_for_database(&store, &health, &signal) {
         log::info!("database ready, schema applied");
-        signal.receiver().recv().ok();
+        let started = Instant::now();
+        sync_active(&store, &state, &health);
+        log::info!(
+            "{} active proxies loaded in {} ms",
+            state.active_count(),
+            started.elapsed().as_millis()
+        );
+
+        // Memory sync: active set and list yields from the shared table.
+        handles.push(spawn("sync", {
+            let (store, state, health, fetcher, signal) =
+                (store.clone(), state.clone(), health.clone(), fetcher.clone(), signal.clone());
+            let interval = config.state.sync_interval;
+            move || {
+                let t0 = Instant::now();
+                loop {
+                    // A short ping interval notices an outage (and its end) quickly.
+                    let due = next_tick(t0, interval, Instant::now());
+                    while Instant::now() < due {
+                        if signal.wait(Duration::from_secs(5).min(due - Instant::now())) {
+                            return;
+                        }
+                        if !health.database_up() && store.ping().is_ok() {
+                            health.record_database(true, None);
+                        }
+                    }
+                    sync_active(&store, &state, &health);
+                    fetcher.refresh_yields();
+                }
+            }
+        })?);
+
+        // Validation: the metronome enqueues, one worker runs cycles.
+        handles.push(start_metronome(
+            "metronome",
+            config.scheduler.interval,
+            validate_tx.clone(),
+            signal.clone(),
+            || (),
+        )?);
+        let _ = validate_tx.try_send(());
+        handles.push(spawn("validate", {
+            let (validator, signal) = (validator.clone(), signal.clone());
+            move || loop {
+                crossbeam_channel::select! {
+                    recv(signal.receiver()) -> _ => return,
+                    recv(validate_rx) -> job => {
+                        if job.is_err() {
+                            return;
+                        }
+                        validator.run_cycle(&signal);
+                    }
+                }
+            }
+        })?);
+
+        handles.extend(fetcher.start(signal.clone())?);
+        fetcher.refresh_yields();
     }
-    log::info!("stopping");
+
+    // Snapshots: periodic and on request, encoded outside every lock.
+    handles.push(spawn("snapshot", {
+        let (config, state, health, signal) =
+            (config.clone(), state.clone(), health.clone(), signal.clone());
+        move || {
+            let t0 = Instant::now();
+            loop {
+                let due = next_tick(t0, config.state.snapshot_interval, Instant::now());
+                crossbeam_channel::select! {
+                    recv(signal.receiver()) -> _ => return,
+                    recv(snapshot_rx) -> _ => write_snapshot(&config, &state, &health),
+                    default(due.saturating_duration_since(Instant::now())) => {
+                        write_snapshot(&config, &state, &health)
+                    }
+                }
+            }
+        }
+    })?);
+
+    signal.receiver().recv().ok();
+    let deadline = Instant::now() + config.validator.timeout + Duration::from_secs(4);
+    log::info!("stopping: no new requests, finishing checks in flight");
     api.stop();
+    join_until(handles, deadline);
+    write_snapshot(&config, &state, &health);
     log::info!("stopped");
     Ok(())
 }

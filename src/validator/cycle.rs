@@ -1,0 +1,388 @@
+//! A validation cycle: claim due proxies from the database in leased batches,
+//! check them on the validator's own rayon pool with a bounded number in
+//! flight, and write results back in batches (one statement each) while the
+//! state manager's active set learns every change at once.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use parking_lot::Mutex;
+
+use crate::health::Health;
+use crate::proxy::ActiveProxy;
+use crate::shutdown::ShutdownSignal;
+use crate::state::State;
+use crate::store::{CheckRecord, DuePolicy, DueProxy, Store};
+
+use super::check::{CheckOutcome, Checker};
+use super::geoip::Geoip;
+
+/// Results written per statement.
+const WRITE_BATCH: usize = 500;
+/// A partial batch is written after this long, so progress shows in the table.
+const WRITE_EVERY: Duration = Duration::from_secs(1);
+/// Cycles remembered for /stats.
+const HISTORY: usize = 20;
+
+/// What one cycle did, for the log, /stats and `proxy-pool validate`.
+#[derive(Clone, Debug, Default)]
+pub struct CycleSummary {
+    pub started_at: Option<DateTime<Utc>>,
+    pub duration: Duration,
+    pub due: u64,
+    pub checked: u64,
+    pub alive: u64,
+    pub dead_by_reason: BTreeMap<String, u64>,
+    /// Time spent in result writes.
+    pub write_time: Duration,
+    /// Set when the cycle did not run (or stopped early) and why.
+    pub skipped: Option<String>,
+}
+
+impl CycleSummary {
+    pub fn dead(&self) -> u64 {
+        self.dead_by_reason.values().sum()
+    }
+
+    pub fn summary_line(&self) -> String {
+        if let Some(reason) = &self.skipped {
+            if self.checked == 0 {
+                return format!("validation cycle skipped: {reason}");
+            }
+        }
+        let reasons: Vec<String> = self
+            .dead_by_reason
+            .iter()
+            .map(|(reason, n)| format!("{reason}={n}"))
+            .collect();
+        format!(
+            "validation cycle: {} due, {} checked, {} alive, {} dead ({}) in {} ms (writes {} ms){}",
+            self.due,
+            self.checked,
+            self.alive,
+            self.dead(),
+            reasons.join(" "),
+            self.duration.as_millis(),
+            self.write_time.as_millis(),
+            self.skipped
+                .as_ref()
+                .map(|r| format!("; stopped early: {r}"))
+                .unwrap_or_default()
+        )
+    }
+}
+
+pub struct ValidatorSettings {
+    pub workers: usize,
+    pub timeout: Duration,
+    pub policy: DuePolicy,
+}
+
+pub struct Validator {
+    store: Store,
+    checker: Arc<Checker>,
+    geoip: Option<Arc<Geoip>>,
+    pool: rayon::ThreadPool,
+    settings: ValidatorSettings,
+    state: Arc<State>,
+    health: Arc<Health>,
+    history: Mutex<VecDeque<CycleSummary>>,
+    running: Mutex<Option<Arc<Progress>>>,
+}
+
+/// Counters of the cycle in progress.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub due: AtomicU64,
+    pub checked: AtomicU64,
+    pub alive: AtomicU64,
+}
+
+impl Validator {
+    pub fn new(
+        store: Store,
+        checker: Checker,
+        geoip: Option<Geoip>,
+        settings: ValidatorSettings,
+        state: Arc<State>,
+        health: Arc<Health>,
+    ) -> std::io::Result<Validator> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(settings.workers)
+            .thread_name(|i| format!("check-{i}"))
+            .stack_size(256 * 1024)
+            .build()
+            .map_err(std::io::Error::other)?;
+        Ok(Validator {
+            store,
+            checker: Arc::new(checker),
+            geoip: geoip.map(Arc::new),
+            pool,
+            settings,
+            state,
+            health,
+            history: Mutex::new(VecDeque::new()),
+            running: Mutex::new(None),
+        })
+    }
+
+    /// The last cycles, newest last.
+    pub fn history(&self) -> Vec<CycleSummary> {
+        self.history.lock().iter().cloned().collect()
+    }
+
+    /// The cycle in progress, if any.
+    pub fn progress(&self) -> Option<Arc<Progress>> {
+        self.running.lock().clone()
+    }
+
+    /// Runs one cycle to the end (or until shutdown) and records its summary.
+    pub fn run_cycle(&self, shutdown: &ShutdownSignal) -> CycleSummary {
+        let started = Instant::now();
+        let mut summary = CycleSummary {
+            started_at: Some(Utc::now()),
+            ..CycleSummary::default()
+        };
+        match self.checker.learn_own_ip() {
+            Ok(own_ip) => self.check_due(own_ip, shutdown, &mut summary),
+            Err(err) => {
+                // A judge outage is not a pool outage: nobody is marked dead.
+                summary.skipped = Some(format!("judge unreachable: {err}"));
+            }
+        }
+        summary.duration = started.elapsed();
+        log::info!("{}", summary.summary_line());
+        let mut history = self.history.lock();
+        if history.len() == HISTORY {
+            history.pop_front();
+        }
+        history.push_back(summary.clone());
+        summary
+    }
+
+    fn check_due(&self, own_ip: IpAddr, shutdown: &ShutdownSignal, summary: &mut CycleSummary) {
+        let progress = Arc::new(Progress::default());
+        *self.running.lock() = Some(progress.clone());
+        match self.store.count_due(&self.settings.policy) {
+            Ok(due) => {
+                progress.due.store(due.max(0) as u64, Ordering::Relaxed);
+                self.health.record_database(true, None);
+            }
+            Err(err) => {
+                self.health.record_database(false, Some(&err));
+                summary.skipped = Some(format!("database unavailable: {err}"));
+                *self.running.lock() = None;
+                return;
+            }
+        }
+        let workers = self.settings.workers;
+        // In flight: every worker busy plus one batch queued behind them.
+        let in_flight = workers * 2;
+        let (token_tx, token_rx) = crossbeam_channel::bounded::<()>(in_flight);
+        for _ in 0..in_flight {
+            let _ = token_tx.send(());
+        }
+        let (result_tx, result_rx) = crossbeam_channel::bounded::<(DueProxy, CheckOutcome)>(in_flight);
+        let writer = {
+            let store = self.store.clone();
+            let state = self.state.clone();
+            let health = self.health.clone();
+            let checker = self.checker.clone();
+            let geoip = self.geoip.clone();
+            let progress = progress.clone();
+            thread::Builder::new()
+                .name("validate-write".into())
+                .spawn(move || write_results(result_rx, store, state, health, checker, geoip, progress))
+                .expect("spawn the result writer")
+        };
+        let mut stop_reason = None;
+        let mut last_progress_log = Instant::now();
+        'claiming: loop {
+            if shutdown.is_triggered() {
+                stop_reason = Some("shutting down".to_string());
+                break;
+            }
+            if writer.is_finished() {
+                stop_reason = Some("judge became unreachable during the cycle".to_string());
+                break;
+            }
+            let batch = match self.store.claim_due(&self.settings.policy, workers.max(100) as i64) {
+                Ok(batch) => batch,
+                Err(err) => {
+                    self.health.record_database(false, Some(&err));
+                    stop_reason = Some(format!("database unavailable: {err}"));
+                    break;
+                }
+            };
+            if batch.is_empty() {
+                break;
+            }
+            for due in batch {
+                // Wait for a free slot; shutdown interrupts the wait.
+                crossbeam_channel::select! {
+                    recv(token_rx) -> _ => {}
+                    recv(shutdown.receiver()) -> _ => {
+                        stop_reason = Some("shutting down".to_string());
+                        break 'claiming;
+                    }
+                }
+                let checker = self.checker.clone();
+                let result_tx = result_tx.clone();
+                let token_tx = token_tx.clone();
+                self.pool.spawn(move || {
+                    let outcome = checker.check(&due.key, own_ip);
+                    let _ = result_tx.send((due, outcome));
+                    let _ = token_tx.send(());
+                });
+            }
+            if last_progress_log.elapsed() >= Duration::from_secs(10) {
+                last_progress_log = Instant::now();
+                log::info!(
+                    "validation progress: {} / {} checked, {} alive",
+                    progress.checked.load(Ordering::Relaxed),
+                    progress.due.load(Ordering::Relaxed),
+                    progress.alive.load(Ordering::Relaxed)
+                );
+            }
+        }
+        drop(result_tx);
+        let written = writer.join().unwrap_or_default();
+        if written.judge_down && stop_reason.is_none() {
+            stop_reason = Some("judge became unreachable during the cycle".to_string());
+        }
+        summary.due = progress.due.load(Ordering::Relaxed);
+        summary.checked = written.checked;
+        summary.alive = written.alive;
+        summary.dead_by_reason = written.dead_by_reason;
+        summary.write_time = written.write_time;
+        summary.skipped = stop_reason;
+        *self.running.lock() = None;
+    }
+}
+
+#[derive(Default)]
+struct Written {
+    checked: u64,
+    alive: u64,
+    dead_by_reason: BTreeMap<String, u64>,
+    write_time: Duration,
+    judge_down: bool,
+}
+
+/// The writer thread: batches results into one UPDATE each, applies them to
+/// the active set at once, and guards against a judge outage in mid-cycle
+/// (a batch with dead proxies is written only while the judge answers us).
+fn write_results(
+    results: crossbeam_channel::Receiver<(DueProxy, CheckOutcome)>,
+    store: Store,
+    state: Arc<State>,
+    health: Arc<Health>,
+    checker: Arc<Checker>,
+    geoip: Option<Arc<Geoip>>,
+    progress: Arc<Progress>,
+) -> Written {
+    let mut written = Written::default();
+    let mut batch: Vec<(DueProxy, CheckOutcome)> = Vec::with_capacity(WRITE_BATCH);
+    let mut last_write = Instant::now();
+    loop {
+        let next = results.recv_timeout(WRITE_EVERY.saturating_sub(last_write.elapsed()));
+        let closed = matches!(next, Err(crossbeam_channel::RecvTimeoutError::Disconnected));
+        if let Ok(item) = next {
+            batch.push(item);
+        }
+        let due = batch.len() >= WRITE_BATCH || last_write.elapsed() >= WRITE_EVERY || closed;
+        if due && !batch.is_empty() {
+            let has_dead = batch.iter().any(|(_, outcome)| !outcome.alive);
+            if has_dead && checker.learn_own_ip().is_err() {
+                // The proxies may be fine: the judge is not. Drop the batch
+                // (their leases expire) and stop taking results.
+                log::warn!("judge unreachable in mid-cycle: {} results discarded", batch.len());
+                written.judge_down = true;
+                return written;
+            }
+            let records: Vec<CheckRecord> = batch
+                .iter()
+                .map(|(due, outcome)| record(due, outcome, geoip.as_deref()))
+                .collect();
+            let started = Instant::now();
+            match write_with_retry(&store, &records) {
+                Ok(()) => health.record_database(true, None),
+                Err(err) => {
+                    health.record_database(false, Some(&err));
+                    log::warn!("{} results not written: {err}", records.len());
+                }
+            }
+            written.write_time += started.elapsed();
+            let mut activated = Vec::new();
+            let mut deactivated = Vec::new();
+            for ((due, outcome), record) in batch.drain(..).zip(records) {
+                written.checked += 1;
+                progress.checked.fetch_add(1, Ordering::Relaxed);
+                if outcome.alive {
+                    written.alive += 1;
+                    progress.alive.fetch_add(1, Ordering::Relaxed);
+                    activated.push(ActiveProxy {
+                        id: due.id,
+                        key: due.key,
+                        latency_ms: outcome.latency_ms,
+                        anonymity: outcome.anonymity,
+                        country: record.country,
+                        supports_https: outcome.supports_https,
+                        last_validated_at: Some(Utc::now()),
+                    });
+                } else {
+                    let reason = outcome
+                        .dead_reason
+                        .as_ref()
+                        .map(|r| r.as_str().to_string())
+                        .unwrap_or_else(|| "unknown".into());
+                    *written.dead_by_reason.entry(reason).or_default() += 1;
+                    deactivated.push(due.id);
+                }
+            }
+            state.apply_changes(activated, deactivated);
+            last_write = Instant::now();
+        }
+        if closed {
+            return written;
+        }
+    }
+}
+
+/// A batch write, retried a few times so a short database hiccup loses nothing.
+fn write_with_retry(store: &Store, records: &[CheckRecord]) -> Result<(), crate::store::StoreError> {
+    let mut delay = Duration::from_millis(250);
+    let mut attempt = 0;
+    loop {
+        match store.write_results(records) {
+            Ok(()) => return Ok(()),
+            Err(err) if attempt >= 3 => return Err(err),
+            Err(_) => {
+                thread::sleep(delay);
+                delay *= 2;
+                attempt += 1;
+            }
+        }
+    }
+}
+
+fn record(due: &DueProxy, outcome: &CheckOutcome, geoip: Option<&Geoip>) -> CheckRecord {
+    // The country is where the traffic leaves: the exit address when known.
+    let country = geoip.and_then(|g| g.lookup(outcome.exit_ip.unwrap_or(due.key.ip)));
+    CheckRecord {
+        id: due.id,
+        alive: outcome.alive,
+        latency_ms: outcome.latency_ms,
+        anonymity: outcome.anonymity,
+        supports_https: outcome.supports_https,
+        country,
+        exit_ip: outcome.exit_ip,
+        dead_reason: outcome.dead_reason.as_ref().map(|r| r.as_str().to_string()),
+        evidence: (!outcome.evidence.is_empty()).then(|| outcome.evidence.join("; ")),
+    }
+}
