@@ -2,20 +2,43 @@
 //! request is answered from memory; get-proxy and feedback never touch the
 //! database. Errors map to statuses in one place ([`ApiError`]).
 
+mod params;
+mod render;
+
+use std::io::Read;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use chrono::Utc;
+use crossbeam_channel::Sender;
 use rouille::{Request, Response};
-use serde_json::json;
+use serde_json::{json, Value};
 
-use crate::config::ServerConfig;
+use crate::config::{is_valid_source_name, Config};
+use crate::fetcher::Fetcher;
 use crate::health::Health;
+use crate::metrics::Metrics;
+use crate::snapshot::Snapshotter;
+use crate::state::{FeedbackError, NoProxyReason, State};
+use crate::validator::cycle::Validator;
+
+use self::params::Query;
+
+/// Feedback items accepted in one request.
+pub const MAX_FEEDBACK_ITEMS: usize = 1000;
 
 /// Everything a request handler may read.
 pub struct ApiContext {
-    pub server: ServerConfig,
+    pub config: Arc<Config>,
     pub health: Arc<Health>,
+    pub metrics: Arc<Metrics>,
+    pub state: Arc<State>,
+    pub snapshotter: Arc<Snapshotter>,
+    pub fetcher: Option<Arc<Fetcher>>,
+    pub validator: Option<Arc<Validator>>,
+    /// Enqueues a validation cycle (holds at most one).
+    pub validate_now: Sender<()>,
 }
 
 /// A client's mistake or a refusal, rendered as `{"error": ...}`.
@@ -23,6 +46,8 @@ pub struct ApiContext {
 pub struct ApiError {
     pub status: u16,
     pub message: String,
+    pub extra: Vec<(&'static str, Value)>,
+    pub headers: Vec<(&'static str, String)>,
 }
 
 impl ApiError {
@@ -30,11 +55,37 @@ impl ApiError {
         ApiError {
             status,
             message: message.into(),
+            extra: Vec::new(),
+            headers: Vec::new(),
         }
     }
 
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(400, message)
+    }
+
+    fn with(mut self, key: &'static str, value: Value) -> ApiError {
+        self.extra.push((key, value));
+        self
+    }
+
+    fn with_header(mut self, name: &'static str, value: String) -> ApiError {
+        self.headers.push((name, value));
+        self
+    }
+
+    /// The one place where errors become responses.
     fn into_response(self) -> Response {
-        Response::json(&json!({ "error": self.message })).with_status_code(self.status)
+        let mut body = serde_json::Map::new();
+        body.insert("error".into(), Value::String(self.message));
+        for (key, value) in self.extra {
+            body.insert(key.into(), value);
+        }
+        let mut response = Response::json(&Value::Object(body)).with_status_code(self.status);
+        for (name, value) in self.headers {
+            response = response.with_additional_header(name, value);
+        }
+        response
     }
 }
 
@@ -47,8 +98,8 @@ pub struct ApiServer {
 
 impl ApiServer {
     pub fn start(context: Arc<ApiContext>) -> Result<ApiServer, String> {
-        let bind = context.server.bind;
-        let workers = context.server.workers;
+        let bind = context.config.server.bind;
+        let workers = context.config.server.workers;
         let server = rouille::Server::new(bind, move |request| handle(&context, request))
             .map_err(|err| format!("cannot listen on {bind}: {err}"))?
             .pool_size(workers);
@@ -79,46 +130,366 @@ impl Drop for ApiServer {
 
 fn handle(context: &ApiContext, request: &Request) -> Response {
     let started = Instant::now();
-    let response = route(context, request).unwrap_or_else(ApiError::into_response);
+    let path = request.url();
+    let endpoint = Metrics::endpoint_label(&path);
+    let response = route(context, request, &path).unwrap_or_else(ApiError::into_response);
+    let elapsed = started.elapsed();
+    context
+        .metrics
+        .observe(endpoint, response.status_code, elapsed.as_secs_f64());
     log::info!(
+        target: "access",
         "{} {} {} {}us",
         request.method(),
-        request.url(),
+        path,
         response.status_code,
-        started.elapsed().as_micros()
+        elapsed.as_micros()
     );
     response
 }
 
-fn route(context: &ApiContext, request: &Request) -> Result<Response, ApiError> {
-    match request.url().as_str() {
-        "/health" => {
-            only_get(request)?;
-            Ok(health(context))
+fn route(context: &ApiContext, request: &Request, path: &str) -> Result<Response, ApiError> {
+    let public = matches!(path, "/health" | "/judge");
+    if !public {
+        authorize(context, request)?;
+    }
+    match path {
+        "/get-proxy" => {
+            allow(request, "GET")?;
+            get_proxy(context, request)
         }
-        _ => Err(ApiError::new(
-            404,
-            format!("no such endpoint: {}", request.url()),
-        )),
+        "/feedback" => {
+            allow(request, "POST")?;
+            feedback(context, request)
+        }
+        "/health" => {
+            allow(request, "GET")?;
+            Ok(Response::json(&render::health(context)))
+        }
+        "/stats" => {
+            allow(request, "GET")?;
+            Query::parse(request, &[])?;
+            Ok(Response::json(&render::stats(context, Utc::now())))
+        }
+        "/metrics" => {
+            allow(request, "GET")?;
+            Ok(Response::from_data(
+                "text/plain; version=0.0.4; charset=utf-8",
+                render::metrics(context),
+            ))
+        }
+        "/judge" => {
+            allow(request, "GET")?;
+            Ok(judge(request))
+        }
+        "/admin/snapshot" => {
+            allow(request, "POST")?;
+            let info = context
+                .snapshotter
+                .write()
+                .map_err(|err| ApiError::new(503, format!("snapshot not written: {err}")))?;
+            Ok(Response::json(&json!({
+                "status": "written",
+                "entries": info.entries,
+                "bytes": info.bytes,
+                "duration_ms": info.duration.as_millis() as u64,
+            }))
+            .with_status_code(202))
+        }
+        "/admin/fetch" => {
+            allow(request, "POST")?;
+            let fetcher = context
+                .fetcher
+                .as_ref()
+                .ok_or_else(|| ApiError::new(503, "the fetcher is not running"))?;
+            fetcher.trigger_all();
+            Ok(Response::json(&json!({"status": "enqueued"})).with_status_code(202))
+        }
+        "/admin/validate" => {
+            allow(request, "POST")?;
+            let status = match context.validate_now.try_send(()) {
+                Ok(()) => "enqueued",
+                Err(crossbeam_channel::TrySendError::Full(_)) => "already_enqueued",
+                Err(crossbeam_channel::TrySendError::Disconnected(_)) => {
+                    return Err(ApiError::new(503, "the validator is not running"))
+                }
+            };
+            Ok(Response::json(&json!({ "status": status })).with_status_code(202))
+        }
+        _ => {
+            if let Some(name) = path.strip_prefix("/sources/") {
+                allow(request, "GET")?;
+                return source(context, request, name);
+            }
+            Err(ApiError::new(404, format!("no such endpoint: {path}")))
+        }
     }
 }
 
-fn only_get(request: &Request) -> Result<(), ApiError> {
-    if request.method() == "GET" {
+/// Compares in constant time, so the token cannot be guessed byte by byte
+/// from response times.
+fn same_secret(given: &[u8], expected: &[u8]) -> bool {
+    let mut difference = given.len() ^ expected.len();
+    for (i, byte) in expected.iter().enumerate() {
+        difference |= usize::from(byte ^ given.get(i).copied().unwrap_or(!byte));
+    }
+    difference == 0
+}
+
+fn authorize(context: &ApiContext, request: &Request) -> Result<(), ApiError> {
+    let Some(token) = &context.config.server.api_token else {
+        return Ok(());
+    };
+    let given = request
+        .header("Authorization")
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if same_secret(given.trim().as_bytes(), token.as_bytes()) {
+        return Ok(());
+    }
+    Err(
+        ApiError::new(401, "missing or wrong token: send Authorization: Bearer <api_token>")
+            .with_header("WWW-Authenticate", "Bearer".into()),
+    )
+}
+
+fn allow(request: &Request, method: &'static str) -> Result<(), ApiError> {
+    if request.method() == method {
         return Ok(());
     }
     Err(ApiError::new(
         405,
-        format!("method {} not allowed: use GET", request.method()),
-    ))
+        format!("method {} not allowed here: use {method}", request.method()),
+    )
+    .with_header("Allow", method.into()))
 }
 
-fn health(context: &ApiContext) -> Response {
-    let database_up = context.health.database_up();
-    Response::json(&json!({
-        "status": if database_up { "ok" } else { "degraded" },
-        "database": if database_up { "up" } else { "down" },
-        "active_proxies": 0,
-        "snapshot_age_seconds": context.health.snapshot_age_seconds(),
-    }))
+fn get_proxy(context: &ApiContext, request: &Request) -> Result<Response, ApiError> {
+    let query = Query::parse(
+        request,
+        &[
+            "source",
+            "protocol",
+            "https",
+            "country",
+            "anonymity",
+            "max_latency_ms",
+            "count",
+            "format",
+        ],
+    )?;
+    let source = query.source()?;
+    let pick_query = query.pick_query()?;
+    let text = query.format_is_text()?;
+    let picks = match context.state.get_proxy(source, &pick_query, Utc::now()) {
+        Ok(picks) => picks,
+        Err(none) => {
+            let retry_after = none.retry_after.unwrap_or(match none.reason {
+                NoProxyReason::AllBanned => Duration::from_secs(60),
+                _ => context.config.scheduler.interval,
+            });
+            return Err(ApiError::new(503, "no proxy available")
+                .with("source", Value::String(source.to_string()))
+                .with("reason", Value::String(none.reason.as_str().into()))
+                .with_header("Retry-After", retry_after.as_secs().max(1).to_string()));
+        }
+    };
+    if text {
+        let mut body = String::with_capacity(picks.len() * 32);
+        for pick in &picks {
+            body.push_str(&pick.url);
+            body.push('\n');
+        }
+        return Ok(Response::text(body));
+    }
+    if pick_query.count > 1 {
+        let proxies: Vec<Value> = picks.iter().map(|p| render::pick(p, None)).collect();
+        return Ok(Response::json(&json!({ "source": source, "proxies": proxies })));
+    }
+    // get_proxy returns at least one pick when it succeeds.
+    let first = picks
+        .first()
+        .ok_or_else(|| ApiError::new(503, "no proxy available"))?;
+    Ok(Response::json(&render::pick(first, Some(source))))
+}
+
+/// Reads the body, refusing more than `max_body_bytes`.
+fn read_body(context: &ApiContext, request: &Request) -> Result<Vec<u8>, ApiError> {
+    let limit = context.config.server.max_body_bytes;
+    let too_large = || {
+        ApiError::new(413, format!("request body too large: at most {limit} bytes"))
+    };
+    if let Some(length) = request.header("Content-Length") {
+        match length.trim().parse::<u64>() {
+            Ok(n) if n > limit as u64 => return Err(too_large()),
+            Ok(_) => {}
+            Err(_) => return Err(ApiError::bad_request("bad Content-Length header")),
+        }
+    }
+    let Some(data) = request.data() else {
+        return Err(ApiError::bad_request("request body already read"));
+    };
+    let mut body = Vec::new();
+    data.take(limit as u64 + 1)
+        .read_to_end(&mut body)
+        .map_err(|err| ApiError::bad_request(format!("cannot read the request body: {err}")))?;
+    if body.len() > limit {
+        return Err(too_large());
+    }
+    Ok(body)
+}
+
+/// One feedback item, checked.
+struct FeedbackItem {
+    source: String,
+    proxy: String,
+    success: bool,
+}
+
+fn feedback_item(value: &Value, position: Option<usize>) -> Result<FeedbackItem, ApiError> {
+    let at = position.map(|i| format!("item {i}: ")).unwrap_or_default();
+    let Some(object) = value.as_object() else {
+        return Err(ApiError::bad_request(format!(
+            "{at}expected an object {{\"source\", \"proxy\", \"success\"}}"
+        )));
+    };
+    let source = match object.get("source") {
+        Some(Value::String(s)) if is_valid_source_name(s) => s.clone(),
+        Some(Value::String(_)) => {
+            return Err(ApiError::bad_request(format!(
+                "{at}field source: expected 1-64 characters of A-Za-z0-9_.-"
+            )))
+        }
+        _ => {
+            return Err(ApiError::bad_request(format!(
+                "{at}field source: expected a string"
+            )))
+        }
+    };
+    let proxy = match object.get("proxy") {
+        Some(Value::String(s)) if !s.is_empty() && s.len() <= 512 => s.clone(),
+        _ => {
+            return Err(ApiError::bad_request(format!(
+                "{at}field proxy: expected the proxy URL as get-proxy returned it"
+            )))
+        }
+    };
+    let success = match object.get("success") {
+        Some(Value::Bool(b)) => *b,
+        _ => {
+            return Err(ApiError::bad_request(format!(
+                "{at}field success: expected true or false"
+            )))
+        }
+    };
+    Ok(FeedbackItem {
+        source,
+        proxy,
+        success,
+    })
+}
+
+fn feedback(context: &ApiContext, request: &Request) -> Result<Response, ApiError> {
+    Query::parse(request, &[])?;
+    let body = read_body(context, request)?;
+    let value: Value = serde_json::from_slice(&body)
+        .map_err(|err| ApiError::bad_request(format!("body is not valid JSON: {err}")))?;
+    let now = Utc::now();
+    let apply = |item: &FeedbackItem| -> Result<Value, ApiError> {
+        match context
+            .state
+            .feedback(&item.source, &item.proxy, item.success, now)
+        {
+            Ok(outcome) => Ok(render::feedback(&item.source, &item.proxy, &outcome)),
+            Err(FeedbackError::UnknownProxy) => Err(ApiError::new(
+                404,
+                "unknown proxy: expected a proxy URL as get-proxy returned it",
+            )
+            .with("source", Value::String(item.source.clone()))),
+        }
+    };
+    match &value {
+        Value::Array(values) => {
+            if values.is_empty() || values.len() > MAX_FEEDBACK_ITEMS {
+                return Err(ApiError::bad_request(format!(
+                    "expected 1 to {MAX_FEEDBACK_ITEMS} feedback objects, found {}",
+                    values.len()
+                )));
+            }
+            // Every item is checked before any is applied: a bad batch changes nothing.
+            let items = values
+                .iter()
+                .enumerate()
+                .map(|(i, v)| feedback_item(v, Some(i)))
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut known = 0;
+            let answers: Vec<Value> = items
+                .iter()
+                .map(|item| match apply(item) {
+                    Ok(answer) => {
+                        known += 1;
+                        answer
+                    }
+                    Err(err) => json!({ "error": err.message, "source": item.source }),
+                })
+                .collect();
+            if known == 0 {
+                return Err(ApiError::new(404, "unknown proxy: no item names a proxy this service knows"));
+            }
+            Ok(Response::json(&Value::Array(answers)))
+        }
+        _ => {
+            let item = feedback_item(&value, None)?;
+            Ok(Response::json(&apply(&item)?))
+        }
+    }
+}
+
+fn source(context: &ApiContext, request: &Request, name: &str) -> Result<Response, ApiError> {
+    if !is_valid_source_name(name) {
+        return Err(ApiError::bad_request(
+            "source name: expected 1-64 characters of A-Za-z0-9_.-",
+        ));
+    }
+    let query = Query::parse(request, &["limit"])?;
+    let limit = query.number("limit", 1, 10_000)?.unwrap_or(100) as usize;
+    match context.state.source_view(name, limit, Utc::now()) {
+        Some(view) => Ok(Response::json(&render::source_view(&view))),
+        None => Err(ApiError::new(404, format!("unknown source: {name}"))
+            .with("source", Value::String(name.to_string()))),
+    }
+}
+
+fn judge(request: &Request) -> Response {
+    let headers: Vec<(String, String)> = request
+        .headers()
+        .map(|(n, v)| (n.to_string(), v.to_string()))
+        .collect();
+    let host = request.header("Host").unwrap_or("localhost");
+    let path_and_query = match request.raw_query_string() {
+        "" => request.raw_url().split('?').next().unwrap_or("/judge").to_string(),
+        query => format!("{}?{query}", request.url()),
+    };
+    let body = crate::judge::echo(
+        request.method(),
+        &path_and_query,
+        host,
+        &headers,
+        request.remote_addr().ip(),
+    );
+    Response::json(&body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_compare_whole() {
+        assert!(same_secret(b"s3cret", b"s3cret"));
+        assert!(!same_secret(b"s3cre", b"s3cret"));
+        assert!(!same_secret(b"s3cretx", b"s3cret"));
+        assert!(!same_secret(b"", b"s3cret"));
+        assert!(!same_secret(b"S3cret", b"s3cret"));
+    }
 }
