@@ -3,4 +3,6 @@
 //! memory. See ARCHITECTURE.md for the map of the modules.
 
 pub mod config;
+pub mod fetcher;
 pub mod proxy;
+pub mod validator;

@@ -1,0 +1,3 @@
+//! The fetcher: downloads proxy lists and turns them into proxy keys.
+
+pub mod parse;
