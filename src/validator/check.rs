@@ -407,3 +407,383 @@ fn base64(input: &[u8]) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::thread;
+
+    use super::*;
+
+    const EXIT: &str = "198.51.100.9";
+
+    fn own() -> IpAddr {
+        "203.0.113.7".parse().unwrap()
+    }
+
+    fn checker(judge_port: u16, timeout_ms: u64) -> Checker {
+        Checker::new(CheckConfig {
+            judge_url: format!("http://127.0.0.1:{judge_port}/get"),
+            timeout: Duration::from_millis(timeout_ms),
+            connect_timeout: Duration::from_millis(timeout_ms.min(1000)),
+            max_body_bytes: 64 * 1024,
+        })
+        .unwrap()
+    }
+
+    fn key(protocol: Protocol, port: u16) -> ProxyKey {
+        ProxyKey::new(protocol, "127.0.0.1".parse().unwrap(), port)
+    }
+
+    /// A fake server on loopback running `serve` for every connection.
+    fn fake(serve: fn(TcpStream)) -> u16 {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+                thread::spawn(move || serve(stream));
+            }
+        });
+        port
+    }
+
+    /// Reads a request head up to its blank line.
+    fn read_head(stream: &mut TcpStream) -> String {
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            match stream.read(&mut byte) {
+                Ok(1) => head.push(byte[0]),
+                _ => break,
+            }
+        }
+        String::from_utf8_lossy(&head).into_owned()
+    }
+
+    fn nonce_of(head: &str) -> String {
+        let request_line = head.lines().next().unwrap_or("");
+        request_line
+            .split("pp_nonce=")
+            .nth(1)
+            .and_then(|rest| rest.split([' ', '&']).next())
+            .unwrap_or("")
+            .to_string()
+    }
+
+    fn echo_body(head: &str, origin: &str, headers: &[(&str, &str)]) -> String {
+        let map: serde_json::Map<String, serde_json::Value> = headers
+            .iter()
+            .map(|(name, value)| (name.to_string(), value.to_string().into()))
+            .collect();
+        serde_json::json!({
+            "args": {"pp_nonce": nonce_of(head)},
+            "headers": map,
+            "origin": origin,
+            "url": "http://127.0.0.1/get",
+        })
+        .to_string()
+    }
+
+    fn respond(stream: &mut TcpStream, status: &str, body: &str) {
+        let answer = format!(
+            "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = stream.write_all(answer.as_bytes());
+    }
+
+    /// An anonymous http proxy that refuses CONNECT.
+    fn via_proxy_without_connect(mut stream: TcpStream) {
+        let head = read_head(&mut stream);
+        if head.starts_with("CONNECT") {
+            respond(&mut stream, "405 Method Not Allowed", "");
+            return;
+        }
+        let body = echo_body(&head, EXIT, &[("Host", "judge"), ("Via", "1.1 fake")]);
+        respond(&mut stream, "200 OK", &body);
+    }
+
+    /// An elite proxy wanting `user:pass` that also tunnels CONNECT; inside
+    /// the tunnel it plays the judge itself.
+    fn elite_proxy_with_auth_and_connect(mut stream: TcpStream) {
+        let head = read_head(&mut stream);
+        if !head.contains("Proxy-Authorization: Basic dXNlcjpwYXNz\r\n") {
+            respond(&mut stream, "407 Proxy Authentication Required", "");
+            return;
+        }
+        let head = if head.starts_with("CONNECT 127.0.0.1:") {
+            let _ = stream.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n");
+            read_head(&mut stream)
+        } else {
+            head
+        };
+        respond(&mut stream, "200 OK", &echo_body(&head, EXIT, &[]));
+    }
+
+    #[test]
+    fn anonymous_proxy_is_alive_and_refused_connect_is_recorded() {
+        let port = fake(via_proxy_without_connect);
+        for protocol in [Protocol::Http, Protocol::Https] {
+            let outcome = checker(9, 3000).check(&key(protocol, port), own());
+            assert!(outcome.alive, "{outcome:?}");
+            assert_eq!(outcome.dead_reason, None);
+            assert_eq!(outcome.anonymity, Some(Anonymity::Anonymous));
+            assert_eq!(outcome.evidence, vec!["Via: 1.1 fake".to_string()]);
+            assert_eq!(outcome.supports_https, Some(false));
+            assert_eq!(outcome.exit_ip, Some(EXIT.parse().unwrap()));
+            assert!(outcome.latency_ms.is_some_and(|ms| ms < 3000));
+        }
+    }
+
+    #[test]
+    fn credentials_are_sent_and_connect_support_found() {
+        let port = fake(elite_proxy_with_auth_and_connect);
+        let mut with_auth = key(Protocol::Http, port);
+        with_auth.username = Some("user".into());
+        with_auth.password = Some("pass".into());
+        let outcome = checker(9, 3000).check(&with_auth, own());
+        assert!(outcome.alive, "{outcome:?}");
+        assert_eq!(outcome.anonymity, Some(Anonymity::Elite));
+        assert!(outcome.evidence.is_empty());
+        assert_eq!(outcome.supports_https, Some(true));
+    }
+
+    #[test]
+    fn missing_credentials_are_dead_proxy_auth_required() {
+        let port = fake(elite_proxy_with_auth_and_connect);
+        let outcome = checker(9, 3000).check(&key(Protocol::Http, port), own());
+        assert!(!outcome.alive);
+        assert_eq!(outcome.dead_reason, Some(DeadReason::ProxyAuthRequired));
+        assert_eq!(outcome.supports_https, None);
+    }
+
+    #[test]
+    fn transparent_proxy_is_graded_with_evidence() {
+        fn serve(mut stream: TcpStream) {
+            let head = read_head(&mut stream);
+            let body = echo_body(&head, EXIT, &[("X-Forwarded-For", "203.0.113.7")]);
+            respond(&mut stream, "200 OK", &body);
+        }
+        let outcome = checker(9, 3000).check(&key(Protocol::Http, fake(serve)), own());
+        assert_eq!(outcome.anonymity, Some(Anonymity::Transparent));
+        assert_eq!(outcome.evidence, vec!["X-Forwarded-For: 203.0.113.7".to_string()]);
+    }
+
+    #[test]
+    fn chunked_judge_answer_is_decoded() {
+        fn serve(mut stream: TcpStream) {
+            let head = read_head(&mut stream);
+            let body = echo_body(&head, EXIT, &[]);
+            let (first, second) = body.split_at(body.len() / 2);
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{first}\r\n{:x}\r\n{second}\r\n0\r\n\r\n",
+                first.len(),
+                second.len()
+            );
+            let _ = stream.write_all(answer.as_bytes());
+        }
+        let outcome = checker(9, 3000).check(&key(Protocol::Http, fake(serve)), own());
+        assert!(outcome.alive, "{outcome:?}");
+    }
+
+    fn dead_reason_from(serve: fn(TcpStream), timeout_ms: u64) -> (DeadReason, Duration) {
+        let port = fake(serve);
+        let started = Instant::now();
+        let outcome = checker(9, timeout_ms).check(&key(Protocol::Http, port), own());
+        assert!(!outcome.alive, "{outcome:?}");
+        assert_eq!(outcome.latency_ms, None);
+        (outcome.dead_reason.unwrap(), started.elapsed())
+    }
+
+    #[test]
+    fn trickling_proxy_ends_at_the_deadline() {
+        fn serve(mut stream: TcpStream) {
+            read_head(&mut stream);
+            // The behaviour under test: one byte a second, forever.
+            for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n".iter().cycle() {
+                if stream.write_all(&[*byte]).is_err() {
+                    return;
+                }
+                thread::sleep(Duration::from_secs(1));
+            }
+        }
+        let (reason, elapsed) = dead_reason_from(serve, 1500);
+        assert_eq!(reason, DeadReason::Timeout);
+        assert!(elapsed < Duration::from_millis(2200), "{elapsed:?}");
+    }
+
+    #[test]
+    fn endless_body_is_too_large() {
+        fn serve(mut stream: TcpStream) {
+            read_head(&mut stream);
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\n\r\n");
+            let block = [b'x'; 4096];
+            while stream.write_all(&block).is_ok() {}
+        }
+        assert_eq!(dead_reason_from(serve, 3000).0, DeadReason::TooLarge);
+    }
+
+    #[test]
+    fn announced_huge_body_is_too_large() {
+        fn serve(mut stream: TcpStream) {
+            read_head(&mut stream);
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 99999999\r\n\r\n");
+        }
+        assert_eq!(dead_reason_from(serve, 3000).0, DeadReason::TooLarge);
+    }
+
+    #[test]
+    fn huge_head_is_too_large() {
+        fn serve(mut stream: TcpStream) {
+            read_head(&mut stream);
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nX-Big: ");
+            let block = [b'a'; 4096];
+            while stream.write_all(&block).is_ok() {}
+        }
+        assert_eq!(dead_reason_from(serve, 3000).0, DeadReason::TooLarge);
+    }
+
+    #[test]
+    fn malformed_status_and_non_http_are_garbage() {
+        fn bad_status(mut stream: TcpStream) {
+            read_head(&mut stream);
+            let _ = stream.write_all(b"HTTP/1.1 abc OK\r\n\r\n");
+        }
+        fn banner(mut stream: TcpStream) {
+            read_head(&mut stream);
+            // No newline and the connection stays open: detection must not
+            // wait for the line to end.
+            let _ = stream.write_all(b"SSH-2.0-OpenSSH_9.6");
+            read_head(&mut stream);
+        }
+        let (reason, _) = dead_reason_from(bad_status, 3000);
+        assert_eq!(reason, DeadReason::Garbage);
+        let (reason, elapsed) = dead_reason_from(banner, 3000);
+        assert_eq!(reason, DeadReason::Garbage);
+        assert!(elapsed < Duration::from_millis(2000), "{elapsed:?}");
+    }
+
+    #[test]
+    fn other_statuses_and_hijacks_are_dead() {
+        fn forbidden(mut stream: TcpStream) {
+            read_head(&mut stream);
+            respond(&mut stream, "403 Forbidden", "no");
+        }
+        fn hijack(mut stream: TcpStream) {
+            read_head(&mut stream);
+            respond(&mut stream, "200 OK", "<html>login to the hotspot</html>");
+        }
+        fn closes(mut stream: TcpStream) {
+            read_head(&mut stream);
+        }
+        assert_eq!(dead_reason_from(forbidden, 3000).0, DeadReason::BadStatus(403));
+        assert_eq!(dead_reason_from(hijack, 3000).0, DeadReason::NotJudge);
+        assert_eq!(dead_reason_from(closes, 3000).0, DeadReason::Reset);
+    }
+
+    #[test]
+    fn closed_port_is_refused() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        let outcome = checker(9, 3000).check(&key(Protocol::Http, port), own());
+        assert_eq!(outcome.dead_reason, Some(DeadReason::Refused));
+        let outcome = checker(9, 3000).check(&key(Protocol::Socks5, port), own());
+        assert_eq!(outcome.dead_reason, Some(DeadReason::Refused));
+    }
+
+    /// A SOCKS5 proxy without authentication that plays the judge inside the
+    /// tunnel, or refuses the connect when `refuse` is set.
+    fn socks5(mut stream: TcpStream, refuse: bool) {
+        let mut greeting = [0u8; 2];
+        if stream.read_exact(&mut greeting).is_err() {
+            return;
+        }
+        let mut methods = vec![0u8; greeting[1] as usize];
+        let _ = stream.read_exact(&mut methods);
+        let _ = stream.write_all(&[5, 0]);
+        // VER CMD RSV ATYP=1 + IPv4 + port.
+        let mut request = [0u8; 10];
+        if stream.read_exact(&mut request).is_err() {
+            return;
+        }
+        let reply = if refuse { 5 } else { 0 };
+        let _ = stream.write_all(&[5, reply, 0, 1, 127, 0, 0, 1, 0, 80]);
+        if refuse {
+            return;
+        }
+        let head = read_head(&mut stream);
+        respond(&mut stream, "200 OK", &echo_body(&head, EXIT, &[]));
+    }
+
+    #[test]
+    fn socks5_proxy_is_alive_and_tunnels_anything() {
+        let port = fake(|stream| socks5(stream, false));
+        let outcome = checker(9, 3000).check(&key(Protocol::Socks5, port), own());
+        assert!(outcome.alive, "{outcome:?}");
+        assert_eq!(outcome.anonymity, Some(Anonymity::Elite));
+        assert_eq!(outcome.supports_https, Some(true));
+        assert_eq!(outcome.exit_ip, Some(EXIT.parse().unwrap()));
+    }
+
+    #[test]
+    fn socks5_refusal_is_a_socks_reason() {
+        let port = fake(|stream| socks5(stream, true));
+        let outcome = checker(9, 3000).check(&key(Protocol::Socks5, port), own());
+        assert!(
+            matches!(outcome.dead_reason, Some(DeadReason::Socks(_))),
+            "{outcome:?}"
+        );
+    }
+
+    #[test]
+    fn own_ip_is_origins_first_address() {
+        fn judge(mut stream: TcpStream) {
+            let head = read_head(&mut stream);
+            respond(&mut stream, "200 OK", &echo_body(&head, "198.51.100.77, 10.0.0.1", &[]));
+        }
+        let checker = checker(fake(judge), 3000);
+        assert_eq!(checker.learn_own_ip().unwrap(), "198.51.100.77".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn a_judge_that_is_not_one_is_an_error() {
+        fn not_judge(mut stream: TcpStream) {
+            read_head(&mut stream);
+            respond(&mut stream, "200 OK", "hello");
+        }
+        let error = checker(fake(not_judge), 3000).learn_own_ip().unwrap_err();
+        assert!(matches!(error, JudgeError::NotJudge(DeadReason::NotJudge)), "{error}");
+    }
+
+    #[test]
+    fn judge_urls_are_split_or_rejected() {
+        let target = JudgeTarget::parse("http://127.0.0.1:8080/judge?x=1#frag").unwrap();
+        assert_eq!(target.authority, "127.0.0.1:8080");
+        assert_eq!(target.path_and_query, "/judge?x=1");
+        let (url, expect) = target.fresh_url();
+        let (_, nonce) = expect.nonce.unwrap();
+        assert_eq!(url, format!("http://127.0.0.1:8080/judge?x=1&pp_nonce={nonce}"));
+        assert_eq!(JudgeTarget::parse("http://judge").unwrap().path_and_query, "/");
+        for bad in ["https://judge/get", "judge/get", "http:///get", "http://u:p@j/get", "http://a b/"] {
+            assert!(JudgeTarget::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn base64_matches_the_standard() {
+        assert_eq!(base64(b""), "");
+        assert_eq!(base64(b"f"), "Zg==");
+        assert_eq!(base64(b"fo"), "Zm8=");
+        assert_eq!(base64(b"foo"), "Zm9v");
+        assert_eq!(base64(b"user:pass"), "dXNlcjpwYXNz");
+    }
+
+    #[test]
+    fn checker_is_shareable_across_threads() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Checker>();
+    }
+}
