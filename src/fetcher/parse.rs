@@ -9,8 +9,10 @@
 //! ignored (`1.2.3.4:8080 US elite`). Credentials in URL forms are
 //! percent-decoded; in the `ip:port:user:pass` form they are taken as written.
 
-use std::collections::HashSet;
+use std::collections::hash_map::RandomState;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::proxy::{Protocol, ProxyKey};
@@ -108,8 +110,7 @@ pub fn parse_bytes(bytes: &[u8], options: &ParseOptions) -> ParsedList {
 pub fn parse_list(text: &str, options: &ParseOptions) -> ParsedList {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut parsed = ParsedList::default();
-    // Identity as the database sees it: the password is not part of it.
-    let mut seen: HashSet<(Protocol, IpAddr, u16, Option<String>)> = HashSet::new();
+    let mut seen = SeenSet::new(text.len() / 24);
     for (index, line) in text.lines().enumerate() {
         parsed.lines += 1;
         let outcome = if line.len() > MAX_LINE_BYTES {
@@ -120,8 +121,7 @@ pub fn parse_list(text: &str, options: &ParseOptions) -> ParsedList {
         match outcome {
             Ok(None) => {}
             Ok(Some(key)) => {
-                let identity = (key.protocol, key.ip, key.port, key.username.clone());
-                if seen.insert(identity) {
+                if seen.is_new(&key, &parsed.proxies) {
                     parsed.proxies.push(key);
                 } else {
                     parsed.duplicates += 1;
@@ -142,6 +142,73 @@ pub fn parse_list(text: &str, options: &ParseOptions) -> ParsedList {
     parsed
 }
 
+/// A proxy's identity as the database sees it: the password is not part of it.
+type Identity = (Protocol, IpAddr, u16, Option<String>);
+
+/// Remembers which identities a list has named, compactly: a million-line
+/// list would otherwise hold a second copy of every key. Each identity is
+/// stored as a keyed 64-bit hash pointing at its first proxy; the rare true
+/// hash collision falls back to an exact set, so no proxy is ever lost.
+struct SeenSet {
+    hasher: RandomState,
+    first_by_hash: HashMap<u64, usize, BuildHasherDefault<PassThroughHasher>>,
+    collided: HashSet<Identity>,
+}
+
+impl SeenSet {
+    fn new(capacity_hint: usize) -> SeenSet {
+        let capacity = capacity_hint.min(1 << 20);
+        SeenSet {
+            hasher: RandomState::new(),
+            first_by_hash: HashMap::with_capacity_and_hasher(capacity, Default::default()),
+            collided: HashSet::new(),
+        }
+    }
+
+    /// Whether `key` is new; if so, it is recorded as `proxies[proxies.len()]`
+    /// (the caller pushes it next).
+    fn is_new(&mut self, key: &ProxyKey, proxies: &[ProxyKey]) -> bool {
+        let hash = self
+            .hasher
+            .hash_one((key.protocol, key.ip, key.port, key.username.as_deref()));
+        let index = proxies.len();
+        let first = *self.first_by_hash.entry(hash).or_insert(index);
+        if first == index {
+            return true;
+        }
+        let earlier = &proxies[first];
+        let same = earlier.protocol == key.protocol
+            && earlier.ip == key.ip
+            && earlier.port == key.port
+            && earlier.username == key.username;
+        if same {
+            return false;
+        }
+        self.collided
+            .insert((key.protocol, key.ip, key.port, key.username.clone()))
+    }
+}
+
+/// The map's keys are already keyed hashes; hashing them again is waste.
+#[derive(Default)]
+struct PassThroughHasher(u64);
+
+impl Hasher for PassThroughHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(byte);
+        }
+    }
+
+    fn write_u64(&mut self, value: u64) {
+        self.0 = value;
+    }
+}
+
 /// One line: `Ok(None)` for blank and comment lines.
 pub fn parse_line(line: &str, options: &ParseOptions) -> Result<Option<ProxyKey>, RejectReason> {
     let line = line.trim();
@@ -149,7 +216,7 @@ pub fn parse_line(line: &str, options: &ParseOptions) -> Result<Option<ProxyKey>
         return Ok(None);
     }
     let token = proxy_token(line);
-    let (protocol, rest) = match token.find("://") {
+    let (protocol, rest) = match find_scheme_end(token) {
         Some(at) => {
             let protocol =
                 Protocol::from_scheme(&token[..at]).ok_or(RejectReason::UnknownScheme)?;
@@ -158,7 +225,8 @@ pub fn parse_line(line: &str, options: &ParseOptions) -> Result<Option<ProxyKey>
         }
         None => (options.default_protocol, token),
     };
-    let (ip, port, credentials) = match rest.rsplit_once('@') {
+    let at_sign = rest.bytes().rposition(|b| b == b'@');
+    let (ip, port, credentials) = match at_sign.map(|at| (&rest[..at], &rest[at + 1..])) {
         Some((userinfo, host_port)) => {
             let (ip, port, extra) = split_host_port(host_port)?;
             if extra.is_some() {
@@ -203,15 +271,36 @@ pub fn parse_line(line: &str, options: &ParseOptions) -> Result<Option<ProxyKey>
 /// may appear unencoded in URL credentials, so before the last `@` they do
 /// not end the proxy.
 fn proxy_token(line: &str) -> &str {
-    let end = line
-        .find(|c: char| c.is_whitespace() || c == '|')
-        .unwrap_or(line.len());
-    let token = &line[..end];
-    let host_start = token.rfind('@').map_or(0, |at| at + 1);
-    match token[host_start..].find([',', ';']) {
-        Some(at) => &token[..host_start + at],
-        None => token,
+    // Byte searches: every delimiter is ASCII, and this runs on every line.
+    let bytes = line.as_bytes();
+    let mut end = bytes
+        .iter()
+        .position(|&b| matches!(b, b' ' | b'\t' | b'|' | b'\r' | b'\n' | b'\x0b' | b'\x0c'))
+        .unwrap_or(bytes.len());
+    // Unicode spaces are rare but must end the token too.
+    if !bytes[..end].is_ascii() {
+        end = line[..end].find(char::is_whitespace).unwrap_or(end);
     }
+    let token = &bytes[..end];
+    let host_start = token
+        .iter()
+        .rposition(|&b| b == b'@')
+        .map_or(0, |at| at + 1);
+    match token[host_start..]
+        .iter()
+        .position(|&b| b == b',' || b == b';')
+    {
+        Some(at) => &line[..host_start + at],
+        None => &line[..end],
+    }
+}
+
+/// Where `://` is in a token: the scheme is before it.
+fn find_scheme_end(token: &str) -> Option<usize> {
+    let bytes = token.as_bytes();
+    // Schemes are short; a `://` further in is not a scheme separator we take.
+    let search = &bytes[..bytes.len().min(16)];
+    search.windows(3).position(|window| window == b"://")
 }
 
 /// Splits `ip:port`, `[v6]:port`, and the `ip:port:user:pass` tail (returned
@@ -340,8 +429,9 @@ fn is_public_v4(v4: Ipv4Addr) -> bool {
     let this_network = a == 0;
     let shared = a == 100 && (64..128).contains(&b);
     let ietf = a == 192 && b == 0 && c == 0;
-    let documentation =
-        (a == 192 && b == 0 && c == 2) || (a == 198 && b == 51 && c == 100) || (a == 203 && b == 0 && c == 113);
+    let documentation = (a == 192 && b == 0 && c == 2)
+        || (a == 198 && b == 51 && c == 100)
+        || (a == 203 && b == 0 && c == 113);
     let benchmarking = a == 198 && (b == 18 || b == 19);
     let reserved = a >= 240;
     !(this_network
@@ -377,7 +467,8 @@ fn masked_excerpt(line: &str) -> String {
         } else {
             rest.find(':')
         };
-        let tail_colon = port_colon.and_then(|at| rest[at + 1..].find(':').map(|next| at + 1 + next));
+        let tail_colon =
+            port_colon.and_then(|at| rest[at + 1..].find(':').map(|next| at + 1 + next));
         match tail_colon {
             Some(at) if rest.matches(':').count() <= 4 || rest.starts_with('[') => {
                 format!("{scheme}{}:***", &rest[..at])
@@ -416,10 +507,22 @@ mod tests {
     fn every_accepted_format_parses() {
         let cases: Vec<(&str, ProxyKey)> = vec![
             ("1.2.3.4:8080", key(Protocol::Http, "1.2.3.4", 8080, None)),
-            ("socks5://1.2.3.4:1080", key(Protocol::Socks5, "1.2.3.4", 1080, None)),
-            ("HTTPS://1.2.3.4:443/", key(Protocol::Https, "1.2.3.4", 443, None)),
-            ("socks4a://1.2.3.4:1080", key(Protocol::Socks4, "1.2.3.4", 1080, None)),
-            ("socks5h://1.2.3.4:1080", key(Protocol::Socks5, "1.2.3.4", 1080, None)),
+            (
+                "socks5://1.2.3.4:1080",
+                key(Protocol::Socks5, "1.2.3.4", 1080, None),
+            ),
+            (
+                "HTTPS://1.2.3.4:443/",
+                key(Protocol::Https, "1.2.3.4", 443, None),
+            ),
+            (
+                "socks4a://1.2.3.4:1080",
+                key(Protocol::Socks4, "1.2.3.4", 1080, None),
+            ),
+            (
+                "socks5h://1.2.3.4:1080",
+                key(Protocol::Socks5, "1.2.3.4", 1080, None),
+            ),
             (
                 "socks5://us%20er:p%40ss@1.2.3.4:1080",
                 key(Protocol::Socks5, "1.2.3.4", 1080, Some(("us er", "p@ss"))),
@@ -436,16 +539,34 @@ mod tests {
                 "1.2.3.4:3128:user:pa:ss",
                 key(Protocol::Http, "1.2.3.4", 3128, Some(("user", "pa:ss"))),
             ),
-            ("[2a00:1450::1]:8080", key(Protocol::Http, "2a00:1450::1", 8080, None)),
+            (
+                "[2a00:1450::1]:8080",
+                key(Protocol::Http, "2a00:1450::1", 8080, None),
+            ),
             (
                 "socks5://[2a00:1450::1]:1080",
                 key(Protocol::Socks5, "2a00:1450::1", 1080, None),
             ),
-            ("[::ffff:1.2.3.4]:80", key(Protocol::Http, "1.2.3.4", 80, None)),
-            ("  \t1.2.3.4:8080\t US elite", key(Protocol::Http, "1.2.3.4", 8080, None)),
-            ("1.2.3.4:8080,US,elite", key(Protocol::Http, "1.2.3.4", 8080, None)),
-            ("1.2.3.4:8080;US", key(Protocol::Http, "1.2.3.4", 8080, None)),
-            ("1.2.3.4:8080|US|1.2s", key(Protocol::Http, "1.2.3.4", 8080, None)),
+            (
+                "[::ffff:1.2.3.4]:80",
+                key(Protocol::Http, "1.2.3.4", 80, None),
+            ),
+            (
+                "  \t1.2.3.4:8080\t US elite",
+                key(Protocol::Http, "1.2.3.4", 8080, None),
+            ),
+            (
+                "1.2.3.4:8080,US,elite",
+                key(Protocol::Http, "1.2.3.4", 8080, None),
+            ),
+            (
+                "1.2.3.4:8080;US",
+                key(Protocol::Http, "1.2.3.4", 8080, None),
+            ),
+            (
+                "1.2.3.4:8080|US|1.2s",
+                key(Protocol::Http, "1.2.3.4", 8080, None),
+            ),
             (
                 "http://u:a,b;c@1.2.3.4:80,US",
                 key(Protocol::Http, "1.2.3.4", 80, Some(("u", "a,b;c"))),
@@ -461,7 +582,14 @@ mod tests {
 
     #[test]
     fn blank_and_comment_lines_are_skipped() {
-        for line in ["", "   ", "\t", "# list of proxies", "// updated daily", "  # x"] {
+        for line in [
+            "",
+            "   ",
+            "\t",
+            "# list of proxies",
+            "// updated daily",
+            "  # x",
+        ] {
             assert_eq!(one(line), Ok(None), "{line:?}");
         }
     }
@@ -502,17 +630,45 @@ mod tests {
     #[test]
     fn non_public_addresses_are_refused_unless_allowed() {
         let private = [
-            "0.1.2.3", "10.0.0.1", "100.64.0.1", "127.0.0.1", "169.254.1.1", "172.16.0.1",
-            "192.0.0.8", "192.0.2.1", "192.168.0.1", "198.18.0.1", "198.51.100.1",
-            "203.0.113.1", "224.0.0.1", "240.0.0.1", "255.255.255.255", "::", "::1",
-            "fe80::1", "fc00::1", "fd12::1", "ff02::1", "2001:db8::1", "64:ff9b::a00:1",
-            "2002:a00:1::1", "::ffff:10.0.0.1", "3fff::1", "100::1",
+            "0.1.2.3",
+            "10.0.0.1",
+            "100.64.0.1",
+            "127.0.0.1",
+            "169.254.1.1",
+            "172.16.0.1",
+            "192.0.0.8",
+            "192.0.2.1",
+            "192.168.0.1",
+            "198.18.0.1",
+            "198.51.100.1",
+            "203.0.113.1",
+            "224.0.0.1",
+            "240.0.0.1",
+            "255.255.255.255",
+            "::",
+            "::1",
+            "fe80::1",
+            "fc00::1",
+            "fd12::1",
+            "ff02::1",
+            "2001:db8::1",
+            "64:ff9b::a00:1",
+            "2002:a00:1::1",
+            "::ffff:10.0.0.1",
+            "3fff::1",
+            "100::1",
         ];
         for text in private {
             let ip: IpAddr = text.parse().unwrap();
             assert!(!is_public(ip), "{text}");
         }
-        for text in ["1.2.3.4", "8.8.8.8", "2a00:1450::1", "2002:808:808::1", "::ffff:8.8.8.8"] {
+        for text in [
+            "1.2.3.4",
+            "8.8.8.8",
+            "2a00:1450::1",
+            "2002:808:808::1",
+            "::ffff:8.8.8.8",
+        ] {
             assert!(is_public(text.parse().unwrap()), "{text}");
         }
         let allow = ParseOptions {
@@ -520,7 +676,10 @@ mod tests {
             ..PUBLIC
         };
         let loopback = key(Protocol::Socks5, "127.0.0.1", 1080, None);
-        assert_eq!(parse_line("socks5://127.0.0.1:1080", &allow), Ok(Some(loopback)));
+        assert_eq!(
+            parse_line("socks5://127.0.0.1:1080", &allow),
+            Ok(Some(loopback))
+        );
     }
 
     #[test]
@@ -573,12 +732,42 @@ mod tests {
         let text = "http://user:hunter2@10.0.0.1:80 US\n10.0.0.1:80:user:hunter2\n\
             [::1]:80:user:hunter2\n";
         let parsed = parse_list(text, &options);
-        let shown: Vec<&str> = parsed.first_rejects.iter().map(|r| r.text.as_str()).collect();
-        assert_eq!(shown, vec!["http://***@10.0.0.1:80 US", "10.0.0.1:80:***", "[::1]:80:***"]);
+        let shown: Vec<&str> = parsed
+            .first_rejects
+            .iter()
+            .map(|r| r.text.as_str())
+            .collect();
+        assert_eq!(
+            shown,
+            vec![
+                "http://***@10.0.0.1:80 US",
+                "10.0.0.1:80:***",
+                "[::1]:80:***"
+            ]
+        );
         let long = format!("u:hunter2@10.0.0.1:80 {}", "é".repeat(500));
         let reject = &parse_list(&long, &options).first_rejects[0];
         assert!(reject.text.chars().count() <= MAX_REJECT_TEXT_CHARS);
         assert!(!reject.text.contains("hunter2"));
+    }
+
+    #[test]
+    fn hash_collisions_lose_no_proxy() {
+        let first = key(Protocol::Http, "1.2.3.4", 80, None);
+        let second = key(Protocol::Http, "5.6.7.8", 80, None);
+        let mut seen = SeenSet::new(0);
+        let mut proxies = Vec::new();
+        assert!(seen.is_new(&first, &proxies));
+        proxies.push(first);
+        // Force the second key's hash to point at the first key.
+        let hash = seen
+            .hasher
+            .hash_one((second.protocol, second.ip, second.port, None::<&str>));
+        seen.first_by_hash.insert(hash, 0);
+        assert!(seen.is_new(&second, &proxies));
+        proxies.push(second.clone());
+        assert!(!seen.is_new(&second, &proxies));
+        assert!(!seen.is_new(&proxies[0].clone(), &proxies));
     }
 
     #[test]
@@ -658,7 +847,7 @@ mod tests {
         ) {
             let text = format!("{before}\n{}\n{after}\n", key.url());
             let parsed = parse_list(&text, &PUBLIC);
-            prop_assert!(parsed.proxies.iter().any(|found| *found == key));
+            prop_assert!(parsed.proxies.contains(&key));
         }
 
         #[test]

@@ -122,7 +122,9 @@ impl JudgeTarget {
             url: url.to_string(),
             reason,
         };
-        let scheme_end = url.find("://").ok_or_else(|| bad("expected http://host/path"))?;
+        let scheme_end = url
+            .find("://")
+            .ok_or_else(|| bad("expected http://host/path"))?;
         if !url[..scheme_end].eq_ignore_ascii_case("http") {
             return Err(bad("expected an http:// url (checks are plain http)"));
         }
@@ -134,7 +136,10 @@ impl JudgeTarget {
         if authority.is_empty() || authority.contains('@') {
             return Err(bad("expected a host without credentials"));
         }
-        if authority.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) {
+        if authority
+            .bytes()
+            .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+        {
             return Err(bad("expected a host without spaces"));
         }
         let path = path.split('#').next().unwrap_or("/");
@@ -143,7 +148,10 @@ impl JudgeTarget {
         } else {
             path.to_string()
         };
-        if path_and_query.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) {
+        if path_and_query
+            .bytes()
+            .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+        {
             return Err(bad("expected a path without spaces"));
         }
         Ok(JudgeTarget {
@@ -155,7 +163,11 @@ impl JudgeTarget {
     /// The judge's URL with a fresh nonce argument, and what to expect back.
     fn fresh_url(&self) -> (String, JudgeExpectations) {
         let nonce = format!("{:016x}", fastrand::u64(..));
-        let separator = if self.path_and_query.contains('?') { '&' } else { '?' };
+        let separator = if self.path_and_query.contains('?') {
+            '&'
+        } else {
+            '?'
+        };
         let url = format!(
             "http://{}{}{separator}{NONCE_ARG}={nonce}",
             self.authority, self.path_and_query
@@ -275,11 +287,14 @@ impl Checker {
     /// left of the deadline but at least a share of the timeout.
     fn tunnels_connect(&self, proxy: &ProxyKey, deadline: Instant) -> bool {
         let floor = self.config.timeout / CONNECT_MIN_SHARE;
-        let budget = deadline.saturating_duration_since(Instant::now()).max(floor);
+        let budget = deadline
+            .saturating_duration_since(Instant::now())
+            .max(floor);
         let (url, expect) = self.judge.fresh_url();
         let answer = ureq_proxy(ProxyProtocol::Http, proxy).and_then(|ureq_proxy| {
             let agent = self.agent(Some(ureq_proxy), budget);
-            self.get(&agent, &url).map_err(|error| ureq_reason(error, false))
+            self.get(&agent, &url)
+                .map_err(|error| ureq_reason(error, false))
         });
         match answer.and_then(|(status, body)| classify(status, &body, &expect)) {
             Ok(_) => true,
@@ -391,11 +406,14 @@ fn ureq_reason(error: ureq::Error, socks: bool) -> DeadReason {
 
 /// Standard base64 with padding, for `Proxy-Authorization`.
 fn base64(input: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] =
-        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
     for group in input.chunks(3) {
-        let bytes = [group[0], *group.get(1).unwrap_or(&0), *group.get(2).unwrap_or(&0)];
+        let bytes = [
+            group[0],
+            *group.get(1).unwrap_or(&0),
+            *group.get(2).unwrap_or(&0),
+        ];
         let bits = u32::from(bytes[0]) << 16 | u32::from(bytes[1]) << 8 | u32::from(bytes[2]);
         for index in 0..4 {
             if index <= group.len() {
@@ -568,7 +586,10 @@ mod tests {
         }
         let outcome = checker(9, 3000).check(&key(Protocol::Http, fake(serve)), own());
         assert_eq!(outcome.anonymity, Some(Anonymity::Transparent));
-        assert_eq!(outcome.evidence, vec!["X-Forwarded-For: 203.0.113.7".to_string()]);
+        assert_eq!(
+            outcome.evidence,
+            vec!["X-Forwarded-For: 203.0.113.7".to_string()]
+        );
     }
 
     #[test]
@@ -602,7 +623,10 @@ mod tests {
         fn serve(mut stream: TcpStream) {
             read_head(&mut stream);
             // The behaviour under test: one byte a second, forever.
-            for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n".iter().cycle() {
+            for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n"
+                .iter()
+                .cycle()
+            {
                 if stream.write_all(&[*byte]).is_err() {
                     return;
                 }
@@ -678,7 +702,10 @@ mod tests {
         fn closes(mut stream: TcpStream) {
             read_head(&mut stream);
         }
-        assert_eq!(dead_reason_from(forbidden, 3000).0, DeadReason::BadStatus(403));
+        assert_eq!(
+            dead_reason_from(forbidden, 3000).0,
+            DeadReason::BadStatus(403)
+        );
         assert_eq!(dead_reason_from(hijack, 3000).0, DeadReason::NotJudge);
         assert_eq!(dead_reason_from(closes, 3000).0, DeadReason::Reset);
     }
@@ -742,10 +769,17 @@ mod tests {
     fn own_ip_is_origins_first_address() {
         fn judge(mut stream: TcpStream) {
             let head = read_head(&mut stream);
-            respond(&mut stream, "200 OK", &echo_body(&head, "198.51.100.77, 10.0.0.1", &[]));
+            respond(
+                &mut stream,
+                "200 OK",
+                &echo_body(&head, "198.51.100.77, 10.0.0.1", &[]),
+            );
         }
         let checker = checker(fake(judge), 3000);
-        assert_eq!(checker.learn_own_ip().unwrap(), "198.51.100.77".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            checker.learn_own_ip().unwrap(),
+            "198.51.100.77".parse::<IpAddr>().unwrap()
+        );
     }
 
     #[test]
@@ -755,7 +789,10 @@ mod tests {
             respond(&mut stream, "200 OK", "hello");
         }
         let error = checker(fake(not_judge), 3000).learn_own_ip().unwrap_err();
-        assert!(matches!(error, JudgeError::NotJudge(DeadReason::NotJudge)), "{error}");
+        assert!(
+            matches!(error, JudgeError::NotJudge(DeadReason::NotJudge)),
+            "{error}"
+        );
     }
 
     #[test]
@@ -765,9 +802,21 @@ mod tests {
         assert_eq!(target.path_and_query, "/judge?x=1");
         let (url, expect) = target.fresh_url();
         let (_, nonce) = expect.nonce.unwrap();
-        assert_eq!(url, format!("http://127.0.0.1:8080/judge?x=1&pp_nonce={nonce}"));
-        assert_eq!(JudgeTarget::parse("http://judge").unwrap().path_and_query, "/");
-        for bad in ["https://judge/get", "judge/get", "http:///get", "http://u:p@j/get", "http://a b/"] {
+        assert_eq!(
+            url,
+            format!("http://127.0.0.1:8080/judge?x=1&pp_nonce={nonce}")
+        );
+        assert_eq!(
+            JudgeTarget::parse("http://judge").unwrap().path_and_query,
+            "/"
+        );
+        for bad in [
+            "https://judge/get",
+            "judge/get",
+            "http:///get",
+            "http://u:p@j/get",
+            "http://a b/",
+        ] {
             assert!(JudgeTarget::parse(bad).is_err(), "{bad}");
         }
     }

@@ -81,10 +81,11 @@ impl Geoip {
             .windows(MMDB_METADATA_MARKER.len())
             .any(|window| window == MMDB_METADATA_MARKER);
         if is_mmdb {
-            let reader = maxminddb::Reader::from_source(bytes).map_err(|error| GeoipError::Mmdb {
-                path: path.to_path_buf(),
-                reason: error.to_string(),
-            })?;
+            let reader =
+                maxminddb::Reader::from_source(bytes).map_err(|error| GeoipError::Mmdb {
+                    path: path.to_path_buf(),
+                    reason: error.to_string(),
+                })?;
             return Ok(Geoip {
                 source: Source::Mmdb(Box::new(reader)),
             });
@@ -169,9 +170,10 @@ fn parse_tor(bytes: &[u8]) -> Result<RangeTable, (usize, String)> {
                 return Err((line_no, "range start is after its end".to_string()));
             }
             table.v4.push((from, to, code));
-        } else if let (Ok(from), Ok(to)) =
-            (from.parse::<std::net::Ipv6Addr>(), to.parse::<std::net::Ipv6Addr>())
-        {
+        } else if let (Ok(from), Ok(to)) = (
+            from.parse::<std::net::Ipv6Addr>(),
+            to.parse::<std::net::Ipv6Addr>(),
+        ) {
             let (from, to) = (u128::from(from), u128::from(to));
             if from > to {
                 return Err((line_no, "range start is after its end".to_string()));
@@ -236,7 +238,10 @@ mod tests {
     fn a_file_of_neither_format_is_a_clear_error() {
         let error = open_text("hello world\n").unwrap_err();
         let shown = error.to_string();
-        assert!(shown.contains("neither a .mmdb database nor a tor geoip file"), "{shown}");
+        assert!(
+            shown.contains("neither a .mmdb database nor a tor geoip file"),
+            "{shown}"
+        );
         assert!(shown.contains("line 1"), "{shown}");
 
         let mut file = tempfile::NamedTempFile::new().unwrap();
@@ -256,7 +261,10 @@ mod tests {
 
     #[test]
     fn empty_and_missing_files_are_errors() {
-        assert!(matches!(open_text("# nothing\n"), Err(GeoipError::Empty { .. })));
+        assert!(matches!(
+            open_text("# nothing\n"),
+            Err(GeoipError::Empty { .. })
+        ));
         let missing = Geoip::open(Path::new("/nonexistent/geoip.mmdb")).unwrap_err();
         assert!(matches!(missing, GeoipError::Io { .. }));
     }

@@ -302,13 +302,16 @@ mod tests {
     #[test]
     fn own_ip_in_origin_is_transparent() {
         assert_eq!(grade(OWN, &[]).0, Anonymity::Transparent);
-        assert_eq!(grade(&format!("{OWN}, 198.51.100.9"), &[]).0, Anonymity::Transparent);
+        assert_eq!(
+            grade(&format!("{OWN}, 198.51.100.9"), &[]).0,
+            Anonymity::Transparent
+        );
     }
 
     #[test]
     fn own_ip_in_any_forwarding_header_is_transparent() {
         let cases = [
-            ("X-Forwarded-For", format!("{OWN}")),
+            ("X-Forwarded-For", OWN.to_string()),
             ("X-Forwarded-For", format!("10.0.0.1, {OWN}")),
             ("Forwarded", format!("for={OWN};proto=http")),
             ("Forwarded", format!("for=\"{OWN}:4711\"")),
@@ -330,7 +333,10 @@ mod tests {
     fn own_ipv6_is_found_in_brackets() {
         let view = classify(
             200,
-            &echo("198.51.100.9", &[("Forwarded", "for=\"[2001:db8::7]:4711\"")]),
+            &echo(
+                "198.51.100.9",
+                &[("Forwarded", "for=\"[2001:db8::7]:4711\"")],
+            ),
             &expect(),
         )
         .unwrap();
@@ -382,9 +388,18 @@ mod tests {
     #[test]
     fn statuses_other_than_200_are_dead() {
         let body = echo("198.51.100.9", &[]);
-        assert_eq!(classify(407, &body, &expect()), Err(DeadReason::ProxyAuthRequired));
-        assert_eq!(classify(403, &body, &expect()), Err(DeadReason::BadStatus(403)));
-        assert_eq!(classify(302, &body, &expect()), Err(DeadReason::BadStatus(302)));
+        assert_eq!(
+            classify(407, &body, &expect()),
+            Err(DeadReason::ProxyAuthRequired)
+        );
+        assert_eq!(
+            classify(403, &body, &expect()),
+            Err(DeadReason::BadStatus(403))
+        );
+        assert_eq!(
+            classify(302, &body, &expect()),
+            Err(DeadReason::BadStatus(302))
+        );
     }
 
     #[test]

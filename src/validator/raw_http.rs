@@ -38,7 +38,8 @@ pub fn exchange(
     deadline: Instant,
     limits: Limits,
 ) -> Result<RawResponse, DeadReason> {
-    let connect_budget = connect_timeout.min(remaining(deadline).ok_or(DeadReason::ConnectTimeout)?);
+    let connect_budget =
+        connect_timeout.min(remaining(deadline).ok_or(DeadReason::ConnectTimeout)?);
     let mut stream = TcpStream::connect_timeout(&proxy, connect_budget).map_err(connect_error)?;
     // Ignored: latency matters more than packet count, but it is not needed
     // for correctness.
@@ -264,10 +265,7 @@ impl BodyDecoder {
                     };
                     self.position += line.len() + 1;
                     let size_text = trim_cr(line);
-                    let size_text = size_text
-                        .split(|&b| b == b';')
-                        .next()
-                        .unwrap_or(size_text);
+                    let size_text = size_text.split(|&b| b == b';').next().unwrap_or(size_text);
                     let size = parse_hex(size_text.trim_ascii())?;
                     if size == 0 {
                         self.chunk = ChunkState::Trailer;
@@ -414,7 +412,10 @@ mod tests {
     fn broken_chunking_is_garbage_and_big_chunks_too_large() {
         assert_eq!(decode_chunked(b"zz\r\n"), Err(DeadReason::Garbage));
         assert_eq!(decode_chunked(b"3\r\nabcX"), Err(DeadReason::Garbage));
-        assert_eq!(decode_chunked(b"ffffffffffffffffff\r\n"), Err(DeadReason::Garbage));
+        assert_eq!(
+            decode_chunked(b"ffffffffffffffffff\r\n"),
+            Err(DeadReason::Garbage)
+        );
         assert_eq!(decode_chunked(b"65\r\n"), Err(DeadReason::TooLarge));
     }
 
@@ -425,13 +426,23 @@ mod tests {
             parse_head(head, LIMITS),
             Ok(Some((200, Framing::Length(12), head.len())))
         );
-        let head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 3\r\n\r\n";
-        assert_eq!(parse_head(head, LIMITS).unwrap().unwrap().1, Framing::Chunked);
+        let head =
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 3\r\n\r\n";
+        assert_eq!(
+            parse_head(head, LIMITS).unwrap().unwrap().1,
+            Framing::Chunked
+        );
         let head = b"HTTP/1.0 200 OK\r\n\r\n";
-        assert_eq!(parse_head(head, LIMITS).unwrap().unwrap().1, Framing::UntilClose);
+        assert_eq!(
+            parse_head(head, LIMITS).unwrap().unwrap().1,
+            Framing::UntilClose
+        );
         let head = b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n";
         assert_eq!(parse_head(head, LIMITS), Err(DeadReason::Garbage));
         assert_eq!(parse_head(b"HTTP/1.1 200 OK\r\nConte", LIMITS), Ok(None));
-        assert_eq!(parse_head(b"SSH-2.0-OpenSSH\r\n", LIMITS), Err(DeadReason::Garbage));
+        assert_eq!(
+            parse_head(b"SSH-2.0-OpenSSH\r\n", LIMITS),
+            Err(DeadReason::Garbage)
+        );
     }
 }
