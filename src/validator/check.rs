@@ -765,6 +765,31 @@ mod tests {
         );
     }
 
+    /// A SOCKS4 proxy that plays the judge inside the tunnel.
+    fn socks4(mut stream: TcpStream) {
+        // VN CD DSTPORT DSTIP, then a NUL-terminated user id.
+        let mut request = [0u8; 8];
+        if stream.read_exact(&mut request).is_err() || request[..2] != [4, 1] {
+            return;
+        }
+        let mut byte = [1u8; 1];
+        while byte[0] != 0 {
+            if stream.read_exact(&mut byte).is_err() {
+                return;
+            }
+        }
+        let _ = stream.write_all(&[0, 90, 0, 0, 0, 0, 0, 0]);
+        let head = read_head(&mut stream);
+        respond(&mut stream, "200 OK", &echo_body(&head, EXIT, &[]));
+    }
+
+    #[test]
+    fn socks4_proxy_is_alive() {
+        let outcome = checker(9, 3000).check(&key(Protocol::Socks4, fake(socks4)), own());
+        assert!(outcome.alive, "{outcome:?}");
+        assert_eq!(outcome.supports_https, Some(true));
+    }
+
     #[test]
     fn own_ip_is_origins_first_address() {
         fn judge(mut stream: TcpStream) {
