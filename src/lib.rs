@@ -5,7 +5,11 @@
 pub mod api;
 pub mod app;
 pub mod config;
+pub mod fetcher;
 pub mod health;
+pub mod metrics;
 pub mod proxy;
+pub mod scheduler;
 pub mod shutdown;
 pub mod store;
+pub mod validator;
