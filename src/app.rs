@@ -187,12 +187,8 @@ fn build_validator(
         ),
         None => None,
     };
-    let checker = Checker::new(CheckConfig {
-        judge_url: config.validator.target.clone(),
-        timeout: config.validator.timeout,
-        connect_timeout: config.validator.connect_timeout,
-        max_body_bytes: 64 * 1024,
-    });
+    let checker = Checker::new(CheckConfig::from_validator(&config.validator))
+        .context("cannot use [validator] validation_target")?;
     let settings = ValidatorSettings {
         workers: config.validator.workers,
         timeout: config.validator.timeout,
