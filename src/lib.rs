@@ -4,3 +4,5 @@
 
 pub mod config;
 pub mod proxy;
+pub mod snapshot;
+pub mod state;
