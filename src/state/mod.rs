@@ -537,7 +537,7 @@ impl State {
             .iter()
             .map(|(name, handle)| (name.clone(), Arc::clone(handle)))
             .collect();
-        let copies: Vec<(String, u64, u64, Vec<(Slot, Stats)>)> = handles
+        let copies: Vec<SourceCopy> = handles
             .into_iter()
             .map(|(name, handle)| {
                 let source = handle.lock();
@@ -546,7 +546,12 @@ impl State {
                     .iter()
                     .map(|(slot, stats)| (*slot, *stats))
                     .collect();
-                (name, source.requests, source.feedbacks, entries)
+                SourceCopy {
+                    name,
+                    requests: source.requests,
+                    feedbacks: source.feedbacks,
+                    entries,
+                }
             })
             .collect();
         let mut urls = Vec::new();
@@ -555,11 +560,12 @@ impl State {
         url_index.resize(registry.known_count(), u32::MAX);
         let sources = copies
             .into_iter()
-            .map(|(name, requests, feedbacks, entries)| SourceSnapshot {
-                name,
-                requests,
-                feedbacks,
-                entries: entries
+            .map(|copy| SourceSnapshot {
+                name: copy.name,
+                requests: copy.requests,
+                feedbacks: copy.feedbacks,
+                entries: copy
+                    .entries
                     .into_iter()
                     .filter_map(|(slot, stats)| {
                         let index = url_index.get_mut(slot as usize)?;
@@ -666,6 +672,14 @@ impl State {
         }
         report
     }
+}
+
+/// One source's stats as copied under its lock for a snapshot.
+struct SourceCopy {
+    name: String,
+    requests: u64,
+    feedbacks: u64,
+    entries: Vec<(Slot, Stats)>,
 }
 
 fn compile_filter(query: &PickQuery) -> Filter {

@@ -140,21 +140,18 @@ impl Filter {
         if self.country.is_some() && self.country != meta.country {
             return false;
         }
-        match self.anonymity {
-            None => {}
+        let anonymity_ok = match self.anonymity {
+            None => true,
             Some(Anonymity::Anonymous) => {
-                if !matches!(
+                matches!(
                     meta.anonymity,
                     Some(Anonymity::Anonymous | Anonymity::Elite)
-                ) {
-                    return false;
-                }
+                )
             }
-            Some(level) => {
-                if meta.anonymity != Some(level) {
-                    return false;
-                }
-            }
+            Some(level) => meta.anonymity == Some(level),
+        };
+        if !anonymity_ok {
+            return false;
         }
         match self.max_latency_ms {
             None => true,
