@@ -5,11 +5,15 @@
 pub mod api;
 pub mod app;
 pub mod config;
+pub mod farm;
 pub mod fetcher;
 pub mod health;
+pub mod judge;
 pub mod metrics;
 pub mod proxy;
 pub mod scheduler;
 pub mod shutdown;
+pub mod snapshot;
+pub mod state;
 pub mod store;
 pub mod validator;

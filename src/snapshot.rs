@@ -1,0 +1,493 @@
+//! The stats snapshot file: every source's per-proxy stats, so that a restart
+//! does not forget which proxies work for whom. Only file I/O lives here; the
+//! state manager makes the [`SnapshotData`] copy and restores from it.
+//!
+//! Layout: a 28-byte header (magic `PPSNAP\0\x01`, format version u32 LE,
+//! payload length u64 LE, FNV-1a 64 checksum of the payload u64 LE), then the
+//! bincode 2 (standard config) encoding of [`SnapshotData`]. A file is
+//! replaced atomically: written to a temporary file in the same directory,
+//! fsynced, renamed over the old one, and the directory fsynced.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+pub const MAGIC: [u8; 8] = *b"PPSNAP\0\x01";
+/// Bumped whenever [`SnapshotData`]'s encoding changes; an older or newer
+/// file is treated as unreadable (moved aside), never misread.
+pub const FORMAT_VERSION: u32 = 1;
+const HEADER_LEN: usize = 28;
+/// Far above any real snapshot (a million entries take about 40 MB); a
+/// larger file is not one of ours.
+const MAX_PAYLOAD_BYTES: u64 = 1 << 32;
+
+/// Everything a snapshot holds. Entries name their proxy by an index into
+/// `urls`, so each URL (the proxy's stable identity across restarts and
+/// database changes) is stored once.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotData {
+    /// When the copy was taken, unix milliseconds.
+    pub taken_at_ms: i64,
+    pub urls: Vec<String>,
+    pub sources: Vec<SourceSnapshot>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SourceSnapshot {
+    pub name: String,
+    pub requests: u64,
+    pub feedbacks: u64,
+    pub entries: Vec<EntrySnapshot>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EntrySnapshot {
+    /// Index into [`SnapshotData::urls`].
+    pub url: u32,
+    pub score: i32,
+    pub success_count: u64,
+    pub failure_count: u64,
+    pub banned_until_ms: Option<i64>,
+    /// Bans so far of this proxy for this source (each doubles the next).
+    pub ban_count: u32,
+    pub last_used_ms: i64,
+}
+
+impl SnapshotData {
+    pub fn entry_count(&self) -> usize {
+        self.sources.iter().map(|source| source.entries.len()).sum()
+    }
+}
+
+/// What writing a snapshot did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    pub bytes: u64,
+    pub entries: usize,
+    pub duration: Duration,
+}
+
+/// What was found at the snapshot path.
+#[derive(Debug)]
+pub enum Loaded {
+    /// No file: start with empty stats.
+    Missing,
+    Loaded(SnapshotData),
+    /// The file could not be read as a snapshot; it was renamed to
+    /// `moved_to` so that it can be examined, and stats start empty.
+    Corrupt {
+        moved_to: PathBuf,
+        reason: String,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("cannot write snapshot {path}: {source}")]
+    Write { path: PathBuf, source: io::Error },
+    #[error("cannot encode snapshot: {0}")]
+    Encode(#[from] bincode::error::EncodeError),
+    #[error("cannot read snapshot {path}: {source}")]
+    Read { path: PathBuf, source: io::Error },
+    #[error("cannot move unreadable snapshot {path} aside: {source}")]
+    MoveAside { path: PathBuf, source: io::Error },
+}
+
+fn bincode_config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<{ MAX_PAYLOAD_BYTES as usize }>()
+}
+
+/// Writes `data` to `path` atomically, readable by the owner only.
+pub fn write_atomic(path: &Path, data: &SnapshotData) -> Result<SnapshotInfo, SnapshotError> {
+    let started = Instant::now();
+    let temp = temp_path(path);
+    let write_error = |source| SnapshotError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let bytes = match write_file(&temp, data) {
+        Ok(bytes) => bytes,
+        Err(err) => {
+            let _ = fs::remove_file(&temp);
+            return Err(err);
+        }
+    };
+    if let Err(err) = fs::rename(&temp, path) {
+        let _ = fs::remove_file(&temp);
+        return Err(write_error(err));
+    }
+    sync_parent_dir(path).map_err(write_error)?;
+    Ok(SnapshotInfo {
+        bytes,
+        entries: data.entry_count(),
+        duration: started.elapsed(),
+    })
+}
+
+fn temp_path(path: &Path) -> PathBuf {
+    // Unique per process and call, so two writers never share a temp file.
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let name = path
+        .file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "snapshot".into());
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    path.with_file_name(format!(".{name}.tmp-{}-{n}", std::process::id()))
+}
+
+fn write_file(temp: &Path, data: &SnapshotData) -> Result<u64, SnapshotError> {
+    let io_error = |source| SnapshotError::Write {
+        path: temp.to_path_buf(),
+        source,
+    };
+    let file = create_private(temp).map_err(io_error)?;
+    let mut writer = BufWriter::with_capacity(1 << 16, file);
+    // The header needs the payload's length and checksum: reserve it, stream
+    // the payload, then fill it in.
+    writer.write_all(&[0u8; HEADER_LEN]).map_err(io_error)?;
+    let mut hashing = Hashing::new(&mut writer);
+    bincode::serde::encode_into_std_write(data, &mut hashing, bincode_config())?;
+    let (payload_len, checksum) = (hashing.len, hashing.hash);
+    let mut file = writer
+        .into_inner()
+        .map_err(|err| io_error(err.into_error()))?;
+    file.seek(SeekFrom::Start(0)).map_err(io_error)?;
+    file.write_all(&header(payload_len, checksum))
+        .map_err(io_error)?;
+    file.sync_all().map_err(io_error)?;
+    Ok(HEADER_LEN as u64 + payload_len)
+}
+
+fn create_private(path: &Path) -> io::Result<File> {
+    let mut options = OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    match options.open(path) {
+        Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {
+            // A leftover of a crashed writer with our pid: replace it, so the
+            // new file gets the private mode (mode applies on creation only).
+            fs::remove_file(path)?;
+            options.open(path)
+        }
+        other => other,
+    }
+}
+
+fn sync_parent_dir(path: &Path) -> io::Result<()> {
+    #[cfg(unix)]
+    {
+        let dir = match path.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent,
+            _ => Path::new("."),
+        };
+        File::open(dir)?.sync_all()?;
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
+fn header(payload_len: u64, checksum: u64) -> [u8; HEADER_LEN] {
+    let mut header = [0u8; HEADER_LEN];
+    header[..8].copy_from_slice(&MAGIC);
+    header[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    header[12..20].copy_from_slice(&payload_len.to_le_bytes());
+    header[20..28].copy_from_slice(&checksum.to_le_bytes());
+    header
+}
+
+/// Reads the snapshot at `path`. A file that is not a valid snapshot is
+/// moved aside to `<path>.corrupt-<unix seconds>` and reported as
+/// [`Loaded::Corrupt`]; only failing to read or move it is an error.
+pub fn load(path: &Path) -> Result<Loaded, SnapshotError> {
+    let read_error = |source| SnapshotError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = match File::open(path) {
+        Ok(file) => file,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Loaded::Missing),
+        Err(err) => return Err(read_error(err)),
+    };
+    let reason = match read_snapshot(file) {
+        Ok(data) => return Ok(Loaded::Loaded(data)),
+        Err(ReadFailure::Io(err)) => return Err(read_error(err)),
+        Err(ReadFailure::Invalid(reason)) => reason,
+    };
+    let seconds = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs());
+    let mut moved_to = path.as_os_str().to_owned();
+    moved_to.push(format!(".corrupt-{seconds}"));
+    let moved_to = PathBuf::from(moved_to);
+    fs::rename(path, &moved_to).map_err(|source| SnapshotError::MoveAside {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    log::warn!(
+        "snapshot {} is unreadable ({reason}); moved it to {} and starting with empty stats",
+        path.display(),
+        moved_to.display()
+    );
+    Ok(Loaded::Corrupt { moved_to, reason })
+}
+
+enum ReadFailure {
+    Io(io::Error),
+    Invalid(String),
+}
+
+fn read_snapshot(file: File) -> Result<SnapshotData, ReadFailure> {
+    let file_len = file.metadata().map_err(ReadFailure::Io)?.len();
+    let mut reader = BufReader::with_capacity(1 << 16, file);
+    let mut header = [0u8; HEADER_LEN];
+    if file_len < HEADER_LEN as u64 {
+        return Err(ReadFailure::Invalid(format!(
+            "expected a {HEADER_LEN}-byte header, found a {file_len}-byte file"
+        )));
+    }
+    reader.read_exact(&mut header).map_err(ReadFailure::Io)?;
+    if header[..8] != MAGIC {
+        return Err(ReadFailure::Invalid(
+            "expected the PPSNAP magic bytes, found others".into(),
+        ));
+    }
+    let field = |range: std::ops::Range<usize>| {
+        let mut bytes = [0u8; 8];
+        bytes[..range.len()].copy_from_slice(&header[range]);
+        u64::from_le_bytes(bytes)
+    };
+    let version = field(8..12);
+    if version != u64::from(FORMAT_VERSION) {
+        return Err(ReadFailure::Invalid(format!(
+            "expected format version {FORMAT_VERSION}, found {version}"
+        )));
+    }
+    let payload_len = field(12..20);
+    let checksum = field(20..28);
+    let actual_len = file_len - HEADER_LEN as u64;
+    if payload_len != actual_len || payload_len > MAX_PAYLOAD_BYTES {
+        return Err(ReadFailure::Invalid(format!(
+            "header promises {payload_len} payload bytes, file has {actual_len}"
+        )));
+    }
+    let mut hashing = Hashing::new(reader.take(payload_len));
+    let data: SnapshotData =
+        bincode::serde::decode_from_std_read(&mut hashing, bincode_config())
+            .map_err(|err| ReadFailure::Invalid(format!("cannot decode the payload: {err}")))?;
+    if hashing.len != payload_len {
+        return Err(ReadFailure::Invalid(format!(
+            "payload decoded from {} of its {payload_len} bytes",
+            hashing.len
+        )));
+    }
+    if hashing.hash != checksum {
+        return Err(ReadFailure::Invalid("payload checksum mismatch".into()));
+    }
+    Ok(data)
+}
+
+/// Counts and FNV-1a-hashes the bytes that pass through it.
+struct Hashing<T> {
+    inner: T,
+    len: u64,
+    hash: u64,
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+
+impl<T> Hashing<T> {
+    fn new(inner: T) -> Hashing<T> {
+        Hashing {
+            inner,
+            len: 0,
+            hash: FNV_OFFSET,
+        }
+    }
+
+    fn update(&mut self, bytes: &[u8]) {
+        let mut hash = self.hash;
+        for &byte in bytes {
+            hash = (hash ^ u64::from(byte)).wrapping_mul(FNV_PRIME);
+        }
+        self.hash = hash;
+        self.len += bytes.len() as u64;
+    }
+}
+
+impl<T: Write> Write for Hashing<T> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let written = self.inner.write(buf)?;
+        self.update(&buf[..written]);
+        Ok(written)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl<T: Read> Read for Hashing<T> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let read = self.inner.read(buf)?;
+        self.update(&buf[..read]);
+        Ok(read)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> SnapshotData {
+        SnapshotData {
+            taken_at_ms: 1_700_000_000_000,
+            urls: vec![
+                "http://1.2.3.4:8080".into(),
+                "socks5://u:p@5.6.7.8:1080".into(),
+            ],
+            sources: vec![SourceSnapshot {
+                name: "my_app".into(),
+                requests: 12,
+                feedbacks: 3,
+                entries: vec![
+                    EntrySnapshot {
+                        url: 0,
+                        score: 7,
+                        success_count: 7,
+                        failure_count: 0,
+                        banned_until_ms: None,
+                        ban_count: 0,
+                        last_used_ms: 1_699_999_999_000,
+                    },
+                    EntrySnapshot {
+                        url: 1,
+                        score: -20,
+                        success_count: 0,
+                        failure_count: 4,
+                        banned_until_ms: Some(1_700_001_800_000),
+                        ban_count: 2,
+                        last_used_ms: 1_699_999_999_500,
+                    },
+                ],
+            }],
+        }
+    }
+
+    fn corrupt_files(dir: &Path) -> Vec<PathBuf> {
+        fs::read_dir(dir)
+            .unwrap()
+            .map(|entry| entry.unwrap().path())
+            .filter(|path| path.to_string_lossy().contains(".corrupt-"))
+            .collect()
+    }
+
+    #[test]
+    fn roundtrip_keeps_everything_and_the_file_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stats.bin");
+        let info = write_atomic(&path, &sample()).unwrap();
+        assert_eq!(info.entries, 2);
+        assert_eq!(info.bytes, fs::metadata(&path).unwrap().len());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        match load(&path).unwrap() {
+            Loaded::Loaded(data) => assert_eq!(data, sample()),
+            other => panic!("expected the snapshot, got {other:?}"),
+        }
+        // No temporary file is left behind.
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+        // Overwriting works too.
+        write_atomic(&path, &SnapshotData::default()).unwrap();
+        assert!(matches!(load(&path).unwrap(), Loaded::Loaded(data) if data.sources.is_empty()));
+    }
+
+    #[test]
+    fn missing_file_means_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            load(&dir.path().join("absent.bin")).unwrap(),
+            Loaded::Missing
+        ));
+    }
+
+    fn assert_moved_aside(bytes: &[u8], expected_reason: &str) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stats.bin");
+        fs::write(&path, bytes).unwrap();
+        match load(&path).unwrap() {
+            Loaded::Corrupt { moved_to, reason } => {
+                assert!(reason.contains(expected_reason), "{reason}");
+                assert_eq!(fs::read(&moved_to).unwrap(), bytes);
+                let name = moved_to.file_name().unwrap().to_string_lossy().into_owned();
+                assert!(name.starts_with("stats.bin.corrupt-"), "{name}");
+            }
+            other => panic!("expected corrupt, got {other:?}"),
+        }
+        assert!(!path.exists());
+        assert_eq!(corrupt_files(dir.path()).len(), 1);
+    }
+
+    fn valid_bytes() -> Vec<u8> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stats.bin");
+        write_atomic(&path, &sample()).unwrap();
+        fs::read(path).unwrap()
+    }
+
+    #[test]
+    fn wrong_magic_is_moved_aside() {
+        let mut bytes = valid_bytes();
+        bytes[0] = b'X';
+        assert_moved_aside(&bytes, "magic");
+    }
+
+    #[test]
+    fn other_format_version_is_moved_aside() {
+        let mut bytes = valid_bytes();
+        bytes[8] = 9;
+        assert_moved_aside(&bytes, "version");
+    }
+
+    #[test]
+    fn truncated_file_is_moved_aside() {
+        let bytes = valid_bytes();
+        assert_moved_aside(&bytes[..bytes.len() - 5], "payload bytes");
+        assert_moved_aside(&bytes[..10], "header");
+        assert_moved_aside(b"", "header");
+    }
+
+    #[test]
+    fn flipped_payload_byte_is_moved_aside() {
+        let mut bytes = valid_bytes();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x40;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stats.bin");
+        fs::write(&path, &bytes).unwrap();
+        assert!(matches!(load(&path).unwrap(), Loaded::Corrupt { .. }));
+    }
+
+    #[test]
+    fn garbage_payload_with_a_valid_header_is_moved_aside() {
+        let garbage = [0xffu8; 64];
+        let mut hashing = Hashing::new(Vec::new());
+        hashing.write_all(&garbage).unwrap();
+        let mut bytes = header(64, hashing.hash).to_vec();
+        bytes.extend_from_slice(&garbage);
+        assert_moved_aside(&bytes, "decode");
+    }
+}

@@ -1,0 +1,759 @@
+//! Behaviour of the state manager as the API sees it: picking, filters,
+//! bans, unknown proxies, the snapshot roundtrip. Time is passed in, so
+//! nothing sleeps; randomness is seeded per test thread.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone, Utc};
+
+use super::*;
+use crate::snapshot::{self, Loaded};
+
+fn scoring() -> ScoringConfig {
+    ScoringConfig {
+        initial_score: 0,
+        success_delta: 1,
+        failure_delta: -5,
+        max_score: 100,
+        ban_threshold: -15,
+        ban_cooldown: Duration::from_secs(1800),
+        ban_cooldown_max: Duration::from_secs(21600),
+        top_k: 10,
+        explore_ratio: 0.1,
+    }
+}
+
+fn t0() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 11, 22, 12, 0, 0).unwrap()
+}
+
+fn proxy(id: i64) -> ActiveProxy {
+    ActiveProxy {
+        id,
+        key: ProxyKey::new(
+            Protocol::Http,
+            format!("10.{}.{}.{}", id / 65536, (id / 256) % 256, id % 256)
+                .parse()
+                .unwrap(),
+            8080,
+        ),
+        latency_ms: Some(100),
+        anonymity: Some(Anonymity::Elite),
+        country: Some("US".into()),
+        supports_https: Some(false),
+        last_validated_at: Some(t0()),
+    }
+}
+
+fn state_with(config: ScoringConfig, n: i64) -> State {
+    let state = State::new(&config);
+    state.replace_active((0..n).map(proxy).collect());
+    state
+}
+
+fn url(id: i64) -> String {
+    proxy(id).key.url()
+}
+
+fn pick_one(state: &State, source: &str, query: &PickQuery) -> Pick {
+    let mut picks = state.get_proxy(source, query, t0()).unwrap();
+    assert_eq!(picks.len(), 1);
+    picks.remove(0)
+}
+
+/// Gives proxy `id` score `score` (> 0) for `source`.
+fn raise(state: &State, source: &str, id: i64, score: i32) {
+    for _ in 0..score {
+        state.feedback(source, &url(id), true, t0()).unwrap();
+    }
+}
+
+fn fail_until_banned(state: &State, source: &str, id: i64, now: DateTime<Utc>) -> FeedbackOutcome {
+    loop {
+        let outcome = state.feedback(source, &url(id), false, now).unwrap();
+        if outcome.is_banned {
+            return outcome;
+        }
+    }
+}
+
+fn assert_picks_only_top_k(n: i64) {
+    fastrand::seed(1);
+    let config = ScoringConfig {
+        top_k: 5,
+        explore_ratio: 0.0,
+        ..scoring()
+    };
+    let state = state_with(config, n);
+    for id in 0..30 {
+        raise(&state, "app", id, id as i32 + 1);
+    }
+    let mut seen: HashMap<i64, usize> = HashMap::new();
+    for _ in 0..1000 {
+        let pick = pick_one(&state, "app", &PickQuery::default());
+        *seen.entry(pick.id).or_default() += 1;
+        assert_eq!(pick.score, pick.id as i32 + 1);
+    }
+    let mut ids: Vec<i64> = seen.keys().copied().collect();
+    ids.sort();
+    assert_eq!(ids, [25, 26, 27, 28, 29], "only the 5 best, each of them");
+    assert!(seen.values().all(|&hits| hits > 120), "{seen:?}");
+}
+
+#[test]
+fn picks_at_random_among_top_k_only_exact_path() {
+    assert_picks_only_top_k(100);
+}
+
+#[test]
+fn picks_at_random_among_top_k_only_fast_path() {
+    assert_picks_only_top_k(5000);
+}
+
+#[test]
+fn unscored_proxies_count_as_initial_score() {
+    fastrand::seed(2);
+    let config = ScoringConfig {
+        top_k: 3,
+        explore_ratio: 0.0,
+        ..scoring()
+    };
+    for n in [50, 3000] {
+        let state = state_with(config.clone(), n);
+        raise(&state, "app", 0, 2);
+        // Two below initial: never picked while unscored ones tie at 0.
+        state.feedback("app", &url(1), false, t0()).unwrap();
+        state.feedback("app", &url(2), false, t0()).unwrap();
+        let mut others = HashSet::new();
+        let mut best = 0;
+        for _ in 0..600 {
+            let pick = pick_one(&state, "app", &PickQuery::default());
+            assert!(
+                pick.id != 1 && pick.id != 2,
+                "a below-initial proxy was picked"
+            );
+            if pick.id == 0 {
+                best += 1;
+            } else {
+                assert_eq!(pick.score, 0);
+                others.insert(pick.id);
+            }
+        }
+        assert!(
+            (120..=280).contains(&best),
+            "the best is 1 of top 3: {best}"
+        );
+        assert!(
+            others.len() > 10,
+            "unscored ties are sampled widely: {}",
+            others.len()
+        );
+    }
+}
+
+fn explore_share(n: i64, seed: u64) -> f64 {
+    fastrand::seed(seed);
+    let config = ScoringConfig {
+        explore_ratio: 0.3,
+        ..scoring()
+    };
+    let state = state_with(config, n);
+    for id in 0..20 {
+        raise(&state, "app", id, 5);
+    }
+    let rounds = 4000;
+    let mut unscored = 0;
+    for _ in 0..rounds {
+        let pick = pick_one(&state, "app", &PickQuery::default());
+        if pick.id >= 20 {
+            unscored += 1;
+            assert_eq!(pick.score, 0);
+        }
+    }
+    unscored as f64 / rounds as f64
+}
+
+#[test]
+fn explore_share_is_roughly_the_configured_ratio() {
+    for (n, seed) in [(200, 3), (10_000, 4)] {
+        let share = explore_share(n, seed);
+        assert!((0.25..=0.35).contains(&share), "n={n}: share {share}");
+    }
+}
+
+#[test]
+fn no_exploration_when_ratio_is_zero() {
+    fastrand::seed(5);
+    let state = state_with(
+        ScoringConfig {
+            explore_ratio: 0.0,
+            ..scoring()
+        },
+        1000,
+    );
+    for id in 0..20 {
+        raise(&state, "app", id, 3);
+    }
+    for _ in 0..500 {
+        assert!(pick_one(&state, "app", &PickQuery::default()).id < 20);
+    }
+}
+
+/// 400 proxies (above the exact-scan size) with varied attributes.
+fn varied_state() -> State {
+    let state = State::new(&scoring());
+    state.replace_active((0..400).map(varied_proxy).collect());
+    state
+}
+
+fn varied_proxy(id: i64) -> ActiveProxy {
+    let mut p = proxy(id);
+    p.key.protocol = Protocol::ALL[(id % 4) as usize];
+    p.supports_https = Some(id % 5 == 0);
+    p.country = Some(["US", "DE", "FR", "JP"][(id % 7 % 4) as usize].into());
+    p.anonymity = [
+        Some(Anonymity::Elite),
+        Some(Anonymity::Anonymous),
+        Some(Anonymity::Transparent),
+        None,
+    ][(id % 3 + id % 2) as usize];
+    p.latency_ms = Some((id * 10) as u32);
+    p
+}
+
+fn assert_all_picks(state: &State, query: PickQuery, check: impl Fn(&ActiveProxy) -> bool) {
+    let query = PickQuery {
+        count: 100,
+        ..query
+    };
+    let mut n = 0;
+    for _ in 0..5 {
+        for pick in state.get_proxy("app", &query, t0()).unwrap() {
+            let registry = state.registry.read();
+            let slot = registry.slot_of_url(&pick.url).unwrap();
+            let proxy = &registry.entry(slot).unwrap().active.as_ref().unwrap().proxy;
+            assert!(check(proxy), "{query:?} gave {proxy:?}");
+            n += 1;
+        }
+    }
+    assert!(n > 0);
+}
+
+#[test]
+fn each_filter_is_applied() {
+    fastrand::seed(6);
+    let state = varied_state();
+    assert_all_picks(
+        &state,
+        PickQuery {
+            protocol: Some(Protocol::Socks5),
+            ..PickQuery::default()
+        },
+        |p| p.key.protocol == Protocol::Socks5,
+    );
+    assert_all_picks(
+        &state,
+        PickQuery {
+            https_only: true,
+            ..PickQuery::default()
+        },
+        |p| p.key.protocol == Protocol::Https || p.supports_https == Some(true),
+    );
+    assert_all_picks(
+        &state,
+        PickQuery {
+            country: Some("jp".into()),
+            ..PickQuery::default()
+        },
+        |p| p.country.as_deref() == Some("JP"),
+    );
+    assert_all_picks(
+        &state,
+        PickQuery {
+            anonymity: Some(Anonymity::Anonymous),
+            ..PickQuery::default()
+        },
+        |p| matches!(p.anonymity, Some(Anonymity::Anonymous | Anonymity::Elite)),
+    );
+    assert_all_picks(
+        &state,
+        PickQuery {
+            anonymity: Some(Anonymity::Elite),
+            ..PickQuery::default()
+        },
+        |p| p.anonymity == Some(Anonymity::Elite),
+    );
+    assert_all_picks(
+        &state,
+        PickQuery {
+            anonymity: Some(Anonymity::Transparent),
+            ..PickQuery::default()
+        },
+        |p| p.anonymity == Some(Anonymity::Transparent),
+    );
+    assert_all_picks(
+        &state,
+        PickQuery {
+            max_latency_ms: Some(500),
+            ..PickQuery::default()
+        },
+        |p| p.latency_ms.is_some_and(|latency| latency <= 500),
+    );
+    assert_all_picks(
+        &state,
+        PickQuery {
+            protocol: Some(Protocol::Http),
+            country: Some("DE".into()),
+            max_latency_ms: Some(2000),
+            ..PickQuery::default()
+        },
+        |p| {
+            p.key.protocol == Protocol::Http
+                && p.country.as_deref() == Some("DE")
+                && p.latency_ms.is_some_and(|latency| latency <= 2000)
+        },
+    );
+}
+
+#[test]
+fn anonymous_filter_serves_elite_too() {
+    fastrand::seed(7);
+    let state = varied_state();
+    let query = PickQuery {
+        anonymity: Some(Anonymity::Anonymous),
+        count: 100,
+        ..PickQuery::default()
+    };
+    let levels: HashSet<Option<Anonymity>> = (0..10)
+        .flat_map(|_| state.get_proxy("app", &query, t0()).unwrap())
+        .map(|pick| pick.anonymity)
+        .collect();
+    assert!(levels.contains(&Some(Anonymity::Elite)));
+    assert!(levels.contains(&Some(Anonymity::Anonymous)));
+}
+
+#[test]
+fn count_gives_distinct_proxies() {
+    fastrand::seed(8);
+    for (n, count, expected) in [(60, 50, 50), (30, 100, 30), (5000, 100, 100), (5000, 0, 1)] {
+        let state = state_with(scoring(), n);
+        for id in 0..15 {
+            raise(&state, "app", id, 2);
+        }
+        let query = PickQuery {
+            count,
+            ..PickQuery::default()
+        };
+        let picks = state.get_proxy("app", &query, t0()).unwrap();
+        let distinct: HashSet<&str> = picks.iter().map(|pick| pick.url.as_str()).collect();
+        assert_eq!(picks.len(), expected, "n={n} count={count}");
+        assert_eq!(distinct.len(), expected, "n={n} count={count}");
+    }
+}
+
+#[test]
+fn fourth_failure_bans_and_banned_proxy_is_not_served() {
+    fastrand::seed(9);
+    let state = state_with(scoring(), 2);
+    let scores: Vec<(i32, bool)> = (0..4)
+        .map(|_| {
+            let outcome = state.feedback("app", &url(0), false, t0()).unwrap();
+            (outcome.score, outcome.is_banned)
+        })
+        .collect();
+    assert_eq!(
+        scores,
+        [(-5, false), (-10, false), (-15, false), (-20, true)]
+    );
+    let outcome = state.feedback("app", &url(0), true, t0()).unwrap();
+    assert_eq!(outcome.success_count, 1);
+    assert_eq!(outcome.failure_count, 4);
+    assert!(outcome.is_banned);
+    assert_eq!(
+        outcome.banned_until,
+        Some(t0() + chrono::Duration::seconds(1800))
+    );
+    for _ in 0..200 {
+        assert_eq!(pick_one(&state, "app", &PickQuery::default()).id, 1);
+    }
+    // Bans are per source: another source still gets it.
+    let ids: HashSet<i64> = (0..200)
+        .map(|_| pick_one(&state, "other", &PickQuery::default()).id)
+        .collect();
+    assert!(ids.contains(&0));
+}
+
+#[test]
+fn ban_cooldown_doubles_and_is_capped() {
+    let state = state_with(scoring(), 1);
+    let mut now = t0();
+    let mut minutes = Vec::new();
+    for _ in 0..6 {
+        let outcome = fail_until_banned(&state, "app", 0, now);
+        let until = outcome.banned_until.unwrap();
+        minutes.push((until - now).num_minutes());
+        now = until;
+    }
+    assert_eq!(minutes, [30, 60, 120, 240, 360, 360]);
+}
+
+#[test]
+fn ban_is_lifted_after_cooldown_with_score_reset() {
+    fastrand::seed(10);
+    let state = state_with(scoring(), 1);
+    raise(&state, "app", 0, 3);
+    let outcome = fail_until_banned(&state, "app", 0, t0());
+    let until = outcome.banned_until.unwrap();
+    let just_before = until - chrono::Duration::milliseconds(1);
+    let err = state
+        .get_proxy("app", &PickQuery::default(), just_before)
+        .unwrap_err();
+    assert_eq!(err.reason, NoProxyReason::AllBanned);
+    assert_eq!(err.retry_after, Some(Duration::from_millis(1)));
+    let picks = state
+        .get_proxy("app", &PickQuery::default(), until)
+        .unwrap();
+    assert_eq!(picks[0].id, 0);
+    assert_eq!(picks[0].score, 0, "score reset to initial_score");
+    let view = state.source_view("app", 10, until).unwrap();
+    assert!(!view.entries[0].is_banned);
+    assert_eq!(view.entries[0].banned_until, None);
+    // The ban count survives the lift: the next ban lasts twice as long.
+    let next = fail_until_banned(&state, "app", 0, until);
+    assert_eq!((next.banned_until.unwrap() - until).num_minutes(), 60);
+}
+
+#[test]
+fn deactivated_proxy_is_never_served_but_its_feedback_counts() {
+    fastrand::seed(11);
+    let state = state_with(scoring(), 300);
+    raise(&state, "app", 7, 50);
+    state.apply_changes(Vec::new(), vec![7]);
+    assert_eq!(state.active_count(), 299);
+    let query = PickQuery {
+        count: 100,
+        ..PickQuery::default()
+    };
+    for _ in 0..20 {
+        assert!(state
+            .get_proxy("app", &query, t0())
+            .unwrap()
+            .iter()
+            .all(|pick| pick.id != 7));
+    }
+    let outcome = state.feedback("app", &url(7), true, t0()).unwrap();
+    assert_eq!(outcome.score, 51);
+    // It comes back with its score when reactivated.
+    state.apply_changes(vec![proxy(7)], Vec::new());
+    let explore_off = State::new(&ScoringConfig {
+        explore_ratio: 0.0,
+        top_k: 1,
+        ..scoring()
+    });
+    explore_off.replace_active((0..300).map(proxy).collect());
+    raise(&explore_off, "app", 7, 1);
+    explore_off.replace_active((0..300).filter(|&id| id != 7).map(proxy).collect());
+    assert!(explore_off.feedback("app", &url(7), true, t0()).is_ok());
+    explore_off.replace_active((0..300).map(proxy).collect());
+    assert_eq!(pick_one(&explore_off, "app", &PickQuery::default()).id, 7);
+    explore_off.registry.read().assert_consistent();
+}
+
+#[test]
+fn feedback_for_an_unknown_proxy_is_an_error() {
+    let state = state_with(scoring(), 3);
+    assert_eq!(
+        state.feedback("app", "http://10.9.9.9:8080", true, t0()),
+        Err(FeedbackError::UnknownProxy)
+    );
+    assert_eq!(
+        state.feedback("app", "not a url", false, t0()),
+        Err(FeedbackError::UnknownProxy)
+    );
+    // Feedback creates an unknown source, get-proxy too.
+    assert!(state.feedback("brand_new", &url(1), true, t0()).is_ok());
+    assert!(state.source_view("brand_new", 10, t0()).is_some());
+    assert!(state.source_view("never", 10, t0()).is_none());
+}
+
+#[test]
+fn credentials_are_part_of_the_identity() {
+    let state = State::new(&scoring());
+    let mut with_password = proxy(1);
+    with_password.key.username = Some("user".into());
+    with_password.key.password = Some("secret".into());
+    let full = with_password.key.url();
+    state.replace_active(vec![with_password.clone()]);
+    let pick = pick_one(&state, "app", &PickQuery::default());
+    assert_eq!(pick.url, "http://user:secret@10.0.0.1:8080");
+    assert!(state.feedback("app", &full, true, t0()).is_ok());
+    assert_eq!(
+        state.feedback("app", &with_password.key.redacted(), true, t0()),
+        Err(FeedbackError::UnknownProxy)
+    );
+}
+
+#[test]
+fn no_proxy_reasons() {
+    let empty = State::new(&scoring());
+    let err = empty
+        .get_proxy("app", &PickQuery::default(), t0())
+        .unwrap_err();
+    assert_eq!(
+        err,
+        NoProxy {
+            reason: NoProxyReason::NoActive,
+            retry_after: None
+        }
+    );
+
+    for n in [2, 400] {
+        let state = state_with(scoring(), n);
+        for (country, reason) in [
+            ("FR", NoProxyReason::NoMatch),
+            ("USA", NoProxyReason::NoMatch),
+        ] {
+            let query = PickQuery {
+                country: Some(country.into()),
+                ..PickQuery::default()
+            };
+            assert_eq!(
+                state.get_proxy("app", &query, t0()).unwrap_err().reason,
+                reason
+            );
+        }
+        // Ban everything, the latest ban last: retry after the earliest end.
+        for id in 0..n {
+            let now = t0() + chrono::Duration::seconds(id);
+            fail_until_banned(&state, "app", id, now);
+        }
+        let err = state
+            .get_proxy(
+                "app",
+                &PickQuery::default(),
+                t0() + chrono::Duration::seconds(n),
+            )
+            .unwrap_err();
+        assert_eq!(err.reason, NoProxyReason::AllBanned);
+        assert_eq!(err.retry_after, Some(Duration::from_secs(1800 - n as u64)));
+    }
+}
+
+#[test]
+fn retry_after_considers_only_matching_proxies() {
+    let state = State::new(&scoring());
+    let mut german = proxy(1);
+    german.country = Some("DE".into());
+    state.replace_active(vec![proxy(0), german]);
+    fail_until_banned(&state, "app", 0, t0());
+    fail_until_banned(&state, "app", 1, t0() + chrono::Duration::seconds(100));
+    let query = PickQuery {
+        country: Some("de".into()),
+        ..PickQuery::default()
+    };
+    let err = state
+        .get_proxy("app", &query, t0() + chrono::Duration::seconds(100))
+        .unwrap_err();
+    assert_eq!(err.retry_after, Some(Duration::from_secs(1800)));
+}
+
+#[test]
+fn replace_active_drops_what_is_gone_and_keeps_it_known() {
+    let state = state_with(scoring(), 10);
+    state.replace_active((5..15).map(proxy).collect());
+    assert_eq!(state.active_count(), 10);
+    assert!(state.feedback("app", &url(0), true, t0()).is_ok());
+    let summary = state.summary(t0());
+    assert_eq!(summary.known, 15);
+    state.registry.read().assert_consistent();
+}
+
+#[test]
+fn summary_counts_the_pool() {
+    let state = varied_state();
+    for id in [0, 1] {
+        for _ in 0..4 {
+            let url = varied_proxy(id).key.url();
+            state.feedback("app", &url, false, t0()).unwrap();
+        }
+    }
+    state.apply_changes(Vec::new(), vec![1]);
+    state.get_proxy("app", &PickQuery::default(), t0()).unwrap();
+    let summary = state.summary(t0());
+    assert_eq!(summary.active, 399);
+    assert_eq!(
+        summary.by_protocol.iter().map(|row| row.1).sum::<usize>(),
+        399
+    );
+    assert_eq!(
+        summary.by_anonymity.iter().map(|row| row.1).sum::<usize>(),
+        399
+    );
+    assert_eq!(
+        summary.by_country.iter().map(|row| row.1).sum::<usize>(),
+        399
+    );
+    let app = &summary.sources[0];
+    assert_eq!(app.name, "app");
+    assert_eq!(app.banned, 2);
+    assert_eq!(app.pool_size, 398, "one banned proxy is still active");
+    assert_eq!(app.requests, 1);
+    assert_eq!(app.feedbacks, 8);
+    assert_eq!((summary.requests, summary.feedbacks), (1, 8));
+}
+
+#[test]
+fn source_view_lists_best_first() {
+    let state = state_with(scoring(), 10);
+    raise(&state, "app", 3, 5);
+    raise(&state, "app", 4, 9);
+    state.feedback("app", &url(5), false, t0()).unwrap();
+    fail_until_banned(&state, "app", 6, t0());
+    let view = state.source_view("app", 10, t0()).unwrap();
+    let order: Vec<(String, i32, bool)> = view
+        .entries
+        .iter()
+        .map(|entry| (entry.key.url(), entry.score, entry.is_banned))
+        .collect();
+    assert_eq!(
+        order,
+        [
+            (url(4), 9, false),
+            (url(3), 5, false),
+            (url(5), -5, false),
+            (url(6), -20, true)
+        ]
+    );
+    assert_eq!(state.source_view("app", 2, t0()).unwrap().entries.len(), 2);
+    assert_eq!(view.total_entries, 4);
+}
+
+#[test]
+fn snapshot_roundtrip_restores_stats_and_known_proxies() {
+    let state = state_with(scoring(), 20);
+    raise(&state, "app", 3, 4);
+    let banned = fail_until_banned(&state, "app", 5, t0());
+    raise(&state, "other", 3, 1);
+    let data = state.snapshot_data(t0());
+    assert_eq!(data.entry_count(), 3);
+    assert_eq!(data.urls.len(), 2, "each URL stored once");
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("stats.bin");
+    snapshot::write_atomic(&path, &data).unwrap();
+    let Loaded::Loaded(loaded) = snapshot::load(&path).unwrap() else {
+        panic!("expected a snapshot");
+    };
+
+    // A fresh process with no active proxy yet.
+    let restored = State::new(&scoring());
+    let report = restored.restore(loaded, t0());
+    assert_eq!(report.entries, 3);
+    assert_eq!(report.sources, 2);
+    let view = restored.source_view("app", 10, t0()).unwrap();
+    assert!(view.entries.iter().all(|entry| !entry.active));
+    restored.replace_active((0..20).map(proxy).collect());
+    assert_eq!(
+        restored.source_view("app", 10, t0()),
+        state.source_view("app", 10, t0())
+    );
+    assert_eq!(
+        restored.source_view("other", 10, t0()),
+        state.source_view("other", 10, t0())
+    );
+    let next = restored.feedback("app", &url(3), true, t0()).unwrap();
+    assert_eq!(next.score, 5);
+    let still = restored.feedback("app", &url(5), true, t0()).unwrap();
+    assert!(still.is_banned);
+    assert_eq!(still.banned_until, banned.banned_until);
+    // The ban count survived: the next ban doubles.
+    restored.replace_active(vec![proxy(5)]);
+    let after = banned.banned_until.unwrap();
+    let next_ban = fail_until_banned(&restored, "app", 5, after);
+    assert_eq!((next_ban.banned_until.unwrap() - after).num_minutes(), 60);
+}
+
+#[test]
+fn restore_ages_out_idle_entries() {
+    let state = state_with(scoring(), 5);
+    let old = t0() - chrono::Duration::days(8);
+    state.feedback("app", &url(1), true, old).unwrap();
+    state
+        .feedback("app", &url(2), true, t0() - chrono::Duration::days(6))
+        .unwrap();
+    let data = state.snapshot_data(t0());
+    let restored = State::new(&scoring());
+    let report = restored.restore(data, t0());
+    assert_eq!((report.entries, report.aged_out), (1, 1));
+    assert_eq!(
+        restored.feedback("app", &url(1), true, t0()),
+        Err(FeedbackError::UnknownProxy),
+        "a proxy known only through aged-out stats is forgotten"
+    );
+    assert!(restored.feedback("app", &url(2), true, t0()).is_ok());
+}
+
+#[test]
+fn restore_skips_entries_with_bad_urls() {
+    let mut data = State::new(&scoring()).snapshot_data(t0());
+    data.urls = vec!["garbage".into()];
+    data.sources = vec![SourceSnapshot {
+        name: "app".into(),
+        requests: 0,
+        feedbacks: 0,
+        entries: vec![
+            EntrySnapshot {
+                url: 0,
+                score: 1,
+                success_count: 1,
+                failure_count: 0,
+                banned_until_ms: None,
+                ban_count: 0,
+                last_used_ms: millis(t0()),
+            },
+            EntrySnapshot {
+                url: 99,
+                score: 1,
+                success_count: 1,
+                failure_count: 0,
+                banned_until_ms: None,
+                ban_count: 0,
+                last_used_ms: millis(t0()),
+            },
+        ],
+    }];
+    let state = State::new(&scoring());
+    let report = state.restore(data, t0());
+    assert_eq!((report.entries, report.invalid), (0, 2));
+}
+
+#[test]
+fn sources_do_not_block_each_other_and_stay_consistent() {
+    let state = Arc::new(state_with(scoring(), 2000));
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let state = Arc::clone(&state);
+            std::thread::spawn(move || {
+                let source = format!("s{t}");
+                for i in 0..2000 {
+                    let pick = pick_one(&state, &source, &PickQuery::default());
+                    state
+                        .feedback(&source, &pick.url, i % 3 != 0, t0())
+                        .unwrap();
+                    if t == 0 && i % 500 == 0 {
+                        state.apply_changes(vec![proxy(5000 + i)], vec![i]);
+                    }
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    state.registry.read().assert_consistent();
+    for handle in state.sources.read().values() {
+        handle.lock().assert_consistent();
+    }
+    assert_eq!(state.summary(t0()).feedbacks, 8000);
+}
