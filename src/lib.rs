@@ -3,4 +3,6 @@
 //! memory. See ARCHITECTURE.md for the map of the modules.
 
 pub mod config;
+pub mod farm;
+pub mod judge;
 pub mod proxy;
