@@ -144,7 +144,10 @@ impl fmt::Display for ConfigError {
 /// The keys each fixed section accepts. `[source.NAME]` sections accept SOURCE_KEYS.
 const KNOWN: &[(&str, &[&str])] = &[
     ("database", &["url", "pool_size", "checkout_timeout_ms"]),
-    ("server", &["bind", "workers", "api_token", "max_body_bytes"]),
+    (
+        "server",
+        &["bind", "workers", "api_token", "max_body_bytes"],
+    ),
     (
         "fetcher",
         &[
@@ -831,11 +834,19 @@ impl fmt::Display for Config {
         writeln!(f, "[database]")?;
         writeln!(f, "url = {}", redact_url(&self.database.url))?;
         writeln!(f, "pool_size = {}", self.database.pool_size)?;
-        writeln!(f, "checkout_timeout_ms = {}", ms(self.database.checkout_timeout))?;
+        writeln!(
+            f,
+            "checkout_timeout_ms = {}",
+            ms(self.database.checkout_timeout)
+        )?;
         writeln!(f, "\n[server]")?;
         writeln!(f, "bind = {}", self.server.bind)?;
         writeln!(f, "workers = {}", self.server.workers)?;
-        let token = if self.server.api_token.is_some() { "(set)" } else { "" };
+        let token = if self.server.api_token.is_some() {
+            "(set)"
+        } else {
+            ""
+        };
         writeln!(f, "api_token = {token}")?;
         writeln!(f, "max_body_bytes = {}", self.server.max_body_bytes)?;
         writeln!(f, "\n[fetcher]")?;
@@ -850,7 +861,11 @@ impl fmt::Display for Config {
         writeln!(f, "timeout_ms = {}", ms(self.fetcher.timeout))?;
         writeln!(f, "max_bytes = {}", self.fetcher.max_bytes)?;
         writeln!(f, "default_protocol = {}", self.fetcher.default_protocol)?;
-        writeln!(f, "allow_private_addresses = {}", self.fetcher.allow_private_addresses)?;
+        writeln!(
+            f,
+            "allow_private_addresses = {}",
+            self.fetcher.allow_private_addresses
+        )?;
         for source in self.sources.iter().filter(|s| s.name != s.url) {
             writeln!(f, "\n[source.{}]", source.name)?;
             writeln!(f, "url = {}", source.url)?;
@@ -881,10 +896,22 @@ impl fmt::Display for Config {
         writeln!(f, "explore_ratio = {}", s.explore_ratio)?;
         writeln!(f, "\n[state]")?;
         writeln!(f, "snapshot_path = {}", self.state.snapshot_path.display())?;
-        writeln!(f, "snapshot_interval_seconds = {}", secs(self.state.snapshot_interval))?;
-        writeln!(f, "sync_interval_seconds = {}", secs(self.state.sync_interval))?;
+        writeln!(
+            f,
+            "snapshot_interval_seconds = {}",
+            secs(self.state.snapshot_interval)
+        )?;
+        writeln!(
+            f,
+            "sync_interval_seconds = {}",
+            secs(self.state.sync_interval)
+        )?;
         writeln!(f, "\n[geoip]")?;
-        let geoip = self.geoip.database.as_ref().map(|p| p.display().to_string());
+        let geoip = self
+            .geoip
+            .database
+            .as_ref()
+            .map(|p| p.display().to_string());
         writeln!(f, "database = {}", geoip.unwrap_or_default())
     }
 }
@@ -913,7 +940,10 @@ mod tests {
         assert!(!config.fetcher.allow_private_addresses);
         assert_eq!(config.validator.target, "http://httpbin.org/get");
         assert_eq!(config.validator.timeout, Duration::from_millis(5000));
-        assert_eq!(config.validator.connect_timeout, Duration::from_millis(3000));
+        assert_eq!(
+            config.validator.connect_timeout,
+            Duration::from_millis(3000)
+        );
         assert_eq!(config.validator.workers, 100);
         assert_eq!(config.validator.revalidate_after, Duration::from_secs(1800));
         assert_eq!(
@@ -925,7 +955,10 @@ mod tests {
         assert_eq!(config.scoring.ban_threshold, -15);
         assert_eq!(config.scoring.top_k, 10);
         assert_eq!(config.scoring.explore_ratio, 0.1);
-        assert_eq!(config.state.snapshot_path, PathBuf::from("source_stats.bin"));
+        assert_eq!(
+            config.state.snapshot_path,
+            PathBuf::from("source_stats.bin")
+        );
         assert_eq!(config.state.sync_interval, Duration::from_secs(30));
         assert_eq!(config.geoip.database, None);
         assert_eq!(config.sources.len(), 1);
@@ -941,7 +974,10 @@ mod tests {
         assert_eq!(problem.line, Some(6));
         assert_eq!(problem.key.as_deref(), Some("intervall_seconds"));
         let shown = err.to_string();
-        assert!(shown.contains("test.ini:6: [scheduler] intervall_seconds"), "{shown}");
+        assert!(
+            shown.contains("test.ini:6: [scheduler] intervall_seconds"),
+            "{shown}"
+        );
         assert!(shown.contains("did you mean interval_seconds"), "{shown}");
     }
 
@@ -951,16 +987,25 @@ mod tests {
         let err = parse(text).unwrap_err();
         let shown = err.to_string();
         assert!(shown.contains(":2: [database] url"), "{shown}");
-        assert!(shown.contains(":4: [fetcher] interval_seconds: expected a whole number from 1"), "{shown}");
+        assert!(
+            shown.contains(":4: [fetcher] interval_seconds: expected a whole number from 1"),
+            "{shown}"
+        );
         assert!(shown.contains(":5: [fetcher] source_urls"), "{shown}");
-        assert!(shown.contains(":7: [validator] validation_target"), "{shown}");
+        assert!(
+            shown.contains(":7: [validator] validation_target"),
+            "{shown}"
+        );
         assert!(shown.contains(":8: [nonsense]: unknown section"), "{shown}");
     }
 
     #[test]
     fn an_empty_source_list_is_an_error() {
         let err = parse("[database]\nurl = postgres://x/y\n").unwrap_err();
-        assert!(err.to_string().contains("no proxy list configured"), "{err}");
+        assert!(
+            err.to_string().contains("no proxy list configured"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -992,7 +1037,10 @@ mod tests {
     #[test]
     fn effective_values_hide_the_database_password() {
         let shown = parse(MINIMAL).unwrap().to_string();
-        assert!(shown.contains("url = postgres://u:***@127.0.0.1/db"), "{shown}");
+        assert!(
+            shown.contains("url = postgres://u:***@127.0.0.1/db"),
+            "{shown}"
+        );
         assert!(!shown.contains("secret"));
         // What check-config prints parses back to the same configuration.
         let again = Config::parse(&shown.replace("***", "secret"), "t", None).unwrap();
