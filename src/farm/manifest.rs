@@ -1,0 +1,228 @@
+//! The farm's ground truth: for every simulated proxy, how it is listed and
+//! what a correct validator must conclude about it. Tests compare a
+//! validator's findings with these entries.
+
+use std::net::IpAddr;
+
+use serde_json::{json, Value};
+
+use super::spec::{Behaviour, Credentials};
+use crate::proxy::{Anonymity, Protocol, ProxyKey};
+
+/// One simulated proxy and the findings a correct validator reaches for it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ManifestEntry {
+    /// Its position in the farm, for [`super::Farm::hits`].
+    pub index: usize,
+    /// As listed (`https` is an http proxy expected to tunnel CONNECT).
+    pub protocol: Protocol,
+    pub ip: IpAddr,
+    pub port: u16,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub behaviour: Behaviour,
+    /// Whether an http proxy tunnels CONNECT (always false for socks).
+    pub connect: bool,
+    /// Whether a check through it reaches the judge and returns its answer.
+    pub alive: bool,
+    /// None when not alive; socks proxies are elite.
+    pub anonymity: Option<Anonymity>,
+    /// None when not alive. For http proxies whether CONNECT works; socks
+    /// proxies tunnel any TCP stream, so `Some(true)`.
+    pub supports_https: Option<bool>,
+    /// The address the judge sees a check come from (the proxy's own);
+    /// None when not alive.
+    pub exit_ip: Option<IpAddr>,
+}
+
+impl ManifestEntry {
+    pub(crate) fn new(
+        index: usize,
+        protocol: Protocol,
+        ip: IpAddr,
+        port: u16,
+        behaviour: Behaviour,
+        connect: bool,
+        credentials: Option<&Credentials>,
+    ) -> ManifestEntry {
+        let expected = expect(behaviour, protocol, connect);
+        let username = credentials.map(|c| c.username.clone());
+        // A socks4 user id has no password.
+        let password = credentials
+            .filter(|_| protocol != Protocol::Socks4)
+            .map(|c| c.password.clone());
+        ManifestEntry {
+            index,
+            protocol,
+            ip,
+            port,
+            username,
+            password,
+            behaviour,
+            connect,
+            alive: expected.alive,
+            anonymity: expected.anonymity,
+            supports_https: expected.supports_https,
+            exit_ip: expected.alive.then_some(ip),
+        }
+    }
+
+    /// The proxy as a list names it, credentials included.
+    pub fn key(&self) -> ProxyKey {
+        ProxyKey {
+            protocol: self.protocol,
+            ip: self.ip,
+            port: self.port,
+            username: self.username.clone(),
+            password: self.password.clone(),
+        }
+    }
+
+    /// `scheme://[user:pass@]ip:port`.
+    pub fn url(&self) -> String {
+        self.key().url()
+    }
+
+    /// `ip:port`.
+    pub fn host_port(&self) -> String {
+        self.key().host_port()
+    }
+
+    pub fn to_json(&self) -> Value {
+        let parameter = match self.behaviour {
+            Behaviour::Slow(ms) => json!(ms),
+            Behaviour::Flaky(fraction) => json!(fraction),
+            _ => Value::Null,
+        };
+        json!({
+            "index": self.index,
+            "protocol": self.protocol.as_str(),
+            "ip": self.ip.to_string(),
+            "port": self.port,
+            "username": self.username,
+            "password": self.password,
+            "behaviour": self.behaviour.name(),
+            "parameter": parameter,
+            "connect": self.connect,
+            "url": self.url(),
+            "alive": self.alive,
+            "anonymity": self.anonymity.map(|a| a.as_str()),
+            "supports_https": self.supports_https,
+            "exit_ip": self.exit_ip.map(|ip| ip.to_string()),
+        })
+    }
+}
+
+/// What a correct validator concludes about a proxy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Expected {
+    pub alive: bool,
+    pub anonymity: Option<Anonymity>,
+    pub supports_https: Option<bool>,
+}
+
+/// The pure rule behind the manifest. `Slow` is alive for a validator whose
+/// timeout exceeds its delay; `Flaky(f)` is alive for `f < 1` (its first
+/// connection always works); `InjectedJudge` is dead because it never reaches
+/// the judge (a validator notices by sending a random query parameter and
+/// requiring it back in `args`).
+pub(crate) fn expect(behaviour: Behaviour, protocol: Protocol, connect: bool) -> Expected {
+    let dead = Expected {
+        alive: false,
+        anonymity: None,
+        supports_https: None,
+    };
+    let anonymity = match behaviour {
+        Behaviour::Elite
+        | Behaviour::Socks4
+        | Behaviour::Socks5
+        | Behaviour::Slow(_)
+        | Behaviour::AuthRequired => Anonymity::Elite,
+        Behaviour::Flaky(fraction) if fraction < 1.0 => Anonymity::Elite,
+        Behaviour::Anonymous => Anonymity::Anonymous,
+        Behaviour::Transparent => Anonymity::Transparent,
+        _ => return dead,
+    };
+    let anonymity = if protocol.is_http() {
+        anonymity
+    } else {
+        Anonymity::Elite
+    };
+    Expected {
+        alive: true,
+        anonymity: Some(anonymity),
+        supports_https: Some(!protocol.is_http() || connect),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_changing_behaviours_map_to_their_anonymity() {
+        let http = |b| expect(b, Protocol::Http, false).anonymity;
+        assert_eq!(http(Behaviour::Elite), Some(Anonymity::Elite));
+        assert_eq!(http(Behaviour::Anonymous), Some(Anonymity::Anonymous));
+        assert_eq!(http(Behaviour::Transparent), Some(Anonymity::Transparent));
+        assert_eq!(
+            expect(Behaviour::Transparent, Protocol::Socks5, false).anonymity,
+            Some(Anonymity::Elite)
+        );
+    }
+
+    #[test]
+    fn hostile_and_unreachable_behaviours_are_dead() {
+        for behaviour in [
+            Behaviour::Dead,
+            Behaviour::BlackHole,
+            Behaviour::Flaky(1.0),
+            Behaviour::Garbage,
+            Behaviour::Hijack,
+            Behaviour::Trickle,
+            Behaviour::EndlessBody,
+            Behaviour::EndlessHeaders,
+            Behaviour::HugeHeader,
+            Behaviour::MalformedStatus,
+            Behaviour::InjectedJudge,
+        ] {
+            let expected = expect(behaviour, Protocol::Http, true);
+            assert!(!expected.alive, "{behaviour:?}");
+            assert_eq!(expected.anonymity, None);
+            assert_eq!(expected.supports_https, None);
+        }
+    }
+
+    #[test]
+    fn https_support_follows_connect_for_http_and_is_true_for_socks() {
+        assert_eq!(
+            expect(Behaviour::Elite, Protocol::Http, false).supports_https,
+            Some(false)
+        );
+        assert_eq!(
+            expect(Behaviour::Elite, Protocol::Https, true).supports_https,
+            Some(true)
+        );
+        assert_eq!(
+            expect(Behaviour::Socks4, Protocol::Socks4, false).supports_https,
+            Some(true)
+        );
+    }
+
+    #[test]
+    fn socks4_entries_carry_no_password() {
+        let creds = Credentials::new("id", "ignored");
+        let entry = ManifestEntry::new(
+            0,
+            Protocol::Socks4,
+            "127.1.0.1".parse().unwrap(),
+            1080,
+            Behaviour::Socks4,
+            false,
+            Some(&creds),
+        );
+        assert_eq!(entry.url(), "socks4://id@127.1.0.1:1080");
+        assert_eq!(entry.exit_ip, Some("127.1.0.1".parse().unwrap()));
+        assert_eq!(entry.to_json()["behaviour"], "socks4");
+    }
+}
