@@ -6,7 +6,7 @@ use std::io::Read;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -20,7 +20,7 @@ use crate::metrics::Metrics;
 use crate::proxy::Protocol;
 use crate::scheduler::{next_tick, start_metronome};
 use crate::shutdown::{Shutdown, ShutdownSignal};
-use crate::snapshot;
+use crate::persist::Snapshotter;
 use crate::state::State;
 use crate::store::{DuePolicy, Store};
 use crate::validator::check::{CheckConfig, Checker};
@@ -211,7 +211,7 @@ fn validate_once(config: &Config) -> anyhow::Result<()> {
     let store = Store::connect(&config.database)?;
     store.migrate().context("migration failed")?;
     let health = Arc::new(Health::new());
-    let state = Arc::new(State::new(config.scoring.clone()));
+    let state = Arc::new(State::new(&config.scoring));
     let validator = build_validator(config, store, state, health)?;
     let summary = validator.run_cycle(&ShutdownSignal::never());
     println!("{}", summary.summary_line());
@@ -245,39 +245,6 @@ fn wait_for_database(store: &Store, health: &Health, shutdown: &ShutdownSignal) 
             return false;
         }
         backoff = (backoff * 2).min(Duration::from_secs(30));
-    }
-}
-
-/// Loads the snapshot into `state`; a corrupt one is moved aside by `snapshot::load`.
-fn restore_snapshot(config: &Config, state: &State, health: &Health) {
-    let path = &config.state.snapshot_path;
-    match snapshot::load(path) {
-        Ok(Some(data)) => {
-            let entries = state.restore(data, SystemTime::now());
-            health.record_snapshot_now();
-            log::info!("snapshot {} loaded: {entries} stats entries", path.display());
-        }
-        Ok(None) => log::info!("no snapshot at {}: starting with empty stats", path.display()),
-        Err(err) => log::warn!("snapshot {}: {err}; starting with empty stats", path.display()),
-    }
-}
-
-fn write_snapshot(config: &Config, state: &State, health: &Health) {
-    let data = state.snapshot_data();
-    match snapshot::write_atomic(&config.state.snapshot_path, &data) {
-        Ok(info) => {
-            health.record_snapshot_now();
-            log::info!(
-                "snapshot written: {} entries, {} bytes in {} ms",
-                info.entries,
-                info.bytes,
-                info.duration.as_millis()
-            );
-        }
-        Err(err) => log::error!(
-            "cannot write the snapshot {}: {err}",
-            config.state.snapshot_path.display()
-        ),
     }
 }
 
@@ -323,14 +290,18 @@ fn serve(config: Config) -> anyhow::Result<()> {
     let config = Arc::new(config);
     let health = Arc::new(Health::new());
     let metrics = Arc::new(Metrics::new());
-    let state = Arc::new(State::new(config.scoring.clone()));
-    restore_snapshot(&config, &state, &health);
+    let state = Arc::new(State::new(&config.scoring));
+    let snapshotter = Arc::new(Snapshotter::new(
+        config.state.snapshot_path.clone(),
+        state.clone(),
+        health.clone(),
+    ));
+    snapshotter.restore();
 
     let store = Store::connect(&config.database)?;
     let fetcher = Arc::new(Fetcher::new(&config, store.clone(), health.clone(), instance_name()));
     let validator = Arc::new(build_validator(&config, store.clone(), state.clone(), health.clone())?);
     let (validate_tx, validate_rx) = crossbeam_channel::bounded::<()>(1);
-    let (snapshot_tx, snapshot_rx) = crossbeam_channel::bounded::<()>(1);
 
     if !config.server.bind.ip().is_loopback() && config.server.api_token.is_none() {
         log::warn!(
@@ -346,7 +317,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
         fetcher: Some(fetcher.clone()),
         validator: Some(validator.clone()),
         validate_now: validate_tx.clone(),
-        snapshot_now: Some(snapshot_tx),
+        snapshotter: snapshotter.clone(),
     });
     let mut api = ApiServer::start(context).map_err(anyhow::Error::msg)?;
     log::info!("listening on http://{}", api.local_addr);
@@ -414,21 +385,17 @@ fn serve(config: Config) -> anyhow::Result<()> {
         fetcher.refresh_yields();
     }
 
-    // Snapshots: periodic and on request, encoded outside every lock.
+    // Periodic snapshots, encoded outside every lock.
     handles.push(spawn("snapshot", {
-        let (config, state, health, signal) =
-            (config.clone(), state.clone(), health.clone(), signal.clone());
+        let (snapshotter, signal) = (snapshotter.clone(), signal.clone());
+        let interval = config.state.snapshot_interval;
         move || {
             let t0 = Instant::now();
             loop {
-                let due = next_tick(t0, config.state.snapshot_interval, Instant::now());
-                crossbeam_channel::select! {
-                    recv(signal.receiver()) -> _ => return,
-                    recv(snapshot_rx) -> _ => write_snapshot(&config, &state, &health),
-                    default(due.saturating_duration_since(Instant::now())) => {
-                        write_snapshot(&config, &state, &health)
-                    }
+                if signal.wait_until(next_tick(t0, interval, Instant::now())) {
+                    return;
                 }
+                snapshotter.write_logged();
             }
         }
     })?);
@@ -438,7 +405,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
     log::info!("stopping: no new requests, finishing checks in flight");
     api.stop();
     join_until(handles, deadline);
-    write_snapshot(&config, &state, &health);
+    snapshotter.write_logged();
     log::info!("stopped");
     Ok(())
 }

@@ -10,6 +10,7 @@ pub mod fetcher;
 pub mod health;
 pub mod judge;
 pub mod metrics;
+pub mod persist;
 pub mod proxy;
 pub mod scheduler;
 pub mod shutdown;

@@ -19,7 +19,7 @@ use crate::config::{is_valid_source_name, Config};
 use crate::fetcher::Fetcher;
 use crate::health::Health;
 use crate::metrics::Metrics;
-use crate::snapshot::Snapshotter;
+use crate::persist::Snapshotter;
 use crate::state::{FeedbackError, NoProxyReason, State};
 use crate::validator::cycle::Validator;
 
