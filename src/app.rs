@@ -60,6 +60,12 @@ pub enum Command {
     Validate,
     /// Parse and validate the config, print the effective values, exit.
     CheckConfig,
+    /// Print the running service's pool figures (from its /stats) as tables.
+    Stats {
+        /// Base URL of the service (default: http:// + [server] bind).
+        #[arg(long)]
+        url: Option<String>,
+    },
 }
 
 /// A usage mistake found after argument parsing (exit code 2).
@@ -95,8 +101,37 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Import { file, protocol } => import(&config, &file, protocol.as_deref()),
         Command::Fetch => fetch_once(&config),
         Command::Validate => validate_once(&config),
+        Command::Stats { url } => print_stats(&config, url),
         Command::Serve => serve(config),
     }
+}
+
+fn print_stats(config: &Config, url: Option<String>) -> anyhow::Result<()> {
+    let base = url.unwrap_or_else(|| {
+        let mut bind = config.server.bind;
+        if bind.ip().is_unspecified() {
+            bind.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        format!("http://{bind}")
+    });
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(10)))
+        .build()
+        .into();
+    let mut request = agent.get(format!("{}/stats", base.trim_end_matches('/')));
+    if let Some(token) = &config.server.api_token {
+        request = request.header("Authorization", format!("Bearer {token}"));
+    }
+    let body = request
+        .call()
+        .with_context(|| format!("cannot reach the service at {base}"))?
+        .body_mut()
+        .read_to_string()
+        .context("cannot read the answer of /stats")?;
+    let stats: serde_json::Value = serde_json::from_str(&body)
+        .context("the service answered something that is not its /stats JSON")?;
+    print!("{}", crate::stats_table::render(&stats));
+    Ok(())
 }
 
 /// A name for this process in the database's coordination rows.
@@ -327,6 +362,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
         log::info!("database ready, schema applied");
         let started = Instant::now();
         sync_active(&store, &state, &health);
+        health.record_pool_size(state.active_count());
         log::info!(
             "{} active proxies loaded in {} ms",
             state.active_count(),
@@ -352,6 +388,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
                         }
                     }
                     sync_active(&store, &state, &health);
+                    health.record_pool_size(state.active_count());
                     fetcher.refresh_yields();
                 }
             }

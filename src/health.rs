@@ -2,15 +2,22 @@
 //! path: whether the database answered last time, and when the snapshot was
 //! last written. Background threads update it; /health only reads it.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
+use parking_lot::Mutex;
+
+/// Pool-size samples kept for the dashboard: 12 hours at one every 30 s.
+const POOL_HISTORY_LEN: usize = 1440;
 
 #[derive(Debug, Default)]
 pub struct Health {
     database_up: AtomicBool,
     /// Unix seconds of the last snapshot written or loaded; 0 = none.
     snapshot_at: AtomicI64,
+    /// (when, active proxies), oldest first.
+    pool_history: Mutex<VecDeque<(DateTime<Utc>, usize)>>,
 }
 
 impl Health {
@@ -45,5 +52,18 @@ impl Health {
     pub fn snapshot_age_seconds(&self) -> Option<i64> {
         let at = self.snapshot_at.load(Ordering::Relaxed);
         (at > 0).then(|| (Utc::now().timestamp() - at).max(0))
+    }
+
+    /// Records the pool size now (called by the sync thread).
+    pub fn record_pool_size(&self, active: usize) {
+        let mut history = self.pool_history.lock();
+        if history.len() == POOL_HISTORY_LEN {
+            history.pop_front();
+        }
+        history.push_back((Utc::now(), active));
+    }
+
+    pub fn pool_history(&self) -> Vec<(DateTime<Utc>, usize)> {
+        self.pool_history.lock().iter().copied().collect()
     }
 }

@@ -16,5 +16,6 @@ pub mod scheduler;
 pub mod shutdown;
 pub mod snapshot;
 pub mod state;
+pub mod stats_table;
 pub mod store;
 pub mod validator;

@@ -25,6 +25,11 @@ use crate::validator::cycle::Validator;
 
 use self::params::Query;
 
+/// The operator dashboard: one self-contained page that reads the JSON API.
+const DASHBOARD: &str = include_str!("dashboard.html");
+/// The OpenAPI 3 description of this API (checked against real answers in tests).
+const OPENAPI: &str = include_str!("openapi.json");
+
 /// Feedback items accepted in one request.
 pub const MAX_FEEDBACK_ITEMS: usize = 1000;
 
@@ -149,7 +154,9 @@ fn handle(context: &ApiContext, request: &Request) -> Response {
 }
 
 fn route(context: &ApiContext, request: &Request, path: &str) -> Result<Response, ApiError> {
-    let public = matches!(path, "/health" | "/judge");
+    // The dashboard page itself holds no data: it asks for the token and
+    // sends it with its API calls.
+    let public = matches!(path, "/health" | "/judge" | "/");
     if !public {
         authorize(context, request)?;
     }
@@ -181,6 +188,14 @@ fn route(context: &ApiContext, request: &Request, path: &str) -> Result<Response
         "/judge" => {
             allow(request, "GET")?;
             Ok(judge(request))
+        }
+        "/" => {
+            allow(request, "GET")?;
+            Ok(Response::html(DASHBOARD))
+        }
+        "/openapi.json" => {
+            allow(request, "GET")?;
+            Ok(Response::from_data("application/json", OPENAPI))
         }
         "/admin/snapshot" => {
             allow(request, "POST")?;

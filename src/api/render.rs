@@ -172,6 +172,12 @@ pub fn stats(context: &ApiContext, now: DateTime<Utc>) -> Value {
             "recent_cycles": recent,
             "in_progress": in_progress,
         },
+        "pool_history": context
+            .health
+            .pool_history()
+            .iter()
+            .map(|(at, active)| json!({ "at": time(Some(*at)), "active": active }))
+            .collect::<Vec<_>>(),
         "database": if context.health.database_up() { "up" } else { "down" },
         "snapshot_age_seconds": context.health.snapshot_age_seconds(),
     })
