@@ -107,9 +107,18 @@ fn bench(c: &mut Criterion) {
     let active = proxies(&mut rng);
     let data = stats(&active, &mut rng);
     let urls = data.urls.clone();
+    let before = resident_kib();
     let state = State::new(&scoring());
     state.replace_active(active.clone());
     state.restore(data.clone(), now());
+    if let (Some(before), Some(after)) = (before, resident_kib()) {
+        eprintln!(
+            "resident memory of the state: about {} MiB ({} KiB before, {} KiB after)",
+            after.saturating_sub(before) / 1024,
+            before,
+            after
+        );
+    }
     let names: Vec<String> = (0..SOURCES).map(|s| format!("source_{s}")).collect();
 
     let plain = PickQuery::default();
@@ -133,6 +142,15 @@ fn bench(c: &mut Criterion) {
             i += 1;
             let query = &by_country[i % by_country.len()];
             black_box(state.get_proxy(&names[i % SOURCES], query, now()).unwrap())
+        })
+    });
+    // The same from one busy source, whose index stays in cache.
+    c.bench_function("get_proxy/country_one_source", |b| {
+        let mut i = 0;
+        b.iter(|| {
+            i += 1;
+            let query = &by_country[i % by_country.len()];
+            black_box(state.get_proxy(&names[0], query, now()).unwrap())
         })
     });
     let https_elite = PickQuery {
@@ -200,6 +218,13 @@ fn bench(c: &mut Criterion) {
         )
     });
     group.finish();
+}
+
+/// VmRSS from /proc (Linux), to show what the state itself costs.
+fn resident_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 criterion_group!(benches, bench);

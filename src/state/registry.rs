@@ -195,6 +195,11 @@ pub(crate) struct SlotEntry {
 pub(crate) struct Registry {
     slot_by_url: HashMap<Arc<str>, Slot>,
     slots: Vec<SlotEntry>,
+    /// `metas[slot]` is the filter facts of an active slot, `None` when
+    /// inactive. Kept apart from `slots` and dense, because the best-first
+    /// walk of a get-proxy checks hundreds of them at random places: this
+    /// array stays in cache, the records would not.
+    metas: Vec<Option<Meta>>,
     slot_by_id: IntMap<i64, Slot>,
     buckets: HashMap<BucketKey, Vec<Slot>>,
 }
@@ -219,10 +224,7 @@ impl Registry {
     /// The filter facts of `slot` when it is active.
     #[inline]
     pub fn meta(&self, slot: Slot) -> Option<&Meta> {
-        self.slots
-            .get(slot as usize)
-            .and_then(|entry| entry.active.as_ref())
-            .map(|record| &record.meta)
+        self.metas.get(slot as usize).and_then(Option::as_ref)
     }
 
     pub fn bucket(&self, key: BucketKey) -> &[Slot] {
@@ -262,6 +264,7 @@ impl Registry {
             key: key.clone(),
             active: None,
         });
+        self.metas.push(None);
         self.slot_by_url.insert(url, slot);
         slot
     }
@@ -296,6 +299,7 @@ impl Registry {
             }
         }
         self.slot_by_id.insert(proxy.id, slot);
+        self.metas[slot as usize] = Some(meta);
         self.slots[slot as usize].active = Some(ActiveRecord {
             proxy,
             meta,
@@ -322,6 +326,7 @@ impl Registry {
         else {
             return;
         };
+        self.metas[slot as usize] = None;
         if self.slot_by_id.get(&record.proxy.id) == Some(&slot) {
             self.slot_by_id.remove(&record.proxy.id);
         }
@@ -354,8 +359,10 @@ impl Registry {
     #[cfg(test)]
     pub fn assert_consistent(&self) {
         let mut expected: HashMap<BucketKey, usize> = HashMap::new();
+        assert_eq!(self.metas.len(), self.slots.len());
         for (slot, entry) in self.slots.iter().enumerate() {
             let Some(record) = &entry.active else {
+                assert!(self.metas[slot].is_none());
                 continue;
             };
             for (i, key) in record.meta.memberships().into_iter().enumerate() {
@@ -365,6 +372,7 @@ impl Registry {
                 assert_eq!(bucket[record.positions[i] as usize], slot as Slot);
             }
             assert_eq!(self.slot_by_id.get(&record.proxy.id), Some(&(slot as Slot)));
+            assert_eq!(self.metas[slot].as_ref(), Some(&record.meta));
         }
         for (key, size) in self.bucket_sizes() {
             assert_eq!(expected.get(&key).copied().unwrap_or(0), size, "{key:?}");
