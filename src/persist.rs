@@ -34,6 +34,10 @@ impl Snapshotter {
     /// Copies the stats, then encodes and writes them atomically.
     pub fn write(&self) -> Result<SnapshotInfo, SnapshotError> {
         let _writing = self.writing.lock();
+        let dropped = self.state.drop_idle(Utc::now());
+        if dropped > 0 {
+            log::info!("{dropped} stats entries idle for over a week dropped");
+        }
         let data = self.state.snapshot_data(Utc::now());
         let info = snapshot::write_atomic(&self.path, &data)?;
         self.health.record_snapshot_now();

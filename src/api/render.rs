@@ -172,6 +172,7 @@ pub fn stats(context: &ApiContext, now: DateTime<Utc>) -> Value {
             "recent_cycles": recent,
             "in_progress": in_progress,
         },
+        "latency_histogram": latency_histogram(context),
         "pool_history": context
             .health
             .pool_history()
@@ -181,6 +182,18 @@ pub fn stats(context: &ApiContext, now: DateTime<Utc>) -> Value {
         "database": if context.health.database_up() { "up" } else { "down" },
         "snapshot_age_seconds": context.health.snapshot_age_seconds(),
     })
+}
+
+/// Bounds of the latency histogram, in milliseconds; not cumulative.
+const LATENCY_BOUNDS_MS: [u32; 8] = [100, 250, 500, 1000, 2000, 3000, 5000, 10000];
+
+fn latency_histogram(context: &ApiContext) -> Vec<Value> {
+    let counts = context.state.latency_histogram(&LATENCY_BOUNDS_MS);
+    counts
+        .iter()
+        .enumerate()
+        .map(|(i, count)| json!({ "le_ms": LATENCY_BOUNDS_MS.get(i), "count": count }))
+        .collect()
 }
 
 pub fn source_view(view: &SourceView) -> Value {

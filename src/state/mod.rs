@@ -388,6 +388,11 @@ impl State {
         })
     }
 
+    /// Active proxies per latency bucket (see `Registry::latency_histogram`).
+    pub fn latency_histogram(&self, bounds_ms: &[u32]) -> Vec<usize> {
+        self.registry.read().latency_histogram(bounds_ms)
+    }
+
     /// Pool figures. Locks each source briefly, one at a time.
     pub fn summary(&self, now: DateTime<Utc>) -> Summary {
         let now_ms = millis(now);

@@ -314,6 +314,21 @@ impl Registry {
     }
 
     /// The ids of every active proxy.
+    /// Active proxies per latency bucket: `counts[i]` holds those with
+    /// latency ≤ `bounds[i]` (and above the previous bound); the last slot
+    /// holds the rest, unknown latencies included.
+    pub fn latency_histogram(&self, bounds: &[u32]) -> Vec<usize> {
+        let mut counts = vec![0; bounds.len() + 1];
+        for meta in self.metas.iter().flatten() {
+            let bucket = match meta.latency_ms {
+                Some(latency) => bounds.partition_point(|&bound| bound < latency),
+                None => bounds.len(),
+            };
+            counts[bucket] += 1;
+        }
+        counts
+    }
+
     pub fn active_ids(&self) -> Vec<i64> {
         self.slot_by_id.keys().copied().collect()
     }

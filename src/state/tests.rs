@@ -757,3 +757,21 @@ fn sources_do_not_block_each_other_and_stay_consistent() {
     }
     assert_eq!(state.summary(t0()).feedbacks, 8000);
 }
+
+#[test]
+fn latency_histogram_counts_each_active_proxy_once_by_its_bucket() {
+    let state = State::new(&scoring());
+    let latencies = [Some(50), Some(100), Some(101), Some(900), None];
+    let proxies = latencies
+        .iter()
+        .enumerate()
+        .map(|(i, latency)| ActiveProxy {
+            latency_ms: *latency,
+            ..proxy(i as i64 + 1)
+        })
+        .collect();
+    state.replace_active(proxies);
+    assert_eq!(state.latency_histogram(&[100, 500]), vec![2, 1, 2]);
+    state.apply_changes(Vec::new(), vec![1]);
+    assert_eq!(state.latency_histogram(&[100, 500]), vec![1, 1, 2]);
+}
