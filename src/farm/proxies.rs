@@ -75,7 +75,7 @@ pub(crate) fn serve_connection(
         }
         Behaviour::Trickle => {
             let _ = wire::read_head(&mut client, bound);
-            let answer = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 17\r\n\r\n{\"origin\":\"x\"}\n\n";
+            let answer = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 16\r\n\r\n{\"origin\":\"x\"}\n\n";
             for byte in answer.chunks(1) {
                 if wire::write_all(&mut client, byte, bound).is_err()
                     || !bound.sleep(Duration::from_secs(1))
