@@ -17,10 +17,10 @@ use crate::fetcher::parse::{parse_list, ParseOptions};
 use crate::fetcher::{FetchKind, Fetcher};
 use crate::health::Health;
 use crate::metrics::Metrics;
+use crate::persist::Snapshotter;
 use crate::proxy::Protocol;
 use crate::scheduler::{next_tick, start_metronome};
 use crate::shutdown::{Shutdown, ShutdownSignal};
-use crate::persist::Snapshotter;
 use crate::state::State;
 use crate::store::{DuePolicy, Store};
 use crate::validator::check::{CheckConfig, Checker};
@@ -166,11 +166,18 @@ fn import(config: &Config, file: &str, protocol: Option<&str>) -> anyhow::Result
     let started = Instant::now();
     let parsed = parse_list(&String::from_utf8_lossy(&bytes), &options);
     for reject in parsed.first_rejects.iter() {
-        eprintln!("{file}:{}: rejected ({}): {}", reject.line, reject.reason, reject.text);
+        eprintln!(
+            "{file}:{}: rejected ({}): {}",
+            reject.line, reject.reason, reject.text
+        );
     }
     let store = Store::connect(&config.database)?;
     store.migrate().context("migration failed")?;
-    let source = if file == "-" { "import:stdin".to_string() } else { format!("import:{file}") };
+    let source = if file == "-" {
+        "import:stdin".to_string()
+    } else {
+        format!("import:{file}")
+    };
     let counts = store
         .upsert_listed(&source, &parsed.proxies)
         .context("cannot store the proxies")?;
@@ -208,18 +215,15 @@ fn build_validator(
     health: Arc<Health>,
 ) -> anyhow::Result<Validator> {
     let geoip = match &config.geoip.database {
-        Some(path) => Some(
-            Geoip::open(path)
-                .map_err(|err| ConfigError {
-                    file: "config".into(),
-                    problems: vec![crate::config::Problem {
-                        line: None,
-                        section: "geoip".into(),
-                        key: Some("database".into()),
-                        message: format!("cannot use {}: {err}", path.display()),
-                    }],
-                })?,
-        ),
+        Some(path) => Some(Geoip::open(path).map_err(|err| ConfigError {
+            file: "config".into(),
+            problems: vec![crate::config::Problem {
+                line: None,
+                section: "geoip".into(),
+                key: Some("database".into()),
+                message: format!("cannot use {}: {err}", path.display()),
+            }],
+        })?),
         None => None,
     };
     let checker = Checker::new(CheckConfig::from_validator(&config.validator))
@@ -271,7 +275,9 @@ fn wait_for_database(store: &Store, health: &Health, shutdown: &ShutdownSignal) 
             }
             Err(err) => {
                 if !logged {
-                    log::warn!("database not ready ({err}); serving from memory and retrying with backoff");
+                    log::warn!(
+                        "database not ready ({err}); serving from memory and retrying with backoff"
+                    );
                     logged = true;
                 }
             }
@@ -320,7 +326,9 @@ fn join_until(handles: Vec<JoinHandle<()>>, deadline: Instant) {
 
 fn serve(config: Config) -> anyhow::Result<()> {
     let shutdown = Shutdown::new();
-    shutdown.on_signals().context("cannot install signal handlers")?;
+    shutdown
+        .on_signals()
+        .context("cannot install signal handlers")?;
     let signal = shutdown.signal();
     let config = Arc::new(config);
     let health = Arc::new(Health::new());
@@ -334,9 +342,17 @@ fn serve(config: Config) -> anyhow::Result<()> {
     snapshotter.restore();
 
     let store = Store::connect(&config.database)?;
-    let fetcher = Arc::new(Fetcher::new(&config, store.clone(), health.clone(), instance_name()));
-    let validator = Arc::new(build_validator(&config, store.clone(), state.clone(), health.clone())?);
     let (validate_tx, validate_rx) = crossbeam_channel::bounded::<()>(1);
+    let fetcher = Arc::new(
+        Fetcher::new(&config, store.clone(), health.clone(), instance_name())
+            .with_validation_trigger(validate_tx.clone()),
+    );
+    let validator = Arc::new(build_validator(
+        &config,
+        store.clone(),
+        state.clone(),
+        health.clone(),
+    )?);
 
     if !config.server.bind.ip().is_loopback() && config.server.api_token.is_none() {
         log::warn!(
@@ -371,8 +387,13 @@ fn serve(config: Config) -> anyhow::Result<()> {
 
         // Memory sync: active set and list yields from the shared table.
         handles.push(spawn("sync", {
-            let (store, state, health, fetcher, signal) =
-                (store.clone(), state.clone(), health.clone(), fetcher.clone(), signal.clone());
+            let (store, state, health, fetcher, signal) = (
+                store.clone(),
+                state.clone(),
+                health.clone(),
+                fetcher.clone(),
+                signal.clone(),
+            );
             let interval = config.state.sync_interval;
             move || {
                 let t0 = Instant::now();

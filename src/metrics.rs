@@ -46,7 +46,10 @@ impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
-            Opts::new("proxy_pool_http_requests_total", "HTTP requests by endpoint and status"),
+            Opts::new(
+                "proxy_pool_http_requests_total",
+                "HTTP requests by endpoint and status",
+            ),
             &["endpoint", "status"],
         )
         .expect("metric");
@@ -110,13 +113,22 @@ impl Metrics {
                 "Consecutive failed fetches of the list",
                 &["list"],
             ),
-            cycle_checked: gauge("proxy_pool_validation_checked", "Proxies checked by the last cycle"),
-            cycle_alive: gauge("proxy_pool_validation_alive", "Proxies alive in the last cycle"),
+            cycle_checked: gauge(
+                "proxy_pool_validation_checked",
+                "Proxies checked by the last cycle",
+            ),
+            cycle_alive: gauge(
+                "proxy_pool_validation_alive",
+                "Proxies alive in the last cycle",
+            ),
             cycle_duration_ms: gauge(
                 "proxy_pool_validation_duration_milliseconds",
                 "Duration of the last validation cycle",
             ),
-            database_up: gauge("proxy_pool_database_up", "1 when the database answered last"),
+            database_up: gauge(
+                "proxy_pool_database_up",
+                "1 when the database answered last",
+            ),
             registry,
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
@@ -137,7 +149,10 @@ impl Metrics {
             Box::new(metrics.database_up.clone()),
         ];
         for collector in collectors {
-            metrics.registry.register(collector).expect("register metric");
+            metrics
+                .registry
+                .register(collector)
+                .expect("register metric");
         }
         metrics
     }

@@ -32,7 +32,10 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
             .collect();
         let _ = writeln!(out, "  {}", padded.join("  ").trim_end());
     };
-    line(&mut out, &headers.iter().map(|h| h.to_string()).collect::<Vec<_>>());
+    line(
+        &mut out,
+        &headers.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
+    );
     for row in rows {
         line(&mut out, row);
     }
@@ -57,9 +60,15 @@ pub fn render(stats: &Value) -> String {
         text(&stats["snapshot_age_seconds"])
     );
     let _ = writeln!(out, "\nby protocol");
-    out.push_str(&table(&["protocol", "active"], &counts(&stats["by_protocol"])));
+    out.push_str(&table(
+        &["protocol", "active"],
+        &counts(&stats["by_protocol"]),
+    ));
     let _ = writeln!(out, "\nby anonymity");
-    out.push_str(&table(&["anonymity", "active"], &counts(&stats["by_anonymity"])));
+    out.push_str(&table(
+        &["anonymity", "active"],
+        &counts(&stats["by_anonymity"]),
+    ));
     let countries: Vec<Vec<String>> = counts(&stats["by_country"]).into_iter().take(10).collect();
     if !countries.is_empty() {
         let _ = writeln!(out, "\ntop countries");
@@ -77,7 +86,11 @@ pub fn render(stats: &Value) -> String {
                         text(&l["parsed"]),
                         text(&l["new"]),
                         text(&l["rejected"]),
-                        format!("{}/{}", text(&l["yield"]["active_now"]), text(&l["yield"]["listed"])),
+                        format!(
+                            "{}/{}",
+                            text(&l["yield"]["active_now"]),
+                            text(&l["yield"]["listed"])
+                        ),
                         text(&l["last_error"]),
                     ]
                 })
@@ -86,7 +99,15 @@ pub fn render(stats: &Value) -> String {
         .unwrap_or_default();
     let _ = writeln!(out, "\nlists");
     out.push_str(&table(
-        &["list", "last fetch", "parsed", "new", "rejected", "active/listed", "error"],
+        &[
+            "list",
+            "last fetch",
+            "parsed",
+            "new",
+            "rejected",
+            "active/listed",
+            "error",
+        ],
         &lists,
     ));
     let cycles: Vec<Vec<String>> = stats["validation"]["recent_cycles"]
@@ -131,7 +152,10 @@ pub fn render(stats: &Value) -> String {
         })
         .unwrap_or_default();
     let _ = writeln!(out, "\nsources");
-    out.push_str(&table(&["source", "pool", "banned", "requests", "feedback"], &sources));
+    out.push_str(&table(
+        &["source", "pool", "banned", "requests", "feedback"],
+        &sources,
+    ));
     out
 }
 
@@ -154,10 +178,16 @@ mod tests {
             "sources": [{"name": "crawler", "pool_size": 12, "banned": 1, "requests": 30, "feedbacks": 29}]
         });
         let out = render(&stats);
-        assert!(out.contains("active proxies: 12   known: 40   database: up   snapshot age: - s"), "{out}");
+        assert!(
+            out.contains("active proxies: 12   known: 40   database: up   snapshot age: - s"),
+            "{out}"
+        );
         assert!(out.contains("  http      10"), "{out}");
         assert!(out.contains("speedx"), "{out}");
         assert!(out.contains("12/900"), "{out}");
-        assert!(out.contains("  crawler  12    1       30        29"), "{out}");
+        assert!(
+            out.contains("  crawler  12    1       30        29"),
+            "{out}"
+        );
     }
 }

@@ -125,6 +125,8 @@ impl Store {
         let mut conn = self.conn()?;
         let mut tx = conn.transaction()?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
+        // "already exists, skipping" notices are the normal case here.
+        tx.batch_execute("SET LOCAL client_min_messages = warning")?;
         tx.batch_execute(SCHEMA)?;
         tx.commit()?;
         Ok(())

@@ -262,10 +262,11 @@ fn authorize(context: &ApiContext, request: &Request) -> Result<(), ApiError> {
     if same_secret(given.trim().as_bytes(), token.as_bytes()) {
         return Ok(());
     }
-    Err(
-        ApiError::new(401, "missing or wrong token: send Authorization: Bearer <api_token>")
-            .with_header("WWW-Authenticate", "Bearer".into()),
+    Err(ApiError::new(
+        401,
+        "missing or wrong token: send Authorization: Bearer <api_token>",
     )
+    .with_header("WWW-Authenticate", "Bearer".into()))
 }
 
 fn allow(request: &Request, method: &'static str) -> Result<(), ApiError> {
@@ -319,7 +320,9 @@ fn get_proxy(context: &ApiContext, request: &Request) -> Result<Response, ApiErr
     }
     if pick_query.count > 1 {
         let proxies: Vec<Value> = picks.iter().map(|p| render::pick(p, None)).collect();
-        return Ok(Response::json(&json!({ "source": source, "proxies": proxies })));
+        return Ok(Response::json(
+            &json!({ "source": source, "proxies": proxies }),
+        ));
     }
     // get_proxy returns at least one pick when it succeeds.
     let first = picks
@@ -332,7 +335,10 @@ fn get_proxy(context: &ApiContext, request: &Request) -> Result<Response, ApiErr
 fn read_body(context: &ApiContext, request: &Request) -> Result<Vec<u8>, ApiError> {
     let limit = context.config.server.max_body_bytes;
     let too_large = || {
-        ApiError::new(413, format!("request body too large: at most {limit} bytes"))
+        ApiError::new(
+            413,
+            format!("request body too large: at most {limit} bytes"),
+        )
     };
     if let Some(length) = request.header("Content-Length") {
         match length.trim().parse::<u64>() {
@@ -449,7 +455,10 @@ fn feedback(context: &ApiContext, request: &Request) -> Result<Response, ApiErro
                 })
                 .collect();
             if known == 0 {
-                return Err(ApiError::new(404, "unknown proxy: no item names a proxy this service knows"));
+                return Err(ApiError::new(
+                    404,
+                    "unknown proxy: no item names a proxy this service knows",
+                ));
             }
             Ok(Response::json(&Value::Array(answers)))
         }
@@ -482,7 +491,12 @@ fn judge(request: &Request) -> Response {
         .collect();
     let host = request.header("Host").unwrap_or("localhost");
     let path_and_query = match request.raw_query_string() {
-        "" => request.raw_url().split('?').next().unwrap_or("/judge").to_string(),
+        "" => request
+            .raw_url()
+            .split('?')
+            .next()
+            .unwrap_or("/judge")
+            .to_string(),
         query => format!("{}?{query}", request.url()),
     };
     let body = crate::judge::echo(

@@ -24,11 +24,17 @@ pub fn pick(pick: &Pick, source: Option<&str>) -> Value {
         object.insert("source".into(), Value::String(source.to_string()));
     }
     object.insert("proxy".into(), Value::String(pick.url.clone()));
-    object.insert("protocol".into(), Value::String(pick.protocol.as_str().into()));
+    object.insert(
+        "protocol".into(),
+        Value::String(pick.protocol.as_str().into()),
+    );
     object.insert("ip".into(), Value::String(pick.ip.to_string()));
     object.insert("port".into(), json!(pick.port));
     object.insert("latency_ms".into(), json!(pick.latency_ms));
-    object.insert("anonymity".into(), json!(pick.anonymity.map(|a| a.as_str())));
+    object.insert(
+        "anonymity".into(),
+        json!(pick.anonymity.map(|a| a.as_str())),
+    );
     object.insert("country".into(), json!(pick.country));
     object.insert("score".into(), json!(pick.score));
     object.insert("last_validated_at".into(), time(pick.last_validated_at));
@@ -81,7 +87,12 @@ pub fn stats(context: &ApiContext, now: DateTime<Utc>) -> Value {
     let by_anonymity: Map<String, Value> = summary
         .by_anonymity
         .iter()
-        .map(|(a, n)| (a.map(|a| a.as_str()).unwrap_or("unknown").to_string(), json!(n)))
+        .map(|(a, n)| {
+            (
+                a.map(|a| a.as_str()).unwrap_or("unknown").to_string(),
+                json!(n),
+            )
+        })
         .collect();
     let by_country: Map<String, Value> = summary
         .by_country
@@ -235,20 +246,38 @@ pub fn metrics(context: &ApiContext) -> String {
     }
     for (anonymity, n) in &summary.by_anonymity {
         let label = anonymity.map(|a| a.as_str()).unwrap_or("unknown");
-        metrics.active_by_anonymity.with_label_values(&[label]).set(*n as i64);
+        metrics
+            .active_by_anonymity
+            .with_label_values(&[label])
+            .set(*n as i64);
     }
     for source in &summary.sources {
         let label = [source.name.as_str()];
-        metrics.source_pool.with_label_values(&label).set(source.pool_size as i64);
-        metrics.source_banned.with_label_values(&label).set(source.banned as i64);
-        metrics.source_requests.with_label_values(&label).set(source.requests as i64);
-        metrics.source_feedback.with_label_values(&label).set(source.feedbacks as i64);
+        metrics
+            .source_pool
+            .with_label_values(&label)
+            .set(source.pool_size as i64);
+        metrics
+            .source_banned
+            .with_label_values(&label)
+            .set(source.banned as i64);
+        metrics
+            .source_requests
+            .with_label_values(&label)
+            .set(source.requests as i64);
+        metrics
+            .source_feedback
+            .with_label_values(&label)
+            .set(source.feedbacks as i64);
     }
     if let Some(fetcher) = &context.fetcher {
         for status in fetcher.statuses() {
             let label = [redact_url(&status.name)];
             let label = [label[0].as_str()];
-            metrics.fetch_parsed.with_label_values(&label).set(status.parsed as i64);
+            metrics
+                .fetch_parsed
+                .with_label_values(&label)
+                .set(status.parsed as i64);
             metrics
                 .fetch_failures
                 .with_label_values(&label)
@@ -258,8 +287,12 @@ pub fn metrics(context: &ApiContext) -> String {
     if let Some(last) = context.validator.as_ref().and_then(|v| v.history().pop()) {
         metrics.cycle_checked.set(last.checked as i64);
         metrics.cycle_alive.set(last.alive as i64);
-        metrics.cycle_duration_ms.set(last.duration.as_millis() as i64);
+        metrics
+            .cycle_duration_ms
+            .set(last.duration.as_millis() as i64);
     }
-    metrics.database_up.set(i64::from(context.health.database_up()));
+    metrics
+        .database_up
+        .set(i64::from(context.health.database_up()));
     metrics.render()
 }

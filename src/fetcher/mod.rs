@@ -60,7 +60,10 @@ impl SourceStatus {
             return format!("{}: error after {duration}: {error}", self.name);
         }
         if self.skipped {
-            return format!("{}: skipped (fetched by another instance this interval)", self.name);
+            return format!(
+                "{}: skipped (fetched by another instance this interval)",
+                self.name
+            );
         }
         if self.not_modified {
             return format!("{}: not modified ({duration})", self.name);
@@ -69,7 +72,11 @@ impl SourceStatus {
             "{}: {} bytes{}, {} lines, {} parsed, {} new, {} rejected, {} duplicates in {duration}",
             self.name,
             self.bytes,
-            if self.truncated { " (truncated at max_bytes)" } else { "" },
+            if self.truncated {
+                " (truncated at max_bytes)"
+            } else {
+                ""
+            },
             self.lines,
             self.parsed,
             self.new,
@@ -105,6 +112,8 @@ pub struct Fetcher {
     allow_private_addresses: bool,
     instance: String,
     yields: RwLock<HashMap<String, SourceYield>>,
+    /// Asks for a validation cycle when a fetch brought proxies never seen.
+    validate_now: Option<Sender<()>>,
 }
 
 /// Delay before retrying a failing list: 5 s doubling per consecutive
@@ -148,7 +157,15 @@ impl Fetcher {
             allow_private_addresses: config.fetcher.allow_private_addresses,
             instance,
             yields: RwLock::new(HashMap::new()),
+            validate_now: None,
         }
+    }
+
+    /// New proxies from a list then get checked at once instead of at the
+    /// next tick, so a fresh pool fills within seconds.
+    pub fn with_validation_trigger(mut self, validate_now: Sender<()>) -> Fetcher {
+        self.validate_now = Some(validate_now);
+        self
     }
 
     pub fn statuses(&self) -> Vec<SourceStatus> {
@@ -198,7 +215,10 @@ impl Fetcher {
 
     /// Starts one thread per source: a fetch at once, then on the source's
     /// fixed-rate grid, with exponential backoff after failures.
-    pub fn start(self: &Arc<Self>, shutdown: ShutdownSignal) -> std::io::Result<Vec<JoinHandle<()>>> {
+    pub fn start(
+        self: &Arc<Self>,
+        shutdown: ShutdownSignal,
+    ) -> std::io::Result<Vec<JoinHandle<()>>> {
         let mut handles = Vec::new();
         for index in 0..self.sources.len() {
             let fetcher = self.clone();
@@ -241,7 +261,10 @@ impl Fetcher {
         let source = &self.sources[index];
         let config = &source.config;
         if kind == FetchKind::Scheduled {
-            match self.store.claim_fetch(&config.name, config.interval, &self.instance) {
+            match self
+                .store
+                .claim_fetch(&config.name, config.interval, &self.instance)
+            {
                 Ok(true) => self.health.record_database(true, None),
                 Ok(false) => {
                     let mut status = source.status.lock();
@@ -252,14 +275,26 @@ impl Fetcher {
                 Err(err) => {
                     // Without the database the list could not be stored anyway.
                     self.health.record_database(false, Some(&err));
-                    return self.record_failure(source, Instant::now(), Utc::now(), err.to_string(), None);
+                    return self.record_failure(
+                        source,
+                        Instant::now(),
+                        Utc::now(),
+                        err.to_string(),
+                        None,
+                    );
                 }
             }
         }
         let started = Instant::now();
         let started_at = Utc::now();
         let validators = source.validators.lock().clone();
-        let downloaded = download::download(&self.agent, &config.url, self.timeout, self.max_bytes, &validators);
+        let downloaded = download::download(
+            &self.agent,
+            &config.url,
+            self.timeout,
+            self.max_bytes,
+            &validators,
+        );
         let (bytes, truncated, new_validators) = match downloaded {
             Ok(Downloaded::NotModified) => {
                 let mut status = source.status.lock();
@@ -274,7 +309,11 @@ impl Fetcher {
                 log::info!("{}", status.summary_line());
                 return (status.clone(), None);
             }
-            Ok(Downloaded::Body { bytes, truncated, validators }) => (bytes, truncated, validators),
+            Ok(Downloaded::Body {
+                bytes,
+                truncated,
+                validators,
+            }) => (bytes, truncated, validators),
             Err(err) => {
                 let retry_after = err.retry_after();
                 let message = match &err {
@@ -309,7 +348,13 @@ impl Fetcher {
             }
             Err(err) => {
                 self.health.record_database(false, Some(&err));
-                return self.record_failure(source, started, started_at, format!("cannot store the list: {err}"), None);
+                return self.record_failure(
+                    source,
+                    started,
+                    started_at,
+                    format!("cannot store the list: {err}"),
+                    None,
+                );
             }
         };
         // Only a stored list may be answered with 304 next time.
@@ -331,6 +376,12 @@ impl Fetcher {
         status.last_error = None;
         status.consecutive_failures = 0;
         log::info!("fetch {}", status.summary_line());
+        if counts.new > 0 {
+            if let Some(validate_now) = &self.validate_now {
+                // At most one job waits; a full channel means one is coming.
+                let _ = validate_now.try_send(());
+            }
+        }
         (status.clone(), None)
     }
 
