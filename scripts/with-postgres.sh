@@ -59,7 +59,9 @@ find_pg_bin() {
 free_port() {
   local port
   for _ in $(seq 1 200); do
-    port=$(( 20000 + RANDOM % 30000 ))
+    # Below Linux's ephemeral range (32768+), where outgoing connections
+    # would make a port look free and yet be taken.
+    port=$(( 15000 + RANDOM % 17000 ))
     if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
       echo "$port"
       return 0
@@ -90,8 +92,6 @@ start_local_cluster() {
     id postgres >/dev/null 2>&1 || useradd --system --home-dir /var/lib/postgresql --shell /bin/bash postgres
     run_as=(runuser -u postgres --)
   fi
-  local port
-  port=$(free_port) || { log "no free port found"; exit 1; }
   if [ "$keep_data" -eq 0 ] || [ ! -f "$data_dir/PG_VERSION" ]; then
     rm -rf "$data_dir"
     mkdir -p "$data_dir"
@@ -104,10 +104,23 @@ start_local_cluster() {
     local dir=$data_dir
     while [ "$dir" != "/" ]; do dir=$(dirname "$dir"); chmod o+x "$dir" 2>/dev/null || true; done
   fi
-  log "starting a local cluster on 127.0.0.1:$port"
-  "${run_as[@]}" "$PG_BIN/pg_ctl" -D "$data_dir" -l "$data_dir/server.log" -w -t 60 \
-    -o "-c listen_addresses=127.0.0.1 -c port=$port -c unix_socket_directories='$data_dir' -c max_connections=400 -c fsync=off -c synchronous_commit=off -c full_page_writes=off" \
-    start >/dev/null
+  local port attempt started=0
+  for attempt in 1 2 3 4 5; do
+    port=$(free_port) || { log "no free port found"; exit 1; }
+    log "starting a local cluster on 127.0.0.1:$port"
+    if "${run_as[@]}" "$PG_BIN/pg_ctl" -D "$data_dir" -l "$data_dir/server.log" -w -t 60 \
+      -o "-c listen_addresses=127.0.0.1 -c port=$port -c unix_socket_directories='$data_dir' -c max_connections=400 -c fsync=off -c synchronous_commit=off -c full_page_writes=off" \
+      start >/dev/null; then
+      started=1
+      break
+    fi
+    log "attempt $attempt failed (port taken?), retrying"
+  done
+  if [ "$started" -ne 1 ]; then
+    log "PostgreSQL did not start; its log:"
+    tail -20 "$data_dir/server.log" >&2
+    exit 1
+  fi
   cleanup_cmds+=("${run_as[*]} '$PG_BIN/pg_ctl' -D '$data_dir' -m fast -w stop")
   export DATABASE_URL="postgres://postgres@127.0.0.1:$port/postgres"
   export PROXY_POOL_PG_DATA="$data_dir"

@@ -241,8 +241,10 @@ pub fn due_policy(config: &Config) -> DuePolicy {
     DuePolicy {
         revalidate_after: config.validator.revalidate_after,
         retry_inactive_after: config.validator.retry_inactive_after,
-        // Long enough for a claimed batch to wait behind a full pool and be checked.
-        lease: (config.validator.timeout * 10).max(Duration::from_secs(60)),
+        // A claimed proxy waits behind at most two rounds of checks in
+        // flight, each within 1.2 × the timeout; after the lease, another
+        // instance may take it over (its claimer died).
+        lease: config.validator.timeout * 4 + Duration::from_secs(5),
     }
 }
 
