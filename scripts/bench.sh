@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Whole-service benchmarks, printed as tables with the machine, the commit and
+# the command. Speed and memory targets are checked here, never in tests.
+#   scripts/bench.sh            every benchmark
+#   scripts/bench.sh ingest     one of: ingest validate api state scale_out
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+all=(ingest validate api scale_out state)
+selected=("$@")
+[ ${#selected[@]} -eq 0 ] && selected=("${all[@]}")
+
+echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -sr)"
+echo "commit:  $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (with local changes)')"
+echo "date:    $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+
+cargo build --release --bins --benches --locked >&2
+
+run() {
+  local name=$1
+  if [ ! -f "benches/$name.rs" ]; then
+    echo "no benchmark named $name (have: ${all[*]})" >&2
+    return 1
+  fi
+  echo
+  echo "== $name: cargo bench --bench $name"
+  if [ "$name" = state ]; then
+    cargo bench --locked --bench state -- --warm-up-time 1 --measurement-time 3 2>&1 | grep -E "time:|^[a-z_/ ]+$" || true
+  else
+    cargo bench --locked --bench "$name" 2>/dev/null
+  fi
+}
+
+export -f run
+export all
+scripts/with-postgres.sh --data target/pgdata-bench -- bash -c '
+  for name in "$@"; do run "$name"; done
+' bench "${selected[@]}"
