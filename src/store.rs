@@ -251,7 +251,7 @@ impl Store {
         let lease = policy.lease.as_secs_f64();
         let rows = conn.query(
             &format!(
-                "UPDATE proxies SET lease_until = now() + $3 * interval '1 second'
+                "UPDATE proxies SET lease_until = now() + $3::float8 * interval '1 second'
                  WHERE id IN (
                      SELECT id FROM proxies
                      WHERE ({DUE_PREDICATE}) AND (lease_until IS NULL OR lease_until < now())
@@ -370,10 +370,12 @@ impl Store {
 }
 
 /// The contract's selection; $1 = revalidate_after seconds, $2 = retry seconds (0: never).
+/// The casts matter: without them `$2 > 0` makes PostgreSQL infer an integer
+/// parameter, and the f64 seconds no longer bind.
 const DUE_PREDICATE: &str = "last_validated_at IS NULL
-    OR (is_active AND last_validated_at < now() - $1 * interval '1 second')
-    OR ($2 > 0 AND NOT is_active AND last_seen_at > last_validated_at
-        AND last_validated_at < now() - $2 * interval '1 second')";
+    OR (is_active AND last_validated_at < now() - $1::float8 * interval '1 second')
+    OR ($2::float8 > 0 AND NOT is_active AND last_seen_at > last_validated_at
+        AND last_validated_at < now() - $2::float8 * interval '1 second')";
 
 fn policy_seconds(policy: &DuePolicy) -> (f64, f64) {
     (

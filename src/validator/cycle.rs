@@ -187,7 +187,8 @@ impl Validator {
         for _ in 0..in_flight {
             let _ = token_tx.send(());
         }
-        let (result_tx, result_rx) = crossbeam_channel::bounded::<(DueProxy, CheckOutcome)>(in_flight);
+        let (result_tx, result_rx) =
+            crossbeam_channel::bounded::<(DueProxy, CheckOutcome)>(in_flight);
         let writer = {
             let store = self.store.clone();
             let state = self.state.clone();
@@ -197,7 +198,9 @@ impl Validator {
             let progress = progress.clone();
             thread::Builder::new()
                 .name("validate-write".into())
-                .spawn(move || write_results(result_rx, store, state, health, checker, geoip, progress))
+                .spawn(move || {
+                    write_results(result_rx, store, state, health, checker, geoip, progress)
+                })
                 .expect("spawn the result writer")
         };
         let mut stop_reason = None;
@@ -211,7 +214,10 @@ impl Validator {
                 stop_reason = Some("judge became unreachable during the cycle".to_string());
                 break;
             }
-            let batch = match self.store.claim_due(&self.settings.policy, workers.max(100) as i64) {
+            let batch = match self
+                .store
+                .claim_due(&self.settings.policy, workers.max(100) as i64)
+            {
                 Ok(batch) => batch,
                 Err(err) => {
                     self.health.record_database(false, Some(&err));
@@ -301,7 +307,10 @@ fn write_results(
             if has_dead && checker.learn_own_ip().is_err() {
                 // The proxies may be fine: the judge is not. Drop the batch
                 // (their leases expire) and stop taking results.
-                log::warn!("judge unreachable in mid-cycle: {} results discarded", batch.len());
+                log::warn!(
+                    "judge unreachable in mid-cycle: {} results discarded",
+                    batch.len()
+                );
                 written.judge_down = true;
                 return written;
             }
@@ -355,7 +364,10 @@ fn write_results(
 }
 
 /// A batch write, retried a few times so a short database hiccup loses nothing.
-fn write_with_retry(store: &Store, records: &[CheckRecord]) -> Result<(), crate::store::StoreError> {
+fn write_with_retry(
+    store: &Store,
+    records: &[CheckRecord],
+) -> Result<(), crate::store::StoreError> {
     let mut delay = Duration::from_millis(250);
     let mut attempt = 0;
     loop {
