@@ -372,6 +372,8 @@ impl Store {
 }
 
 /// The contract's selection; $1 = revalidate_after seconds, $2 = retry seconds (0: never).
+/// The casts matter: without them `$2 > 0` makes PostgreSQL infer an integer
+/// parameter, and the f64 seconds no longer bind.
 const DUE_PREDICATE: &str = "last_validated_at IS NULL
     OR (is_active AND last_validated_at < now() - $1::float8 * interval '1 second')
     OR ($2::float8 > 0 AND NOT is_active AND last_seen_at > last_validated_at

@@ -11,14 +11,15 @@
 //!   is `supports_https`. A proxy listed as `https` that refuses CONNECT still
 //!   counts as alive (it does serve http) with `supports_https = false`, so
 //!   that clients asking `https=true` never get it.
-//! - socks4 and socks5: one request through the SOCKS tunnel (ureq). A SOCKS
+//! - socks4 and socks5: one request through the SOCKS tunnel (ureq for
+//!   socks5; socks4 by hand, because ureq sends no SOCKS4 user id). A SOCKS
 //!   tunnel carries any TCP stream, so a live one has `supports_https = true`.
 //!
 //! ureq agents are built per check (a proxy is part of an agent's config).
 //! That costs a few small allocations, nothing next to a network round trip,
 //! and no idle connections are kept.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, SocketAddr, SocketAddrV4, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
 use ureq::{Agent, Proxy, ProxyProtocol};
@@ -215,10 +216,10 @@ impl Checker {
         let started = Instant::now();
         let deadline = started + self.config.timeout;
         let (url, expect) = self.judge.fresh_url();
-        let answer = if proxy.protocol.is_http() {
-            self.absolute_uri_get(proxy, &url, deadline)
-        } else {
-            self.socks_get(proxy, &url)
+        let answer = match proxy.protocol {
+            Protocol::Http | Protocol::Https => self.absolute_uri_get(proxy, &url, deadline),
+            Protocol::Socks4 => self.socks4_get(proxy, &url, deadline),
+            Protocol::Socks5 => self.socks_get(proxy, &url),
         };
         let view = match answer.and_then(|(status, body)| classify(status, &body, &expect)) {
             Ok(view) => view,
@@ -264,6 +265,36 @@ impl Checker {
         let address = SocketAddr::new(proxy.ip, proxy.port);
         let response = raw_http::exchange(
             address,
+            &request,
+            self.config.connect_timeout,
+            deadline,
+            limits,
+        )?;
+        Ok((response.status, response.body))
+    }
+
+    /// SOCKS4 by hand: ureq sends an empty user id, so a proxy listed with
+    /// one (and requiring it) would look dead.
+    fn socks4_get(
+        &self,
+        proxy: &ProxyKey,
+        url: &str,
+        deadline: Instant,
+    ) -> Result<(u16, Vec<u8>), DeadReason> {
+        let target = judge_ipv4(&self.judge.authority)?;
+        let path = url
+            .strip_prefix("http://")
+            .and_then(|rest| rest.strip_prefix(self.judge.authority.as_str()))
+            .unwrap_or("/");
+        let request = judge_request(path, &self.judge.authority, None);
+        let limits = Limits {
+            max_head_bytes: MAX_HEAD_BYTES,
+            max_body_bytes: self.config.max_body_bytes,
+        };
+        let response = raw_http::exchange_socks4(
+            SocketAddr::new(proxy.ip, proxy.port),
+            proxy.username.as_deref().unwrap_or(""),
+            target,
             &request,
             self.config.connect_timeout,
             deadline,
@@ -341,17 +372,48 @@ impl Checker {
 /// The absolute-URI request, with `Proxy-Authorization` when the proxy has
 /// credentials.
 fn absolute_uri_request(url: &str, authority: &str, proxy: &ProxyKey) -> Vec<u8> {
+    judge_request(url, authority, Some(proxy))
+}
+
+/// A GET of `target` (an absolute URI for an http proxy, a path inside a
+/// tunnel), with `Proxy-Authorization` when `proxy` has credentials.
+fn judge_request(target: &str, authority: &str, proxy: Option<&ProxyKey>) -> Vec<u8> {
     let mut request = format!(
-        "GET {url} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: {USER_AGENT}\r\nAccept: application/json, */*;q=0.8\r\n"
+        "GET {target} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: {USER_AGENT}\r\nAccept: application/json, */*;q=0.8\r\n"
     );
-    if let Some(user) = &proxy.username {
-        let credentials = format!("{user}:{}", proxy.password.as_deref().unwrap_or(""));
-        request.push_str("Proxy-Authorization: Basic ");
-        request.push_str(&base64(credentials.as_bytes()));
-        request.push_str("\r\n");
+    if let Some(proxy) = proxy {
+        if let Some(user) = &proxy.username {
+            let credentials = format!("{user}:{}", proxy.password.as_deref().unwrap_or(""));
+            request.push_str("Proxy-Authorization: Basic ");
+            request.push_str(&base64(credentials.as_bytes()));
+            request.push_str("\r\n");
+        }
     }
     request.push_str("Connection: close\r\n\r\n");
     request.into_bytes()
+}
+
+/// The judge's IPv4 address: SOCKS4 cannot name a host or an IPv6 address.
+fn judge_ipv4(authority: &str) -> Result<SocketAddrV4, DeadReason> {
+    let has_port = !authority.ends_with(']')
+        && authority
+            .rsplit_once(':')
+            .is_some_and(|(_, port)| port.parse::<u16>().is_ok());
+    let with_port = if has_port {
+        authority.to_string()
+    } else {
+        format!("{authority}:80")
+    };
+    let addresses = with_port
+        .to_socket_addrs()
+        .map_err(|error| DeadReason::Io(format!("judge address: {error}")))?;
+    addresses
+        .filter_map(|address| match address {
+            SocketAddr::V4(v4) => Some(v4),
+            SocketAddr::V6(_) => None,
+        })
+        .next()
+        .ok_or_else(|| DeadReason::Io("the judge has no IPv4 address for socks4".into()))
 }
 
 fn ureq_proxy(protocol: ProxyProtocol, proxy: &ProxyKey) -> Result<Proxy, DeadReason> {
@@ -781,6 +843,47 @@ mod tests {
         let _ = stream.write_all(&[0, 90, 0, 0, 0, 0, 0, 0]);
         let head = read_head(&mut stream);
         respond(&mut stream, "200 OK", &echo_body(&head, EXIT, &[]));
+    }
+
+    /// A SOCKS4 proxy that grants only the user id `farmer`.
+    fn socks4_with_user_id(mut stream: TcpStream) {
+        let mut request = [0u8; 8];
+        if stream.read_exact(&mut request).is_err() || request[..2] != [4, 1] {
+            return;
+        }
+        let mut user_id = Vec::new();
+        let mut byte = [1u8; 1];
+        loop {
+            if stream.read_exact(&mut byte).is_err() {
+                return;
+            }
+            if byte[0] == 0 {
+                break;
+            }
+            user_id.push(byte[0]);
+        }
+        if user_id != b"farmer" {
+            let _ = stream.write_all(&[0, 93, 0, 0, 0, 0, 0, 0]);
+            return;
+        }
+        let _ = stream.write_all(&[0, 90, 0, 0, 0, 0, 0, 0]);
+        let head = read_head(&mut stream);
+        respond(&mut stream, "200 OK", &echo_body(&head, EXIT, &[]));
+    }
+
+    #[test]
+    fn socks4_user_id_is_sent() {
+        let mut listed = key(Protocol::Socks4, fake(socks4_with_user_id));
+        listed.username = Some("farmer".into());
+        let outcome = checker(9, 3000).check(&listed, own());
+        assert!(outcome.alive, "{outcome:?}");
+        let mut wrong = key(Protocol::Socks4, fake(socks4_with_user_id));
+        wrong.username = Some("someone".into());
+        let outcome = checker(9, 3000).check(&wrong, own());
+        assert!(
+            matches!(outcome.dead_reason, Some(DeadReason::Socks(_))),
+            "{outcome:?}"
+        );
     }
 
     #[test]

@@ -196,9 +196,11 @@ pub fn anonymity(view: &JudgeView, own_ip: IpAddr) -> (Anonymity, Vec<String>) {
         leaks.push(format!("origin: {}", view.origin));
     }
     // Any header carrying our address betrays us, whatever its name: some
-    // proxies invent their own (`X-ProxyUser-Ip`).
+    // proxies invent their own (`X-ProxyUser-Ip`). `Host` is the exception:
+    // it names the judge, which is our own address when the service is its
+    // own judge (or both sit on one loopback address).
     for (name, value) in &view.headers {
-        if mentions_ip(value, own_ip) {
+        if !name.eq_ignore_ascii_case("host") && mentions_ip(value, own_ip) {
             leaks.push(format!("{name}: {value}"));
         }
     }
@@ -297,6 +299,15 @@ mod tests {
         let (grade, evidence) = grade("198.51.100.9", &[("Host", "judge"), ("User-Agent", "x")]);
         assert_eq!(grade, Anonymity::Elite);
         assert!(evidence.is_empty());
+    }
+
+    #[test]
+    fn host_naming_our_own_address_is_not_a_leak() {
+        // The service judging itself (or judge and validator on one
+        // loopback address): the Host header names the judge, not a client.
+        let host = format!("{OWN}:8080");
+        let (grade, evidence) = grade("198.51.100.9", &[("Host", &host)]);
+        assert_eq!(grade, Anonymity::Elite, "{evidence:?}");
     }
 
     #[test]
