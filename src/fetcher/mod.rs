@@ -15,7 +15,7 @@ use chrono::{DateTime, Utc};
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::{Mutex, RwLock};
 
-use crate::config::{Config, SourceConfig};
+use crate::config::{redact_url, Config, SourceConfig};
 use crate::health::Health;
 use crate::scheduler::next_tick;
 use crate::shutdown::ShutdownSignal;
@@ -56,11 +56,15 @@ impl SourceStatus {
             .last_duration
             .map(|d| format!("{} ms", d.as_millis()))
             .unwrap_or_else(|| "-".into());
+        // Before the error: a skip leaves the last fetch's error in place.
+        if self.skipped {
+            return format!(
+                "{}: skipped (fetched by another instance this interval)",
+                self.name
+            );
+        }
         if let Some(error) = &self.last_error {
             return format!("{}: error after {duration}: {error}", self.name);
-        }
-        if self.skipped {
-            return format!("{}: skipped (fetched by another instance this interval)", self.name);
         }
         if self.not_modified {
             return format!("{}: not modified ({duration})", self.name);
@@ -69,7 +73,11 @@ impl SourceStatus {
             "{}: {} bytes{}, {} lines, {} parsed, {} new, {} rejected, {} duplicates in {duration}",
             self.name,
             self.bytes,
-            if self.truncated { " (truncated at max_bytes)" } else { "" },
+            if self.truncated {
+                " (truncated at max_bytes)"
+            } else {
+                ""
+            },
             self.lines,
             self.parsed,
             self.new,
@@ -81,6 +89,10 @@ impl SourceStatus {
 
 struct SourceRuntime {
     config: SourceConfig,
+    /// The source's name with any password in it hidden. A `source_urls`
+    /// entry is named by its URL, which may carry credentials: this is the
+    /// name logs, statuses and the database see.
+    name: String,
     status: Mutex<SourceStatus>,
     validators: Mutex<CacheValidators>,
     /// Asks the source's thread to fetch now (POST /admin/fetch); holds at most one.
@@ -107,12 +119,19 @@ pub struct Fetcher {
     yields: RwLock<HashMap<String, SourceYield>>,
 }
 
+/// The first retry of a failing list: soon, as most failures are blips.
+const FIRST_RETRY: Duration = Duration::from_secs(5);
+/// A list that keeps failing is still tried this often, or at its interval
+/// when that is longer.
+const SLOWEST_RETRY: Duration = Duration::from_secs(15 * 60);
+
 /// Delay before retrying a failing list: 5 s doubling per consecutive
-/// failure, capped at the list's interval, but never sooner than the server's
-/// Retry-After.
+/// failure, up to the list's interval or 15 minutes, whichever is longer (a
+/// dead list is left alone, not hit at its regular rate), and never sooner
+/// than the server's Retry-After.
 pub fn failure_delay(interval: Duration, failures: u32, retry_after: Option<Duration>) -> Duration {
     let exponent = failures.saturating_sub(1).min(20);
-    let backoff = (Duration::from_secs(5) * (1u32 << exponent)).min(interval);
+    let backoff = (FIRST_RETRY * (1u32 << exponent)).min(interval.max(SLOWEST_RETRY));
     match retry_after {
         Some(wait) => backoff.max(wait),
         None => backoff,
@@ -125,11 +144,13 @@ impl Fetcher {
             .sources
             .iter()
             .map(|source| {
+                let name = redact_url(&source.name);
                 Arc::new(SourceRuntime {
                     config: source.clone(),
+                    name: name.clone(),
                     status: Mutex::new(SourceStatus {
-                        name: source.name.clone(),
-                        url: source.url.clone(),
+                        name,
+                        url: redact_url(&source.url),
                         interval: source.interval,
                         ..SourceStatus::default()
                     }),
@@ -198,7 +219,10 @@ impl Fetcher {
 
     /// Starts one thread per source: a fetch at once, then on the source's
     /// fixed-rate grid, with exponential backoff after failures.
-    pub fn start(self: &Arc<Self>, shutdown: ShutdownSignal) -> std::io::Result<Vec<JoinHandle<()>>> {
+    pub fn start(
+        self: &Arc<Self>,
+        shutdown: ShutdownSignal,
+    ) -> std::io::Result<Vec<JoinHandle<()>>> {
         let mut handles = Vec::new();
         for index in 0..self.sources.len() {
             let fetcher = self.clone();
@@ -220,7 +244,8 @@ impl Fetcher {
         loop {
             let (status, retry_after) = self.fetch_source(index, kind);
             let now = Instant::now();
-            due = if status.last_error.is_some() {
+            // A skip is not a failure: another instance fetched the list.
+            due = if status.last_error.is_some() && !status.skipped {
                 now + failure_delay(interval, status.consecutive_failures, retry_after)
             } else if kind == FetchKind::Manual && now < due {
                 // A manual fetch does not move the regular schedule.
@@ -241,25 +266,40 @@ impl Fetcher {
         let source = &self.sources[index];
         let config = &source.config;
         if kind == FetchKind::Scheduled {
-            match self.store.claim_fetch(&config.name, config.interval, &self.instance) {
+            match self
+                .store
+                .claim_fetch(&source.name, config.interval, &self.instance)
+            {
                 Ok(true) => self.health.record_database(true, None),
                 Ok(false) => {
                     let mut status = source.status.lock();
                     status.skipped = true;
-                    log::debug!("{}: fetched by another instance this interval", config.name);
+                    log::debug!("{}: fetched by another instance this interval", source.name);
                     return (status.clone(), None);
                 }
                 Err(err) => {
                     // Without the database the list could not be stored anyway.
                     self.health.record_database(false, Some(&err));
-                    return self.record_failure(source, Instant::now(), Utc::now(), err.to_string(), None);
+                    return self.record_failure(
+                        source,
+                        Instant::now(),
+                        Utc::now(),
+                        err.to_string(),
+                        None,
+                    );
                 }
             }
         }
         let started = Instant::now();
         let started_at = Utc::now();
         let validators = source.validators.lock().clone();
-        let downloaded = download::download(&self.agent, &config.url, self.timeout, self.max_bytes, &validators);
+        let downloaded = download::download(
+            &self.agent,
+            &config.url,
+            self.timeout,
+            self.max_bytes,
+            &validators,
+        );
         let (bytes, truncated, new_validators) = match downloaded {
             Ok(Downloaded::NotModified) => {
                 let mut status = source.status.lock();
@@ -274,7 +314,11 @@ impl Fetcher {
                 log::info!("{}", status.summary_line());
                 return (status.clone(), None);
             }
-            Ok(Downloaded::Body { bytes, truncated, validators }) => (bytes, truncated, validators),
+            Ok(Downloaded::Body {
+                bytes,
+                truncated,
+                validators,
+            }) => (bytes, truncated, validators),
             Err(err) => {
                 let retry_after = err.retry_after();
                 let message = match &err {
@@ -296,20 +340,26 @@ impl Fetcher {
         for reject in parsed.first_rejects.iter().take(3) {
             log::info!(
                 "{}: line {} rejected ({}): {}",
-                config.name,
+                source.name,
                 reject.line,
                 reject.reason,
                 reject.text
             );
         }
-        let counts = match self.store.upsert_listed(&config.name, &parsed.proxies) {
+        let counts = match self.store.upsert_listed(&source.name, &parsed.proxies) {
             Ok(counts) => {
                 self.health.record_database(true, None);
                 counts
             }
             Err(err) => {
                 self.health.record_database(false, Some(&err));
-                return self.record_failure(source, started, started_at, format!("cannot store the list: {err}"), None);
+                return self.record_failure(
+                    source,
+                    started,
+                    started_at,
+                    format!("cannot store the list: {err}"),
+                    None,
+                );
             }
         };
         // Only a stored list may be answered with 304 next time.
@@ -345,7 +395,7 @@ impl Fetcher {
         let mut status = source.status.lock();
         // Logged once per distinct error, not at every retry.
         if status.last_error.as_deref() != Some(message.as_str()) {
-            log::warn!("fetch {}: {message}", source.config.name);
+            log::warn!("fetch {}: {message}", source.name);
         }
         status.fetches += 1;
         status.last_started_at = Some(started_at);
@@ -362,13 +412,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn failures_back_off_exponentially_up_to_the_interval() {
+    fn failures_back_off_exponentially_up_to_the_interval_or_a_quarter_hour() {
         let interval = Duration::from_secs(300);
         assert_eq!(failure_delay(interval, 1, None), Duration::from_secs(5));
         assert_eq!(failure_delay(interval, 2, None), Duration::from_secs(10));
         assert_eq!(failure_delay(interval, 4, None), Duration::from_secs(40));
-        assert_eq!(failure_delay(interval, 10, None), interval);
-        assert_eq!(failure_delay(interval, 100, None), interval);
+        assert_eq!(failure_delay(interval, 10, None), SLOWEST_RETRY);
+        assert_eq!(failure_delay(interval, 100, None), SLOWEST_RETRY);
+        let hourly = Duration::from_secs(3600);
+        assert_eq!(failure_delay(hourly, 10, None), Duration::from_secs(2560));
+        assert_eq!(failure_delay(hourly, 12, None), hourly);
+        // A list fetched every second is not hammered while it fails.
+        let busy = Duration::from_secs(1);
+        assert_eq!(failure_delay(busy, 1, None), FIRST_RETRY);
+        assert_eq!(failure_delay(busy, 3, None), Duration::from_secs(20));
     }
 
     #[test]
