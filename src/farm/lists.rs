@@ -68,7 +68,8 @@ pub fn junk(entries: &[ManifestEntry]) -> String {
         "ftp://127.0.0.1:21",
         "http://127.0.0.1:80abc",
         "<html><body>",
-        "127.0.0.1:8080:extra:fields:here",
+        // Not `ip:port:user:pass` with a colon in the password: the user is empty.
+        "127.0.0.1:8080::fields:here",
         "\u{0}\u{1}binary\u{7f}",
     ];
     let mut body = String::from("\u{feff}");

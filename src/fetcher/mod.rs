@@ -15,7 +15,7 @@ use chrono::{DateTime, Utc};
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::{Mutex, RwLock};
 
-use crate::config::{Config, SourceConfig};
+use crate::config::{redact_url, Config, SourceConfig};
 use crate::health::Health;
 use crate::scheduler::next_tick;
 use crate::shutdown::ShutdownSignal;
@@ -56,14 +56,15 @@ impl SourceStatus {
             .last_duration
             .map(|d| format!("{} ms", d.as_millis()))
             .unwrap_or_else(|| "-".into());
-        if let Some(error) = &self.last_error {
-            return format!("{}: error after {duration}: {error}", self.name);
-        }
+        // Before the error: a skip leaves the last fetch's error in place.
         if self.skipped {
             return format!(
                 "{}: skipped (fetched by another instance this interval)",
                 self.name
             );
+        }
+        if let Some(error) = &self.last_error {
+            return format!("{}: error after {duration}: {error}", self.name);
         }
         if self.not_modified {
             return format!("{}: not modified ({duration})", self.name);
@@ -88,6 +89,10 @@ impl SourceStatus {
 
 struct SourceRuntime {
     config: SourceConfig,
+    /// The source's name with any password in it hidden. A `source_urls`
+    /// entry is named by its URL, which may carry credentials: this is the
+    /// name logs, statuses and the database see.
+    name: String,
     status: Mutex<SourceStatus>,
     validators: Mutex<CacheValidators>,
     /// Asks the source's thread to fetch now (POST /admin/fetch); holds at most one.
@@ -116,12 +121,19 @@ pub struct Fetcher {
     validate_now: Option<Sender<()>>,
 }
 
+/// The first retry of a failing list: soon, as most failures are blips.
+const FIRST_RETRY: Duration = Duration::from_secs(5);
+/// A list that keeps failing is still tried this often, or at its interval
+/// when that is longer.
+const SLOWEST_RETRY: Duration = Duration::from_secs(15 * 60);
+
 /// Delay before retrying a failing list: 5 s doubling per consecutive
-/// failure, capped at the list's interval, but never sooner than the server's
-/// Retry-After.
+/// failure, up to the list's interval or 15 minutes, whichever is longer (a
+/// dead list is left alone, not hit at its regular rate), and never sooner
+/// than the server's Retry-After.
 pub fn failure_delay(interval: Duration, failures: u32, retry_after: Option<Duration>) -> Duration {
     let exponent = failures.saturating_sub(1).min(20);
-    let backoff = (Duration::from_secs(5) * (1u32 << exponent)).min(interval);
+    let backoff = (FIRST_RETRY * (1u32 << exponent)).min(interval.max(SLOWEST_RETRY));
     match retry_after {
         Some(wait) => backoff.max(wait),
         None => backoff,
@@ -134,11 +146,13 @@ impl Fetcher {
             .sources
             .iter()
             .map(|source| {
+                let name = redact_url(&source.name);
                 Arc::new(SourceRuntime {
                     config: source.clone(),
+                    name: name.clone(),
                     status: Mutex::new(SourceStatus {
-                        name: source.name.clone(),
-                        url: source.url.clone(),
+                        name,
+                        url: redact_url(&source.url),
                         interval: source.interval,
                         ..SourceStatus::default()
                     }),
@@ -240,7 +254,8 @@ impl Fetcher {
         loop {
             let (status, retry_after) = self.fetch_source(index, kind);
             let now = Instant::now();
-            due = if status.last_error.is_some() {
+            // A skip is not a failure: another instance fetched the list.
+            due = if status.last_error.is_some() && !status.skipped {
                 now + failure_delay(interval, status.consecutive_failures, retry_after)
             } else if kind == FetchKind::Manual && now < due {
                 // A manual fetch does not move the regular schedule.
@@ -263,13 +278,13 @@ impl Fetcher {
         if kind == FetchKind::Scheduled {
             match self
                 .store
-                .claim_fetch(&config.name, config.interval, &self.instance)
+                .claim_fetch(&source.name, config.interval, &self.instance)
             {
                 Ok(true) => self.health.record_database(true, None),
                 Ok(false) => {
                     let mut status = source.status.lock();
                     status.skipped = true;
-                    log::debug!("{}: fetched by another instance this interval", config.name);
+                    log::debug!("{}: fetched by another instance this interval", source.name);
                     return (status.clone(), None);
                 }
                 Err(err) => {
@@ -335,13 +350,13 @@ impl Fetcher {
         for reject in parsed.first_rejects.iter().take(3) {
             log::info!(
                 "{}: line {} rejected ({}): {}",
-                config.name,
+                source.name,
                 reject.line,
                 reject.reason,
                 reject.text
             );
         }
-        let counts = match self.store.upsert_listed(&config.name, &parsed.proxies) {
+        let counts = match self.store.upsert_listed(&source.name, &parsed.proxies) {
             Ok(counts) => {
                 self.health.record_database(true, None);
                 counts
@@ -396,7 +411,7 @@ impl Fetcher {
         let mut status = source.status.lock();
         // Logged once per distinct error, not at every retry.
         if status.last_error.as_deref() != Some(message.as_str()) {
-            log::warn!("fetch {}: {message}", source.config.name);
+            log::warn!("fetch {}: {message}", source.name);
         }
         status.fetches += 1;
         status.last_started_at = Some(started_at);
@@ -413,13 +428,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn failures_back_off_exponentially_up_to_the_interval() {
+    fn failures_back_off_exponentially_up_to_the_interval_or_a_quarter_hour() {
         let interval = Duration::from_secs(300);
         assert_eq!(failure_delay(interval, 1, None), Duration::from_secs(5));
         assert_eq!(failure_delay(interval, 2, None), Duration::from_secs(10));
         assert_eq!(failure_delay(interval, 4, None), Duration::from_secs(40));
-        assert_eq!(failure_delay(interval, 10, None), interval);
-        assert_eq!(failure_delay(interval, 100, None), interval);
+        assert_eq!(failure_delay(interval, 10, None), SLOWEST_RETRY);
+        assert_eq!(failure_delay(interval, 100, None), SLOWEST_RETRY);
+        let hourly = Duration::from_secs(3600);
+        assert_eq!(failure_delay(hourly, 10, None), Duration::from_secs(2560));
+        assert_eq!(failure_delay(hourly, 12, None), hourly);
+        // A list fetched every second is not hammered while it fails.
+        let busy = Duration::from_secs(1);
+        assert_eq!(failure_delay(busy, 1, None), FIRST_RETRY);
+        assert_eq!(failure_delay(busy, 3, None), Duration::from_secs(20));
     }
 
     #[test]

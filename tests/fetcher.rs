@@ -1,0 +1,895 @@
+//! The fetcher end to end: the farm's list server on loopback, a real
+//! PostgreSQL database per test, and the library's `Fetcher` (and, where the
+//! outside matters, the `proxy-pool fetch` and `import` commands). Guards what
+//! arrives in the table from every list format, how hostile lists fail, that
+//! schedules are independent and back off, that re-listing never deletes or
+//! forgets, conditional requests, the one-fetch-per-interval claim between
+//! instances, and that no password reaches a log line.
+
+mod support;
+
+use std::collections::HashSet;
+use std::net::{IpAddr, Ipv4Addr};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use proxy_pool::config::{Config, DatabaseConfig};
+use proxy_pool::farm::{Farm, FarmSpec};
+use proxy_pool::fetcher::{FetchKind, Fetcher, SourceStatus};
+use proxy_pool::health::Health;
+use proxy_pool::proxy::{Protocol, ProxyKey};
+use proxy_pool::shutdown::Shutdown;
+use proxy_pool::store::{CheckRecord, SourceYield, Store};
+
+use support::{wait_for, TestDb};
+
+/// A test's world: its database, its farm, and a store on the database.
+struct World {
+    db: TestDb,
+    farm: Farm,
+    store: Store,
+}
+
+impl World {
+    fn new(spec: FarmSpec) -> World {
+        let db = TestDb::new();
+        let farm = Farm::start(spec).expect("farm");
+        let store = Store::connect(&DatabaseConfig {
+            url: db.url.clone(),
+            pool_size: 4,
+            checkout_timeout: Duration::from_secs(10),
+        })
+        .expect("store");
+        store.migrate().expect("migrate");
+        World { db, farm, store }
+    }
+
+    /// A config with `fetcher` keys (besides the test defaults) and any
+    /// `[source.NAME]` sections; `{farm}` in either stands for the list
+    /// server's address.
+    fn config(&self, fetcher: &str, sources: &str) -> Config {
+        let farm = self.farm.server_addr().to_string();
+        let text = format!(
+            "[database]\nurl = {}\npool_size = 4\n\
+             [server]\nbind = 127.0.0.1:0\n\
+             [fetcher]\nallow_private_addresses = true\n{}\n{}\n",
+            self.db.url,
+            fetcher.replace("{farm}", &farm),
+            sources.replace("{farm}", &farm)
+        );
+        Config::parse(&text, "test.ini", None).unwrap_or_else(|err| panic!("{err}\n{text}"))
+    }
+
+    fn fetcher(&self, config: &Config, instance: &str) -> Arc<Fetcher> {
+        Arc::new(Fetcher::new(
+            config,
+            self.store.clone(),
+            Arc::new(Health::new()),
+            instance.to_string(),
+        ))
+    }
+
+    /// A fetcher of one list, `[source.NAME]` on the farm's `/lists/LIST`.
+    fn one_list(&self, name: &str, list: &str, fetcher_keys: &str, protocol: &str) -> Arc<Fetcher> {
+        let config = self.config(
+            fetcher_keys,
+            &format!(
+                "[source.{name}]\nurl = http://{{farm}}/lists/{list}\ninterval_seconds = 60\nprotocol = {protocol}\n"
+            ),
+        );
+        self.fetcher(&config, "test")
+    }
+
+    fn rows(&self) -> HashSet<ProxyKey> {
+        self.db
+            .client()
+            .query(
+                "SELECT protocol, ip, port, username, password FROM proxies",
+                &[],
+            )
+            .expect("select proxies")
+            .iter()
+            .map(|row| ProxyKey {
+                protocol: Protocol::from_scheme(row.get(0)).expect("protocol"),
+                ip: row.get(1),
+                port: u16::try_from(row.get::<_, i32>(2)).expect("port"),
+                username: row.get(3),
+                password: row.get(4),
+            })
+            .collect()
+    }
+
+    fn count(&self, sql: &str) -> i64 {
+        self.db.client().query_one(sql, &[]).expect("count").get(0)
+    }
+}
+
+fn key(
+    protocol: Protocol,
+    ip: &str,
+    port: u16,
+    credentials: Option<(&str, Option<&str>)>,
+) -> ProxyKey {
+    let mut key = ProxyKey::new(protocol, ip.parse().expect("ip"), port);
+    if let Some((user, password)) = credentials {
+        key.username = Some(user.to_string());
+        key.password = password.map(str::to_string);
+    }
+    key
+}
+
+fn fetch(fetcher: &Arc<Fetcher>) -> SourceStatus {
+    fetcher.fetch_source(0, FetchKind::Manual).0
+}
+
+fn assert_ok(status: &SourceStatus) {
+    assert_eq!(status.last_error, None, "{}", status.summary_line());
+}
+
+fn every_behaviour(first: [u8; 4]) -> FarmSpec {
+    FarmSpec::every_behaviour().first_proxy_ip(Ipv4Addr::from(first))
+}
+
+// ---------------------------------------------------------------------------
+// 1. Formats and hostile lists
+
+#[test]
+fn bare_lines_take_the_protocol_of_their_source() {
+    let world = World::new(every_behaviour([127, 21, 0, 1]));
+    let fetcher = world.one_list("plain", "plain", "", "socks4");
+    let status = fetch(&fetcher);
+    assert_ok(&status);
+    let expected: HashSet<ProxyKey> = world
+        .farm
+        .manifest()
+        .iter()
+        .map(|entry| ProxyKey::new(Protocol::Socks4, entry.ip, entry.port))
+        .collect();
+    assert_eq!(world.rows(), expected);
+    assert_eq!(status.parsed, expected.len() as u64);
+    assert_eq!(status.new, expected.len() as u64);
+    assert_eq!((status.rejected, status.duplicates), (0, 0));
+    assert!(!status.truncated);
+}
+
+#[test]
+fn scheme_urls_keep_their_protocol_and_percent_decoded_credentials() {
+    let world = World::new(every_behaviour([127, 22, 0, 1]));
+    let fetcher = world.one_list("schemes", "schemes", "", "socks5");
+    let status = fetch(&fetcher);
+    assert_ok(&status);
+    let expected: HashSet<ProxyKey> = world.farm.manifest().iter().map(|e| e.key()).collect();
+    // The farm's credentials include a space, an `@` and a `:` in passwords.
+    assert!(expected
+        .iter()
+        .any(|k| k.password.as_deref() == Some("s3cret:pass")));
+    assert_eq!(world.rows(), expected);
+    assert_eq!(status.rejected, 0);
+}
+
+#[test]
+fn a_hostile_but_parseable_list_stores_exactly_its_proxies_and_counts_its_junk() {
+    let world = World::new(every_behaviour([127, 23, 0, 1]));
+    let fetcher = world.one_list("junk", "junk", "", "http");
+    let status = fetch(&fetcher);
+    assert_ok(&status);
+    let expected: HashSet<ProxyKey> = world.farm.manifest().iter().map(|e| e.key()).collect();
+    assert_eq!(world.rows(), expected);
+    assert_eq!(status.parsed, expected.len() as u64);
+    // Every junk line that is not blank or a comment is rejected, whether it
+    // sits between proxies or in the block at the end.
+    let junk_lines_between = expected.len();
+    let blank_or_comment = |i: usize| matches!(i % 16, 0..=2);
+    let rejected_between = (0..junk_lines_between)
+        .filter(|i| !blank_or_comment(*i))
+        .count();
+    assert_eq!(
+        status.rejected,
+        (rejected_between + 13) as u64,
+        "{}",
+        status.summary_line()
+    );
+}
+
+#[test]
+fn every_accepted_line_format_arrives_in_the_table() {
+    let world = World::new(FarmSpec::new());
+    let body = "\u{feff}# a proxy list\r\n\
+        // generated for the test\r\n\
+        \r\n\
+        127.30.0.1:8080\r\n\
+        http://127.30.0.2:3128\n\
+        HTTPS://127.30.0.3:443/\n\
+        socks4://127.30.0.4:1080\n\
+        socks5h://127.30.0.5:1080\n\
+        socks5://us%20er:p%40ss@127.30.0.6:1080\n\
+        user:pass@127.30.0.7:3128\n\
+        127.30.0.8:3128:user8:pa:ss\n\
+        127.30.0.9:3128:token\n\
+        [::1]:8080\n\
+        socks5://[::1]:1081\n\
+        [::ffff:127.30.0.10]:80\n\
+        \t 127.30.0.11:8080\t US elite 120ms\n\
+        127.30.0.12:8080,US,elite\n\
+        127.30.0.13:8080;US\n\
+        127.30.0.14:8080|US|1.2s\n\
+        http://u:a,b;c@127.30.0.15:80,US\n\
+        127.30.0.1:8080\n\
+        http://127.30.0.1:8080   # the first line again\n\
+        not a proxy\n\
+        999.1.1.1:80\n\
+        127.30.0.16:0\n\
+        ftp://127.30.0.17:21\n\
+        proxy.example.com:8080\n\
+        :secret@127.30.0.18:80\n\
+        <tr><td>127.30.0.19</td><td>80</td></tr>\n\
+        127.30.0.20:80"; // no final newline
+    world.farm.set_list("formats", body.to_string());
+    let fetcher = world.one_list("formats", "formats", "", "socks5");
+    let status = fetch(&fetcher);
+    assert_ok(&status);
+    use Protocol::*;
+    let expected: HashSet<ProxyKey> = [
+        key(Socks5, "127.30.0.1", 8080, None),
+        key(Http, "127.30.0.2", 3128, None),
+        key(Https, "127.30.0.3", 443, None),
+        key(Socks4, "127.30.0.4", 1080, None),
+        key(Socks5, "127.30.0.5", 1080, None),
+        key(Socks5, "127.30.0.6", 1080, Some(("us er", Some("p@ss")))),
+        key(Socks5, "127.30.0.7", 3128, Some(("user", Some("pass")))),
+        key(Socks5, "127.30.0.8", 3128, Some(("user8", Some("pa:ss")))),
+        key(Socks5, "127.30.0.9", 3128, Some(("token", None))),
+        key(Socks5, "::1", 8080, None),
+        key(Socks5, "::1", 1081, None),
+        key(Socks5, "127.30.0.10", 80, None),
+        key(Socks5, "127.30.0.11", 8080, None),
+        key(Socks5, "127.30.0.12", 8080, None),
+        key(Socks5, "127.30.0.13", 8080, None),
+        key(Socks5, "127.30.0.14", 8080, None),
+        key(Http, "127.30.0.15", 80, Some(("u", Some("a,b;c")))),
+        key(Http, "127.30.0.1", 8080, None),
+        key(Socks5, "127.30.0.20", 80, None),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(world.rows(), expected);
+    assert_eq!(status.lines, 30, "{}", status.summary_line());
+    assert_eq!(status.parsed, expected.len() as u64);
+    assert_eq!(status.duplicates, 1);
+    assert_eq!(status.rejected, 7);
+    assert_eq!(status.new, expected.len() as u64);
+}
+
+#[test]
+fn a_huge_list_is_stored_whole_and_cut_at_max_bytes_when_small() {
+    let world = World::new(FarmSpec::new().huge_lines(20_000));
+    let whole = fetch(&world.one_list("huge", "huge", "", "http"));
+    assert_ok(&whole);
+    assert!(!whole.truncated);
+    assert_eq!((whole.parsed, whole.new), (20_000, 20_000));
+    assert_eq!(world.count("SELECT count(*) FROM proxies"), 20_000);
+
+    let world = World::new(FarmSpec::new().huge_lines(20_000));
+    let cut = fetch(&world.one_list("huge", "huge", "max_bytes = 50000", "http"));
+    assert_ok(&cut);
+    assert!(cut.truncated, "{}", cut.summary_line());
+    assert!(cut.bytes <= 50_000 && cut.bytes > 45_000, "{}", cut.bytes);
+    assert!(cut.summary_line().contains("truncated"));
+    // Only whole lines are kept: every one of them is a stored proxy.
+    assert_eq!(cut.rejected, 0);
+    assert_eq!(cut.parsed, cut.lines);
+    assert_eq!(
+        world.count("SELECT count(*) FROM proxies"),
+        cut.parsed as i64
+    );
+    assert!(cut.parsed > 2000);
+}
+
+#[test]
+fn an_endless_list_is_cut_at_max_bytes() {
+    let world = World::new(FarmSpec::new());
+    let started = Instant::now();
+    let status = fetch(&world.one_list(
+        "endless",
+        "endless",
+        "max_bytes = 200000\ntimeout_ms = 10000",
+        "http",
+    ));
+    assert_ok(&status);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(status.truncated);
+    assert!(status.bytes <= 200_000 && status.bytes > 190_000);
+    assert_eq!(status.rejected, 0);
+    assert_eq!(
+        world.count("SELECT count(*) FROM proxies"),
+        status.parsed as i64
+    );
+}
+
+#[test]
+fn a_slow_list_completes_within_the_timeout() {
+    let world = World::new(FarmSpec::new().slow_list(4, Duration::from_millis(200)));
+    let status = fetch(&world.one_list("slow", "slow", "timeout_ms = 3000", "http"));
+    assert_ok(&status);
+    assert_eq!(status.parsed, 12);
+    assert!(status.last_duration.expect("duration") >= Duration::from_millis(600));
+    assert_eq!(world.count("SELECT count(*) FROM proxies"), 12);
+}
+
+#[test]
+fn a_hanging_list_fails_with_a_timeout_within_timeout_ms() {
+    let world = World::new(FarmSpec::new());
+    let fetcher = world.one_list("hang", "hang", "timeout_ms = 800", "http");
+    let started = Instant::now();
+    let status = fetch(&fetcher);
+    let elapsed = started.elapsed();
+    let error = status.last_error.clone().expect("an error");
+    assert!(error.contains("timed out"), "{error}");
+    assert!(elapsed >= Duration::from_millis(750), "{elapsed:?}");
+    assert!(elapsed < Duration::from_millis(800 + 700), "{elapsed:?}");
+    assert_eq!(status.consecutive_failures, 1);
+    assert!(status.summary_line().starts_with("hang: error after"));
+    assert_eq!(world.count("SELECT count(*) FROM proxies"), 0);
+}
+
+#[test]
+fn failing_lists_record_why() {
+    let world = World::new(FarmSpec::new());
+    let cases = [
+        ("error500", "http status 500"),
+        ("html", "not a proxy list: the body is an HTML page"),
+        ("ratelimit", "http status 429"),
+        ("redirect-loop", "redirect"),
+        ("binary", "not a proxy list"),
+        ("no-such-list", "http status 404"),
+    ];
+    for (list, expected) in cases {
+        let fetcher = world.one_list("bad", list, "timeout_ms = 3000", "http");
+        let (status, retry_after) = fetcher.fetch_source(0, FetchKind::Manual);
+        let error = status.last_error.clone().unwrap_or_default();
+        assert!(error.contains(expected), "{list}: {error:?}");
+        assert!(status.last_success_at.is_none(), "{list}");
+        let expected_wait = (list == "ratelimit").then_some(Duration::from_secs(2));
+        assert_eq!(retry_after, expected_wait, "{list}");
+    }
+    assert_eq!(world.count("SELECT count(*) FROM proxies"), 0);
+}
+
+#[test]
+fn a_long_line_is_rejected_not_buffered_as_a_proxy() {
+    let world = World::new(FarmSpec::new());
+    let status = fetch(&world.one_list(
+        "longline",
+        "longline",
+        "max_bytes = 20000000\ntimeout_ms = 10000",
+        "http",
+    ));
+    assert_ok(&status);
+    assert_eq!((status.lines, status.rejected, status.parsed), (1, 1, 0));
+    assert!(!status.truncated);
+
+    // Cut at a small cap, the partial line is dropped.
+    let cut = fetch(&world.one_list("longline", "longline", "max_bytes = 100000", "http"));
+    assert_ok(&cut);
+    assert!(cut.truncated);
+    assert_eq!((cut.lines, cut.rejected, cut.parsed), (0, 0, 0));
+    assert_eq!(world.count("SELECT count(*) FROM proxies"), 0);
+}
+
+// ---------------------------------------------------------------------------
+// 2. Independent schedules, backoff and Retry-After
+
+#[test]
+fn a_hanging_list_does_not_delay_another_lists_schedule() {
+    let world = World::new(every_behaviour([127, 24, 0, 1]));
+    let config = world.config(
+        "timeout_ms = 2500",
+        "[source.hang]\nurl = http://{farm}/lists/hang\ninterval_seconds = 1\n\
+         [source.plain]\nurl = http://{farm}/lists/plain\ninterval_seconds = 1\n",
+    );
+    let fetcher = world.fetcher(&config, "test");
+    let shutdown = Shutdown::new();
+    let started = Instant::now();
+    let handles = fetcher.start(shutdown.signal()).expect("start");
+    // Fixed rate: fetches at 0, 1, 2, 3, 4 s, while `hang` holds its thread
+    // for 2.5 s at a time.
+    wait_for("five fetches of plain", Duration::from_millis(5500), || {
+        world.farm.list_hits("plain") >= 5
+    });
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(3900),
+        "too fast: {elapsed:?}"
+    );
+    assert!(world.farm.list_hits("hang") <= 3);
+    shutdown.trigger();
+    for handle in handles {
+        handle.join().expect("fetch thread");
+    }
+    assert!(world.farm.list_hits("plain") <= 6);
+    let statuses = fetcher.statuses();
+    assert_eq!(statuses[1].last_error, None);
+    assert!(statuses[0]
+        .last_error
+        .as_deref()
+        .is_some_and(|e| e.contains("timed out")));
+}
+
+#[test]
+fn a_failing_list_backs_off_and_recovers() {
+    let world = World::new(FarmSpec::new());
+    world.farm.set_list(
+        "flaky",
+        "<html><body>try again later</body></html>\n".to_string(),
+    );
+    world.farm.set_list("steady", "127.31.0.1:80\n".to_string());
+    let config = world.config(
+        "timeout_ms = 1000",
+        "[source.flaky]\nurl = http://{farm}/lists/flaky\ninterval_seconds = 1\n\
+         [source.steady]\nurl = http://{farm}/lists/steady\ninterval_seconds = 1\n",
+    );
+    let fetcher = world.fetcher(&config, "test");
+    let shutdown = Shutdown::new();
+    let handles = fetcher.start(shutdown.signal()).expect("start");
+    wait_for("the first failure", Duration::from_secs(3), || {
+        fetcher.statuses()[0].consecutive_failures == 1
+    });
+    world.farm.set_list("flaky", "127.31.0.2:80\n".to_string());
+    // While the steady list is fetched every second, the failing one waits
+    // for its backoff before it tries again.
+    wait_for("four fetches of steady", Duration::from_secs(5), || {
+        world.farm.list_hits("steady") >= 4
+    });
+    assert_eq!(world.farm.list_hits("flaky"), 1);
+    wait_for(
+        "the failing list to recover",
+        Duration::from_secs(8),
+        || fetcher.statuses()[0].last_success_at.is_some(),
+    );
+    let hits = world.farm.list_hits("flaky");
+    // Back on its one-second grid.
+    wait_for(
+        "two more fetches of flaky",
+        Duration::from_millis(2600),
+        || world.farm.list_hits("flaky") >= hits + 2,
+    );
+    shutdown.trigger();
+    for handle in handles {
+        handle.join().expect("fetch thread");
+    }
+    let status = &fetcher.statuses()[0];
+    assert_eq!(
+        (status.last_error.as_deref(), status.consecutive_failures),
+        (None, 0)
+    );
+    assert_eq!(
+        world.count("SELECT count(*) FROM proxies WHERE ip = '127.31.0.2'"),
+        1
+    );
+}
+
+#[test]
+fn retry_after_is_honoured_by_the_schedule() {
+    let world = World::new(FarmSpec::new());
+    let config = world.config(
+        "",
+        "[source.ratelimit]\nurl = http://{farm}/lists/ratelimit\ninterval_seconds = 1\n",
+    );
+    let fetcher = world.fetcher(&config, "test");
+    let shutdown = Shutdown::new();
+    let handles = fetcher.start(shutdown.signal()).expect("start");
+    wait_for("the first attempt", Duration::from_secs(3), || {
+        world.farm.list_hits("ratelimit") >= 1
+    });
+    let first = Instant::now();
+    wait_for("the second attempt", Duration::from_secs(8), || {
+        world.farm.list_hits("ratelimit") >= 2
+    });
+    let gap = first.elapsed();
+    shutdown.trigger();
+    for handle in handles {
+        handle.join().expect("fetch thread");
+    }
+    // The farm asks for 2 s: not before, whatever the one-second interval says.
+    assert!(gap >= Duration::from_millis(1950), "{gap:?}");
+}
+
+// ---------------------------------------------------------------------------
+// 3. Re-listing: never delete, never forget
+
+#[test]
+fn relisting_moves_last_seen_and_keeps_everything_else() {
+    let world = World::new(FarmSpec::new());
+    let body = "127.32.0.1:80\n127.32.0.2:80\nsocks5://u:p1@127.32.0.3:1080\n";
+    world.farm.set_list("a", body.to_string());
+    let fetcher = world.one_list("a", "a", "", "http");
+    let first = fetch(&fetcher);
+    assert_ok(&first);
+    assert_eq!(first.new, 3);
+    let mut client = world.db.client();
+    let before: Vec<(
+        i64,
+        chrono::DateTime<chrono::Utc>,
+        chrono::DateTime<chrono::Utc>,
+    )> = client
+        .query(
+            "SELECT id, first_seen_at, last_seen_at FROM proxies ORDER BY id",
+            &[],
+        )
+        .expect("select")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let ids: Vec<i64> = before.iter().map(|r| r.0).collect();
+    world
+        .store
+        .write_results(&[CheckRecord {
+            id: ids[0],
+            alive: true,
+            latency_ms: Some(120),
+            anonymity: Some(proxy_pool::proxy::Anonymity::Elite),
+            supports_https: Some(true),
+            country: Some("DE".into()),
+            exit_ip: Some(IpAddr::from([127, 32, 0, 1])),
+            dead_reason: None,
+            evidence: None,
+        }])
+        .expect("write results");
+
+    // The list again, with the password changed and one proxy more.
+    let body = "127.32.0.1:80\n127.32.0.2:80\nsocks5://u:p2@127.32.0.3:1080\n127.32.0.4:80\n";
+    world.farm.set_list("a", body.to_string());
+    let second = fetch(&fetcher);
+    assert_ok(&second);
+    assert_eq!(second.new, 1);
+    assert_eq!(world.count("SELECT count(*) FROM proxies"), 4);
+    for (id, first_seen, last_seen) in &before {
+        let row = client
+            .query_one(
+                "SELECT first_seen_at, last_seen_at FROM proxies WHERE id = $1",
+                &[id],
+            )
+            .expect("row");
+        assert_eq!(row.get::<_, chrono::DateTime<chrono::Utc>>(0), *first_seen);
+        assert!(row.get::<_, chrono::DateTime<chrono::Utc>>(1) > *last_seen);
+    }
+    let row = client
+        .query_one(
+            "SELECT is_active, latency_ms, anonymity, country, supports_https,
+                    last_validated_at IS NOT NULL, check_count
+             FROM proxies WHERE id = $1",
+            &[&ids[0]],
+        )
+        .expect("row");
+    assert!(row.get::<_, bool>(0));
+    assert_eq!(row.get::<_, Option<i32>>(1), Some(120));
+    assert_eq!(row.get::<_, Option<String>>(2).as_deref(), Some("elite"));
+    assert_eq!(row.get::<_, Option<String>>(3).as_deref(), Some("DE"));
+    assert_eq!(row.get::<_, Option<bool>>(4), Some(true));
+    assert!(row.get::<_, bool>(5));
+    assert_eq!(row.get::<_, i32>(6), 1);
+    let password: Option<String> = client
+        .query_one("SELECT password FROM proxies WHERE ip = '127.32.0.3'", &[])
+        .expect("row")
+        .get(0);
+    assert_eq!(password.as_deref(), Some("p2"));
+
+    // Nothing was ever deleted: close every connection that wrote, so that
+    // its statistics are flushed, then read them.
+    drop(fetcher);
+    let World {
+        db,
+        farm: _farm,
+        store,
+    } = world;
+    drop(store);
+    let mut client = db.client();
+    let mut stats = (0i64, 0i64);
+    wait_for("the table statistics", Duration::from_secs(15), || {
+        client
+            .batch_execute("SELECT pg_stat_clear_snapshot()")
+            .expect("clear snapshot");
+        let row = client
+            .query_one(
+                "SELECT n_tup_ins, n_tup_del FROM pg_stat_user_tables WHERE relname = 'proxies'",
+                &[],
+            )
+            .expect("stats");
+        stats = (row.get(0), row.get(1));
+        stats.0 >= 4
+    });
+    assert_eq!(stats, (4, 0));
+}
+
+#[test]
+fn proxy_sources_and_yields_record_which_list_gave_what() {
+    let world = World::new(FarmSpec::new());
+    world.farm.set_list(
+        "a",
+        "127.33.0.1:80\n127.33.0.2:80\n127.33.0.3:80\n".to_string(),
+    );
+    world
+        .farm
+        .set_list("b", "127.33.0.3:80\n127.33.0.4:80\n".to_string());
+    let config = world.config(
+        "",
+        "[source.a]\nurl = http://{farm}/lists/a\n[source.b]\nurl = http://{farm}/lists/b\n",
+    );
+    let fetcher = world.fetcher(&config, "test");
+    for status in fetcher.fetch_all_once(FetchKind::Manual) {
+        assert_ok(&status);
+    }
+    let pairs: HashSet<(String, String)> = world
+        .db
+        .client()
+        .query(
+            "SELECT s.source, host(p.ip) FROM proxy_sources s JOIN proxies p ON p.id = s.proxy_id",
+            &[],
+        )
+        .expect("select")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let expected: HashSet<(String, String)> = [
+        ("a", "127.33.0.1"),
+        ("a", "127.33.0.2"),
+        ("a", "127.33.0.3"),
+        ("b", "127.33.0.3"),
+        ("b", "127.33.0.4"),
+    ]
+    .iter()
+    .map(|(s, ip)| (s.to_string(), ip.to_string()))
+    .collect();
+    assert_eq!(pairs, expected);
+
+    // .3 works now, .1 worked once; .4 never did.
+    world
+        .db
+        .client()
+        .batch_execute(
+            "UPDATE proxies SET is_active = true, alive_count = 2 WHERE ip = '127.33.0.3';
+             UPDATE proxies SET is_active = false, alive_count = 1 WHERE ip = '127.33.0.1';",
+        )
+        .expect("mark");
+    let yields = world.store.source_yields().expect("yields");
+    let row = |source: &str, listed, active_now, ever_active| SourceYield {
+        source: source.to_string(),
+        listed,
+        active_now,
+        ever_active,
+    };
+    assert_eq!(yields, vec![row("a", 3, 1, 2), row("b", 2, 1, 1)]);
+    fetcher.refresh_yields();
+    let statuses = fetcher.statuses();
+    assert_eq!(statuses[0].yields, Some(row("a", 3, 1, 2)));
+    assert_eq!(statuses[1].yields, Some(row("b", 2, 1, 1)));
+}
+
+// ---------------------------------------------------------------------------
+// 4. Conditional requests
+
+#[test]
+fn an_unchanged_list_is_not_fetched_again_and_a_changed_one_is() {
+    let world = World::new(FarmSpec::new());
+    world
+        .farm
+        .set_list("etag", "127.34.0.1:80\n127.34.0.2:80\n".to_string());
+    let fetcher = world.one_list("etag", "etag", "", "http");
+    let first = fetch(&fetcher);
+    assert_ok(&first);
+    assert_eq!(first.parsed, 2);
+    let seen = |world: &World| -> chrono::DateTime<chrono::Utc> {
+        world
+            .db
+            .client()
+            .query_one("SELECT max(last_seen_at) FROM proxies", &[])
+            .expect("max")
+            .get(0)
+    };
+    let seen_first = seen(&world);
+
+    let second = fetch(&fetcher);
+    assert_ok(&second);
+    assert!(second.not_modified, "{}", second.summary_line());
+    assert_eq!(
+        second.summary_line(),
+        format!(
+            "etag: not modified ({} ms)",
+            second.last_duration.unwrap().as_millis()
+        )
+    );
+    assert_eq!(world.farm.list_hits("etag"), 2);
+    // Nothing was parsed or written.
+    assert_eq!(seen(&world), seen_first);
+
+    world
+        .farm
+        .set_list("etag", "127.34.0.1:80\n127.34.0.3:80\n".to_string());
+    let third = fetch(&fetcher);
+    assert_ok(&third);
+    assert!(!third.not_modified);
+    assert_eq!((third.parsed, third.new), (2, 1));
+    assert!(seen(&world) > seen_first);
+    assert_eq!(world.count("SELECT count(*) FROM proxies"), 3);
+}
+
+// ---------------------------------------------------------------------------
+// 5. One scheduled fetch per interval among instances
+
+#[test]
+fn instances_share_a_scheduled_fetch_but_not_a_manual_one() {
+    let world = World::new(FarmSpec::new());
+    world.farm.set_list("shared", "127.35.0.1:80\n".to_string());
+    let config = world.config(
+        "",
+        "[source.shared]\nurl = http://{farm}/lists/shared\ninterval_seconds = 60\n",
+    );
+    let a = world.fetcher(&config, "instance-a");
+    let b = world.fetcher(&config, "instance-b");
+
+    let (status, _) = a.fetch_source(0, FetchKind::Scheduled);
+    assert!(!status.skipped);
+    assert_ok(&status);
+    assert_eq!(world.farm.list_hits("shared"), 1);
+
+    let (status, _) = b.fetch_source(0, FetchKind::Scheduled);
+    assert!(status.skipped, "{}", status.summary_line());
+    assert!(status.summary_line().contains("skipped"));
+    let (status, _) = a.fetch_source(0, FetchKind::Scheduled);
+    assert!(status.skipped);
+    assert_eq!(world.farm.list_hits("shared"), 1);
+
+    let (status, _) = b.fetch_source(0, FetchKind::Manual);
+    assert!(!status.skipped);
+    assert_ok(&status);
+    assert_eq!(world.farm.list_hits("shared"), 2);
+    let (status, _) = a.fetch_source(0, FetchKind::Manual);
+    assert!(!status.skipped);
+    assert_eq!(world.farm.list_hits("shared"), 3);
+
+    let fetched_by: String = world
+        .db
+        .client()
+        .query_one(
+            "SELECT fetched_by FROM fetch_leases WHERE source = 'shared'",
+            &[],
+        )
+        .expect("lease")
+        .get(0);
+    assert_eq!(fetched_by, "instance-a");
+}
+
+#[test]
+fn the_claim_opens_again_after_the_interval() {
+    let world = World::new(FarmSpec::new());
+    world.farm.set_list("shared", "127.35.0.2:80\n".to_string());
+    let config = world.config(
+        "",
+        "[source.shared]\nurl = http://{farm}/lists/shared\ninterval_seconds = 1\n",
+    );
+    let a = world.fetcher(&config, "instance-a");
+    let b = world.fetcher(&config, "instance-b");
+    let started = Instant::now();
+    assert!(!a.fetch_source(0, FetchKind::Scheduled).0.skipped);
+    assert!(b.fetch_source(0, FetchKind::Scheduled).0.skipped);
+    wait_for("b's claim", Duration::from_secs(3), || {
+        !b.fetch_source(0, FetchKind::Scheduled).0.skipped
+    });
+    // Within the interval less its 10% slack for clock jitter.
+    assert!(started.elapsed() >= Duration::from_millis(850));
+    assert_eq!(world.farm.list_hits("shared"), 2);
+}
+
+// ---------------------------------------------------------------------------
+// 6. Passwords never reach the logs
+
+#[test]
+fn passwords_never_appear_in_fetch_output_or_logs() {
+    let world = World::new(FarmSpec::new());
+    let body = "http://alice:hunter2-a@127.36.0.1:80\n\
+        socks5://bob:hunter2%2Db@127.36.0.2:1080\n\
+        127.36.0.3:8080:carol:hunter2-c\n\
+        dave:hunter2-d@127.36.0.4:3128\n\
+        http://eve:hunter2-e@999.36.0.5:80\n\
+        127.36.0.6:0:frank:hunter2-f\n\
+        ftp://grace:hunter2-g@127.36.0.7:21\n";
+    world.farm.set_list("secret", body.to_string());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let farm = world.farm.server_addr();
+    let config = format!(
+        "[database]\nurl = {}\n\
+         [fetcher]\nallow_private_addresses = true\ntimeout_ms = 1000\n\
+         source_urls = http://lister:hunter2-url@{farm}/lists/secret,http://lister:hunter2-url2@{farm}/lists/error500,http://lister:hunter2-url3@{farm}/lists/hang\n\
+         [source.named]\nurl = http://lister:hunter2-url4@{farm}/lists/redirect-loop\n",
+        world.db.url
+    );
+    let path = dir.path().join("config.ini");
+    std::fs::write(&path, config).expect("config");
+    let output = Command::new(support::binary())
+        .arg("--config")
+        .arg(&path)
+        .arg("fetch")
+        .env_remove("DATABASE_URL")
+        // Everything at debug but the database driver's, which logs statement
+        // parameters (the stored proxies) verbatim.
+        .env("RUST_LOG", "debug,tokio_postgres=info")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run proxy-pool fetch");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    // A line per source, the stored list first.
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 4, "{stdout}");
+    assert!(lines[0].contains("4 parsed, 4 new, 3 rejected"), "{stdout}");
+    assert!(
+        lines[1].contains("error") && lines[1].contains("500"),
+        "{stdout}"
+    );
+    assert!(lines[2].contains("timed out"), "{stdout}");
+    assert!(lines[3].starts_with("named: error"), "{stdout}");
+    assert!(stderr.contains("rejected"), "{stderr}");
+    for text in [&stdout, &stderr] {
+        assert!(!text.contains("hunter2"), "a password leaked:\n{text}");
+    }
+    assert_eq!(
+        world.count("SELECT count(*) FROM proxies WHERE password LIKE 'hunter2-%'"),
+        4
+    );
+}
+
+#[test]
+fn import_prints_counts_and_hides_passwords() {
+    let world = World::new(FarmSpec::new());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let list = dir.path().join("list.txt");
+    std::fs::write(
+        &list,
+        "127.37.0.1:80\n127.37.0.1:80\nhttp://u:hunter2@127.37.0.2:80\nu:hunter2@999.1.1.1:80\n",
+    )
+    .expect("list");
+    let config = dir.path().join("config.ini");
+    std::fs::write(
+        &config,
+        format!(
+            "[database]\nurl = {}\n[fetcher]\nallow_private_addresses = true\nsource_urls = http://127.0.0.1:9/unused\n",
+            world.db.url
+        ),
+    )
+    .expect("config");
+    let output = Command::new(support::binary())
+        .arg("--config")
+        .arg(&config)
+        .args(["import", "--protocol", "socks4"])
+        .arg(&list)
+        .env_remove("DATABASE_URL")
+        .output()
+        .expect("run proxy-pool import");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("4 lines, 2 parsed, 2 new, 1 rejected, 1 duplicates"),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains("hunter2") && !stderr.contains("hunter2"),
+        "{stdout}\n{stderr}"
+    );
+    assert_eq!(
+        world.rows(),
+        [
+            key(Protocol::Socks4, "127.37.0.1", 80, None),
+            key(
+                Protocol::Http,
+                "127.37.0.2",
+                80,
+                Some(("u", Some("hunter2")))
+            ),
+        ]
+        .into_iter()
+        .collect()
+    );
+}
