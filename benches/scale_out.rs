@@ -51,13 +51,20 @@ fn main() {
             .map(|_| support::Service::start(&config))
             .collect();
         let mut client = db.client();
-        support::wait_for("the fleet to validate every proxy", Duration::from_secs(600), || {
-            let left: i64 = client
-                .query_one("SELECT count(*) FROM proxies WHERE last_validated_at IS NULL", &[])
-                .map(|r| r.get(0))
-                .unwrap_or(1);
-            left == 0
-        });
+        support::wait_for(
+            "the fleet to validate every proxy",
+            Duration::from_secs(600),
+            || {
+                let left: i64 = client
+                    .query_one(
+                        "SELECT count(*) FROM proxies WHERE last_validated_at IS NULL",
+                        &[],
+                    )
+                    .map(|r| r.get(0))
+                    .unwrap_or(1);
+                left == 0
+            },
+        );
         let elapsed = started.elapsed();
         let checks: i64 = client
             .query_one("SELECT sum(check_count) FROM proxies", &[])

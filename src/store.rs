@@ -371,6 +371,19 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Gives back this instance's claim on a list's fetch after a failure.
+    pub fn release_fetch(&self, source: &str, instance: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn()?;
+        conn.execute(
+            "UPDATE fetch_leases SET fetched_at = '-infinity'
+             WHERE source = $1 AND fetched_by = $2",
+            &[&source, &instance],
+        )?;
+        Ok(())
+    }
+}
+
 /// The contract's selection; $1 = revalidate_after seconds, $2 = retry seconds (0: never).
 /// The casts matter: without them `$2 > 0` makes PostgreSQL infer an integer
 /// parameter, and the f64 seconds no longer bind.

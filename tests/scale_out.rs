@@ -88,7 +88,10 @@ fn a_killed_instance_loses_no_proxy_its_leases_are_taken_over() {
         // The table appears when the instance has migrated.
         let leased = db
             .client()
-            .query_one("SELECT count(*) FROM proxies WHERE lease_until > now()", &[])
+            .query_one(
+                "SELECT count(*) FROM proxies WHERE lease_until > now()",
+                &[],
+            )
             .map(|row| row.get::<_, i64>(0))
             .unwrap_or(0);
         leased > 0
@@ -103,14 +106,22 @@ fn a_killed_instance_loses_no_proxy_its_leases_are_taken_over() {
         )
         .unwrap()
         .get(0);
-    assert!(orphaned > 0, "the instance died holding no lease: the test proves nothing");
+    assert!(
+        orphaned > 0,
+        "the instance died holding no lease: the test proves nothing"
+    );
     let started = Instant::now();
     let survivors: Vec<Service> = (0..2).map(|_| Service::start(&config)).collect();
     // Lease = 4 × timeout + 5 s = 9 s; then the survivors take the rest.
-    wait_for("every proxy validated by the survivors", Duration::from_secs(60), || {
-        all_validated(&db, farm.manifest().len())
-    });
-    assert!(started.elapsed() >= Duration::from_secs(3), "leases were not respected");
+    wait_for(
+        "every proxy validated by the survivors",
+        Duration::from_secs(60),
+        || all_validated(&db, farm.manifest().len()),
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(3),
+        "leases were not respected"
+    );
     for (proxy, check_count, _) in checked_counts(&db) {
         assert!(check_count >= 1, "{proxy} never checked");
     }
@@ -133,7 +144,10 @@ fn the_fleet_fetches_each_list_once_per_interval() {
     // Every instance fetches at start and each interval; together once per
     // interval (with at most one extra for the start-up round).
     let most = (elapsed / 3.0).ceil() as u64 + 1;
-    assert!(hits >= 2, "the list was fetched {hits} times in {elapsed:.1} s");
+    assert!(
+        hits >= 2,
+        "the list was fetched {hits} times in {elapsed:.1} s"
+    );
     assert!(
         hits <= most,
         "the list was fetched {hits} times in {elapsed:.1} s by 3 instances: at most {most} expected"

@@ -123,17 +123,14 @@ pub struct Fetcher {
 
 /// The first retry of a failing list: soon, as most failures are blips.
 const FIRST_RETRY: Duration = Duration::from_secs(5);
-/// A list that keeps failing is still tried this often, or at its interval
-/// when that is longer.
-const SLOWEST_RETRY: Duration = Duration::from_secs(15 * 60);
 
 /// Delay before retrying a failing list: 5 s doubling per consecutive
-/// failure, up to the list's interval or 15 minutes, whichever is longer (a
-/// dead list is left alone, not hit at its regular rate), and never sooner
-/// than the server's Retry-After.
+/// failure, up to the list's interval (a failing list is never tried more
+/// often than its schedule says), and never sooner than the server's
+/// Retry-After.
 pub fn failure_delay(interval: Duration, failures: u32, retry_after: Option<Duration>) -> Duration {
     let exponent = failures.saturating_sub(1).min(20);
-    let backoff = (FIRST_RETRY * (1u32 << exponent)).min(interval.max(SLOWEST_RETRY));
+    let backoff = (FIRST_RETRY * (1u32 << exponent)).min(interval);
     match retry_after {
         Some(wait) => backoff.max(wait),
         None => backoff,
@@ -300,6 +297,19 @@ impl Fetcher {
                 }
             }
         }
+        let (status, retry_after) = self.download_and_store(source);
+        if kind == FetchKind::Scheduled && status.last_error.is_some() {
+            // A failed fetch does not count as this interval's fetch: the
+            // retries after backoff (here or on another instance) may run.
+            if let Err(err) = self.store.release_fetch(&source.name, &self.instance) {
+                log::debug!("{}: cannot release the fetch claim: {err}", source.name);
+            }
+        }
+        (status, retry_after)
+    }
+
+    fn download_and_store(&self, source: &SourceRuntime) -> (SourceStatus, Option<Duration>) {
+        let config = &source.config;
         let started = Instant::now();
         let started_at = Utc::now();
         let validators = source.validators.lock().clone();
@@ -428,20 +438,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn failures_back_off_exponentially_up_to_the_interval_or_a_quarter_hour() {
+    fn failures_back_off_exponentially_up_to_the_interval() {
         let interval = Duration::from_secs(300);
         assert_eq!(failure_delay(interval, 1, None), Duration::from_secs(5));
         assert_eq!(failure_delay(interval, 2, None), Duration::from_secs(10));
         assert_eq!(failure_delay(interval, 4, None), Duration::from_secs(40));
-        assert_eq!(failure_delay(interval, 10, None), SLOWEST_RETRY);
-        assert_eq!(failure_delay(interval, 100, None), SLOWEST_RETRY);
-        let hourly = Duration::from_secs(3600);
-        assert_eq!(failure_delay(hourly, 10, None), Duration::from_secs(2560));
-        assert_eq!(failure_delay(hourly, 12, None), hourly);
-        // A list fetched every second is not hammered while it fails.
+        assert_eq!(failure_delay(interval, 10, None), interval);
+        assert_eq!(failure_delay(interval, 100, None), interval);
+        // A list fetched every second is retried at its own rate, no faster.
         let busy = Duration::from_secs(1);
-        assert_eq!(failure_delay(busy, 1, None), FIRST_RETRY);
-        assert_eq!(failure_delay(busy, 3, None), Duration::from_secs(20));
+        assert_eq!(failure_delay(busy, 1, None), busy);
     }
 
     #[test]
