@@ -411,11 +411,27 @@ fn feedback_item(value: &Value, position: Option<usize>) -> Result<FeedbackItem,
 }
 
 fn feedback(context: &ApiContext, request: &Request) -> Result<Response, ApiError> {
-    Query::parse(request, &[])?;
+    // `?source=` is optional: it lets a load balancer route feedback to the
+    // instance that serves that source; every item must then name it.
+    let query = Query::parse(request, &["source"])?;
+    let routed_source = match query.get("source") {
+        Some(_) => Some(query.source()?.to_string()),
+        None => None,
+    };
     let body = read_body(context, request)?;
     let value: Value = serde_json::from_slice(&body)
         .map_err(|err| ApiError::bad_request(format!("body is not valid JSON: {err}")))?;
     let now = Utc::now();
+    let check_routing = |item: &FeedbackItem, position: Option<usize>| match &routed_source {
+        Some(source) if *source != item.source => {
+            let at = position.map(|i| format!("item {i}: ")).unwrap_or_default();
+            Err(ApiError::bad_request(format!(
+                "{at}field source {:?} differs from the query's source {source:?}",
+                item.source
+            )))
+        }
+        _ => Ok(()),
+    };
     let apply = |item: &FeedbackItem| -> Result<Value, ApiError> {
         match context
             .state
@@ -441,8 +457,12 @@ fn feedback(context: &ApiContext, request: &Request) -> Result<Response, ApiErro
             let items = values
                 .iter()
                 .enumerate()
-                .map(|(i, v)| feedback_item(v, Some(i)))
-                .collect::<Result<Vec<_>, _>>()?;
+                .map(|(i, v)| {
+                    let item = feedback_item(v, Some(i))?;
+                    check_routing(&item, Some(i))?;
+                    Ok(item)
+                })
+                .collect::<Result<Vec<_>, ApiError>>()?;
             let mut known = 0;
             let answers: Vec<Value> = items
                 .iter()
@@ -464,6 +484,7 @@ fn feedback(context: &ApiContext, request: &Request) -> Result<Response, ApiErro
         }
         _ => {
             let item = feedback_item(&value, None)?;
+            check_routing(&item, None)?;
             Ok(Response::json(&apply(&item)?))
         }
     }
