@@ -325,8 +325,8 @@ fn main() {
         cycle.as_secs_f64() / bound.as_secs_f64()
     );
     println!(
-        "database writes       {} (median per cycle)",
-        format!("{} ms", median(&writes).as_millis())
+        "database writes       {} ms (median per cycle)",
+        median(&writes).as_millis()
     );
     println!(
         "peak RSS              validator process {}, farm process {} (separate)",

@@ -63,7 +63,9 @@ pub fn start_metronome<T: Send + 'static>(
             }
             match enqueue(&sender, make_job()) {
                 Enqueued::Queued => {}
-                Enqueued::Coalesced => log::debug!("{name}: previous job still waiting, tick coalesced"),
+                Enqueued::Coalesced => {
+                    log::debug!("{name}: previous job still waiting, tick coalesced")
+                }
                 Enqueued::Closed => return,
             }
             due = next_tick(t0, interval, Instant::now());
@@ -80,7 +82,10 @@ mod tests {
         let t0 = Instant::now();
         let second = Duration::from_secs(1);
         // Woken 600 ms into the interval: the next tick is t0 + 1 s.
-        assert_eq!(next_tick(t0, second, t0 + Duration::from_millis(600)), t0 + second);
+        assert_eq!(
+            next_tick(t0, second, t0 + Duration::from_millis(600)),
+            t0 + second
+        );
         // Woken exactly on tick 3: the next one is tick 4.
         assert_eq!(next_tick(t0, second, t0 + second * 3), t0 + second * 4);
         // Woken 2.5 intervals late: missed ticks are skipped, not replayed.

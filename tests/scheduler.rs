@@ -36,7 +36,7 @@ fn run(interval: Duration, work: Duration, jobs: usize) -> Run {
         interval,
         sender,
         shutdown.signal(),
-        || Instant::now(),
+        Instant::now,
     )
     .expect("start the metronome");
 
