@@ -43,6 +43,12 @@ pub use spec::{Behaviour, Credentials, FarmSpec, Mix, ProxyGroup};
 use proxies::ProxyConfig;
 use server::StaticList;
 
+/// The judge's accept queue. Every check through a farm proxy ends in a
+/// connection to the judge, so a validator with hundreds of workers sends
+/// bursts of them; with std's 128 a busy machine overflows the queue, the
+/// kernel drops SYNs, and the 1 s retransmission makes live proxies time out.
+const SERVER_BACKLOG: i32 = 4096;
+
 /// State shared by the farm handle and its threads.
 pub(crate) struct Shared {
     pub stop: AtomicBool,
@@ -80,7 +86,7 @@ impl Farm {
         let addresses = proxy_addresses(spec.first_proxy_ip, spec.total())?;
         raise_open_file_limit(spec.total());
 
-        let server = TcpListener::bind(spec.listen)?;
+        let server = listen(spec.listen, SERVER_BACKLOG)?;
         let server_addr = server.local_addr()?;
 
         let mut manifest = Vec::with_capacity(addresses.len());
@@ -378,6 +384,17 @@ fn raise_open_file_limit(proxies: usize) {
         Ok(_) => {}
         Err(error) => log::warn!("proxy farm: cannot raise the open file limit: {error}"),
     }
+}
+
+/// A listener with an explicit accept queue (the kernel caps it at
+/// `net.core.somaxconn`).
+fn listen(address: SocketAddr, backlog: i32) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(address), Type::STREAM, None)?;
+    // As std does: a restarted farm can bind its port again at once.
+    socket.set_reuse_address(true)?;
+    socket.bind(&address.into())?;
+    socket.listen(backlog)?;
+    Ok(socket.into())
 }
 
 fn invalid_input(message: String) -> io::Error {
