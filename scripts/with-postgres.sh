@@ -26,6 +26,9 @@ while [ $# -gt 0 ]; do
     *) break ;;
   esac
 done
+# Absolute, so that the walk up its parents below ends at /.
+mkdir -p "$(dirname "$data_dir")"
+data_dir="$(cd "$(dirname "$data_dir")" && pwd)/$(basename "$data_dir")"
 if [ $# -eq 0 ]; then
   echo "usage: $0 [--data DIR] [--keep-data] -- COMMAND [ARGS...]" >&2
   exit 2
