@@ -10,9 +10,9 @@ cargo clippy --all-targets --locked -- -D warnings
 cargo build --all-targets --locked
 
 if cargo nextest --version >/dev/null 2>&1; then
-  runner=(cargo nextest run --all-targets --locked --no-fail-fast)
+  runner=(cargo nextest run --lib --bins --tests --locked --no-fail-fast)
 else
-  runner=(cargo test --all-targets --locked --no-fail-fast)
+  runner=(cargo test --lib --bins --tests --locked --no-fail-fast)
 fi
 scripts/with-postgres.sh --data target/pgdata-test -- "${runner[@]}" "$@"
 # Doc tests are not run by nextest.
