@@ -263,3 +263,63 @@ pub fn post_with(url: &str, body: &str, headers: &[(&str, &str)]) -> Answer {
     }
     answer(request.send(body).expect("POST"))
 }
+
+/// A running service whose pool the farm has filled: the farm's `schemes`
+/// list is its one list and the farm's judge its validation target. Fields
+/// drop in order, so the service stops before the farm and the database go.
+pub struct PopulatedService {
+    pub service: Service,
+    pub farm: proxy_pool::farm::Farm,
+    pub db: TestDb,
+    /// How many farm proxies a correct validator finds alive.
+    pub alive: usize,
+}
+
+/// The farm behind [`populated_service`]: working proxies of every protocol
+/// and anonymity, plus dead ones the validator must leave out.
+pub fn small_farm_spec() -> proxy_pool::farm::FarmSpec {
+    use proxy_pool::farm::{Behaviour, FarmSpec, ProxyGroup};
+    use proxy_pool::proxy::Protocol;
+    FarmSpec::new()
+        .group(ProxyGroup::new(Behaviour::Elite, 3))
+        .group(ProxyGroup::new(Behaviour::Elite, 2).protocol(Protocol::Https))
+        .group(ProxyGroup::new(Behaviour::Anonymous, 2))
+        .group(ProxyGroup::new(Behaviour::Transparent, 1))
+        .group(ProxyGroup::new(Behaviour::Socks5, 2))
+        .group(ProxyGroup::new(Behaviour::Dead, 2))
+}
+
+/// Starts the farm and the service, and waits until every alive farm proxy
+/// is active. `server_lines` go into the `[server]` section (e.g. an
+/// `api_token`).
+pub fn populated_service(server_lines: &str) -> PopulatedService {
+    let farm = proxy_pool::farm::Farm::start(small_farm_spec()).expect("start the farm");
+    let alive = farm.manifest().iter().filter(|e| e.alive).count();
+    let db = TestDb::new();
+    let sections = format!(
+        "[server]\nbind = 127.0.0.1:0\nworkers = 4\n{server_lines}\n\
+         [fetcher]\nsource_urls = {list}\nallow_private_addresses = true\ntimeout_ms = 2000\n\
+         [validator]\nvalidation_target = {judge}\nvalidation_timeout_ms = 1000\n\
+         connect_timeout_ms = 500\nvalidation_workers = 8\n\
+         [scheduler]\ninterval_seconds = 2\n",
+        list = farm.list_url("schemes"),
+        judge = farm.judge_url(),
+    );
+    let service = Service::start(&config_text(&db.url, &sections));
+    // /health is public, so this works with an api_token too.
+    let health_url = service.url("/health");
+    wait_for(
+        &format!("{alive} active proxies"),
+        Duration::from_secs(60),
+        || {
+            let answer = get(&health_url);
+            answer.status == 200 && answer.json()["active_proxies"].as_u64() == Some(alive as u64)
+        },
+    );
+    PopulatedService {
+        service,
+        farm,
+        db,
+        alive,
+    }
+}
