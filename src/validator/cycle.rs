@@ -204,6 +204,7 @@ impl Validator {
                 .expect("spawn the result writer")
         };
         let mut stop_reason = None;
+        let mut claimed = 0u64;
         let mut last_progress_log = Instant::now();
         'claiming: loop {
             if shutdown.is_triggered() {
@@ -228,6 +229,10 @@ impl Validator {
             if batch.is_empty() {
                 break;
             }
+            // Proxies that became due after the count (a fetch just listed
+            // them) are due all the same.
+            claimed += batch.len() as u64;
+            progress.due.fetch_max(claimed, Ordering::Relaxed);
             for due in batch {
                 // Wait for a free slot; shutdown interrupts the wait.
                 crossbeam_channel::select! {
