@@ -89,13 +89,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     let config = Config::load(&cli.config, std::env::var("DATABASE_URL").ok())?;
     match cli.command.unwrap_or(Command::Serve) {
         Command::CheckConfig => {
-            print!("{config}");
+            out(&config.to_string())?;
             Ok(())
         }
         Command::Migrate => {
             let store = Store::connect(&config.database)?;
             store.migrate().context("migration failed")?;
-            println!("schema applied");
+            out("schema applied\n")?;
             Ok(())
         }
         Command::Import { file, protocol } => import(&config, &file, protocol.as_deref()),
@@ -130,8 +130,24 @@ fn print_stats(config: &Config, url: Option<String>) -> anyhow::Result<()> {
         .context("cannot read the answer of /stats")?;
     let stats: serde_json::Value = serde_json::from_str(&body)
         .context("the service answered something that is not its /stats JSON")?;
-    print!("{}", crate::stats_table::render(&stats));
+    out(&crate::stats_table::render(&stats))?;
     Ok(())
+}
+
+/// Writes to standard output; a reader that went away (`| head`) is not an
+/// error of ours.
+fn out(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Err(err) if err.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(anyhow::Error::new(err).context("cannot write to standard output"))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// A name for this process in the database's coordination rows.
@@ -181,7 +197,7 @@ fn import(config: &Config, file: &str, protocol: Option<&str>) -> anyhow::Result
     let counts = store
         .upsert_listed(&source, &parsed.proxies)
         .context("cannot store the proxies")?;
-    println!(
+    out(&format!(
         "{file}: {} lines, {} parsed, {} new, {} rejected, {} duplicates in {} ms",
         parsed.lines,
         parsed.proxies.len(),
@@ -189,7 +205,7 @@ fn import(config: &Config, file: &str, protocol: Option<&str>) -> anyhow::Result
         parsed.rejected,
         parsed.duplicates,
         started.elapsed().as_millis()
-    );
+    ))?;
     Ok(())
 }
 
@@ -200,7 +216,7 @@ fn fetch_once(config: &Config) -> anyhow::Result<()> {
     let fetcher = Arc::new(Fetcher::new(config, store, health, instance_name()));
     let statuses = fetcher.fetch_all_once(FetchKind::Manual);
     for status in &statuses {
-        println!("{}", status.summary_line());
+        out(&format!("{}\n", status.summary_line()))?;
     }
     if !statuses.is_empty() && statuses.iter().all(|s| s.last_error.is_some()) {
         anyhow::bail!("every list failed");
@@ -255,7 +271,7 @@ fn validate_once(config: &Config) -> anyhow::Result<()> {
     let state = Arc::new(State::new(&config.scoring));
     let validator = build_validator(config, store, state, health)?;
     let summary = validator.run_cycle(&ShutdownSignal::never());
-    println!("{}", summary.summary_line());
+    out(&format!("{}\n", summary.summary_line()))?;
     if let Some(reason) = summary.skipped {
         if summary.checked == 0 && reason.starts_with("judge") {
             anyhow::bail!("{reason}");

@@ -38,6 +38,10 @@ struct Args {
     /// Write the ground-truth manifest (JSON) here.
     #[arg(long)]
     manifest: Option<PathBuf>,
+    /// Write a complete proxy-pool config.ini pointed at this farm here
+    /// (use it with `PROXY_POOL_CONFIG=PATH scripts/run.sh`).
+    #[arg(long)]
+    write_config: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -64,6 +68,11 @@ fn run(args: Args) -> anyhow::Result<()> {
     if let Some(path) = &args.manifest {
         farm.write_manifest(path)
             .with_context(|| format!("cannot write the manifest to {}", path.display()))?;
+    }
+    if let Some(path) = &args.write_config {
+        std::fs::write(path, demo_config(&farm))
+            .with_context(|| format!("cannot write the config to {}", path.display()))?;
+        println!("proxy-pool config written to {}", path.display());
     }
     print_summary(&farm, args.manifest.as_deref());
     if let Some(signal) = signals.forever().next() {
@@ -120,13 +129,33 @@ fn print_summary(farm: &Farm, manifest: Option<&std::path::Path>) {
         println!("manifest: {}", path.display());
     }
     println!();
-    println!("config.ini for proxy-pool:");
-    println!("[fetcher]");
-    println!("source_urls = {}", farm.list_url("schemes"));
-    println!("allow_private_addresses = true");
-    println!();
-    println!("[validator]");
-    println!("validation_target = {}", farm.judge_url());
+    println!("config.ini for proxy-pool (add a [database] url unless DATABASE_URL is set):");
+    print!("{}", demo_config(farm));
     println!();
     println!("stop with Ctrl-C");
+}
+
+/// A proxy-pool configuration that fetches this farm's lists and validates
+/// against its judge, on a short schedule so the pool fills within seconds.
+fn demo_config(farm: &Farm) -> String {
+    format!(
+        "; proxy-pool against a local proxy farm (offline demo)\n\
+         [fetcher]\n\
+         source_urls = {schemes}\n\
+         interval_seconds = 60\n\
+         allow_private_addresses = true\n\n\
+         [source.farm_junk]\n\
+         url = {junk}\n\
+         interval_seconds = 120\n\n\
+         [validator]\n\
+         validation_target = {judge}\n\
+         validation_timeout_ms = 2000\n\
+         connect_timeout_ms = 1000\n\
+         revalidate_after_seconds = 60\n\n\
+         [scheduler]\n\
+         interval_seconds = 15\n",
+        schemes = farm.list_url("schemes"),
+        junk = farm.list_url("junk"),
+        judge = farm.judge_url(),
+    )
 }
