@@ -1,6 +1,7 @@
 //! Ingest benchmark: parse and upsert a 1,000,000-line list (20% duplicates,
 //! 5% junk) into an empty table, then again into the full table. Needs
-//! DATABASE_URL (scripts/bench.sh provides it). Each figure is the median of
+//! DATABASE_URL (`scripts/with-postgres.sh -- cargo bench --bench ingest`
+//! provides it). Each figure is the median of
 //! three runs, beside a baseline measured in the same run: COPY of the same
 //! rows into an unindexed table, the floor of what PostgreSQL can ingest.
 
@@ -71,7 +72,7 @@ fn peak_rss_mb() -> f64 {
 
 fn main() {
     if std::env::var_os("DATABASE_URL").is_none() {
-        eprintln!("ingest benchmark skipped: DATABASE_URL is not set (run scripts/bench.sh)");
+        eprintln!("ingest benchmark skipped: DATABASE_URL is not set (run it under scripts/with-postgres.sh)");
         return;
     }
     let mut rng = fastrand::Rng::with_seed(7);
@@ -98,12 +99,16 @@ fn main() {
         parse_times.push(started.elapsed());
 
         let started = Instant::now();
-        let first = store.upsert_listed("bench", &parsed.proxies).expect("upsert");
+        let first = store
+            .upsert_listed("bench", &parsed.proxies)
+            .expect("upsert");
         empty_times.push(started.elapsed() + parse_times[parse_times.len() - 1]);
 
         let started = Instant::now();
         let parsed_again = parse_list(&text, &options);
-        let second = store.upsert_listed("bench", &parsed_again.proxies).expect("upsert");
+        let second = store
+            .upsert_listed("bench", &parsed_again.proxies)
+            .expect("upsert");
         full_times.push(started.elapsed());
         counts = (parsed.proxies.len(), first.new, second.new);
 
@@ -113,12 +118,14 @@ fn main() {
             .batch_execute("CREATE TABLE copy_baseline (protocol text, ip inet, port int, username text, password text)")
             .unwrap();
         let started = Instant::now();
-        let mut writer = client
-            .copy_in("COPY copy_baseline FROM STDIN")
-            .unwrap();
+        let mut writer = client.copy_in("COPY copy_baseline FROM STDIN").unwrap();
         let mut buffer = String::with_capacity(64 * 1024);
         for key in &parsed.proxies {
-            let _ = writeln!(buffer, "{}\t{}\t{}\t\\N\t\\N", key.protocol, key.ip, key.port);
+            let _ = writeln!(
+                buffer,
+                "{}\t{}\t{}\t\\N\t\\N",
+                key.protocol, key.ip, key.port
+            );
             if buffer.len() > 60_000 {
                 writer.write_all(buffer.as_bytes()).unwrap();
                 buffer.clear();
@@ -135,9 +142,23 @@ fn main() {
         median(copy_times),
     );
     println!("ingest of {LINES} lines ({} distinct proxies; first run {} new, second run {} new), median of {RUNS}:", counts.0, counts.1, counts.2);
-    println!("  parse only                 {:>8.0} ms", parse.as_secs_f64() * 1000.0);
-    println!("  parse + upsert, empty table {:>7.0} ms  ({:.2}x the COPY baseline)", empty.as_secs_f64() * 1000.0, empty.as_secs_f64() / copy.as_secs_f64());
-    println!("  parse + upsert, full table  {:>7.0} ms  ({:.2}x the COPY baseline)", full.as_secs_f64() * 1000.0, full.as_secs_f64() / copy.as_secs_f64());
-    println!("  baseline: COPY into an unindexed table {:>6.0} ms", copy.as_secs_f64() * 1000.0);
+    println!(
+        "  parse only                 {:>8.0} ms",
+        parse.as_secs_f64() * 1000.0
+    );
+    println!(
+        "  parse + upsert, empty table {:>7.0} ms  ({:.2}x the COPY baseline)",
+        empty.as_secs_f64() * 1000.0,
+        empty.as_secs_f64() / copy.as_secs_f64()
+    );
+    println!(
+        "  parse + upsert, full table  {:>7.0} ms  ({:.2}x the COPY baseline)",
+        full.as_secs_f64() * 1000.0,
+        full.as_secs_f64() / copy.as_secs_f64()
+    );
+    println!(
+        "  baseline: COPY into an unindexed table {:>6.0} ms",
+        copy.as_secs_f64() * 1000.0
+    );
     println!("  peak RSS {:.0} MB", peak_rss_mb());
 }
