@@ -1,6 +1,7 @@
 //! Ingest benchmark: parse and upsert a 1,000,000-line list (20% duplicates,
 //! 5% junk) into an empty table, then again into the full table. Needs
-//! DATABASE_URL (scripts/bench.sh provides it). Each figure is the median of
+//! DATABASE_URL (`scripts/with-postgres.sh -- cargo bench --bench ingest`
+//! provides it). Each figure is the median of
 //! three runs, beside a baseline measured in the same run: COPY of the same
 //! rows into an unindexed table, the floor of what PostgreSQL can ingest.
 
@@ -71,7 +72,7 @@ fn peak_rss_mb() -> f64 {
 
 fn main() {
     if std::env::var_os("DATABASE_URL").is_none() {
-        eprintln!("ingest benchmark skipped: DATABASE_URL is not set (run scripts/bench.sh)");
+        eprintln!("ingest benchmark skipped: DATABASE_URL is not set (run it under scripts/with-postgres.sh)");
         return;
     }
     let mut rng = fastrand::Rng::with_seed(7);

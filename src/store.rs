@@ -2,7 +2,6 @@
 //! fetcher's bulk upserts, the validator's leased selection and result writes,
 //! and the state manager's loads. Rows of `proxies` are never deleted.
 
-use std::collections::HashSet;
 use std::net::IpAddr;
 use std::time::Duration;
 
@@ -197,14 +196,15 @@ impl Store {
              )
              SELECT count(*) FILTER (WHERE inserted), count(*) FROM upserted",
         )?;
-        // One row may be touched once per statement: fold keys that differ
-        // only by password (the identity is protocol, ip, port, username).
-        let mut seen = HashSet::with_capacity(proxies.len().min(UPSERT_BATCH));
-        let mut batch: Vec<&ProxyKey> = Vec::with_capacity(proxies.len().min(UPSERT_BATCH));
-        let mut flush = |batch: &mut Vec<&ProxyKey>| -> Result<(), StoreError> {
-            if batch.is_empty() {
-                return Ok(());
-            }
+        // In identity order: index pages are visited in sequence rather than
+        // at random, and every writer locks rows in the same order, so two
+        // lists naming the same proxies cannot deadlock. A row may be touched
+        // once per statement: keys that differ only by password are folded
+        // (the stable sort keeps the first listed).
+        let mut keys: Vec<&ProxyKey> = proxies.iter().collect();
+        keys.sort_by(|a, b| identity(a).cmp(&identity(b)));
+        keys.dedup_by(|a, b| identity(a) == identity(b));
+        for batch in keys.chunks(UPSERT_BATCH) {
             let protocols: Vec<&str> = batch.iter().map(|k| k.protocol.as_str()).collect();
             let ips: Vec<IpAddr> = batch.iter().map(|k| k.ip).collect();
             let ports: Vec<i32> = batch.iter().map(|k| i32::from(k.port)).collect();
@@ -217,17 +217,6 @@ impl Store {
             )?;
             counts.new += row.get::<_, i64>(0) as u64;
             counts.upserted += row.get::<_, i64>(1) as u64;
-            batch.clear();
-            Ok(())
-        };
-        for chunk in proxies.chunks(UPSERT_BATCH) {
-            seen.clear();
-            for key in chunk {
-                if seen.insert((key.protocol, key.ip, key.port, key.username.as_deref())) {
-                    batch.push(key);
-                }
-            }
-            flush(&mut batch)?;
         }
         Ok(counts)
     }
@@ -400,6 +389,11 @@ fn policy_seconds(policy: &DuePolicy) -> (f64, f64) {
             .map(|d| d.as_secs_f64())
             .unwrap_or(0.0),
     )
+}
+
+/// A proxy's identity in the table (its unique index): the password is not part of it.
+fn identity(key: &ProxyKey) -> (Protocol, IpAddr, u16, Option<&str>) {
+    (key.protocol, key.ip, key.port, key.username.as_deref())
 }
 
 /// Reads (protocol, ip, port, username, password) starting at column `first`.
