@@ -856,6 +856,7 @@ impl fmt::Display for Config {
             .filter(|s| s.name == s.url)
             .map(|s| s.url.as_str())
             .collect();
+        let urls: Vec<String> = urls.iter().map(|url| redact_url(url)).collect();
         writeln!(f, "source_urls = {}", urls.join(","))?;
         writeln!(f, "interval_seconds = {}", secs(self.fetcher.interval))?;
         writeln!(f, "timeout_ms = {}", ms(self.fetcher.timeout))?;
@@ -868,7 +869,7 @@ impl fmt::Display for Config {
         )?;
         for source in self.sources.iter().filter(|s| s.name != s.url) {
             writeln!(f, "\n[source.{}]", source.name)?;
-            writeln!(f, "url = {}", source.url)?;
+            writeln!(f, "url = {}", redact_url(&source.url))?;
             writeln!(f, "interval_seconds = {}", secs(source.interval))?;
             writeln!(f, "protocol = {}", source.protocol)?;
         }

@@ -21,7 +21,13 @@ fn main() -> ExitCode {
             };
         }
     };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+    // The database driver logs statement parameters (proxy passwords among
+    // them) at debug level: it stays at info unless RUST_LOG names it.
+    env_logger::Builder::new()
+        .filter_level(log::LevelFilter::Info)
+        .filter_module("tokio_postgres", log::LevelFilter::Info)
+        .filter_module("postgres", log::LevelFilter::Info)
+        .parse_env(env_logger::Env::default())
         .format_timestamp_millis()
         .target(env_logger::Target::Stderr)
         .init();

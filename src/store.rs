@@ -192,7 +192,7 @@ impl Store {
              ), linked AS (
                  INSERT INTO proxy_sources (source, proxy_id)
                  SELECT $6, id FROM upserted
-                 ON CONFLICT (source, proxy_id) DO UPDATE SET last_seen_at = now()
+                 ON CONFLICT (source, proxy_id) DO NOTHING
              )
              SELECT count(*) FILTER (WHERE inserted), count(*) FROM upserted",
         )?;
