@@ -10,7 +10,9 @@
 //! without DATABASE_URL or wrk. BENCH_SECONDS (default 3) sets each wrk run,
 //! BENCH_ROUNDS (default 3) the interleaved rounds whose medians are shown,
 //! BENCH_WORKERS (default 8, the config's default) both servers' workers,
-//! PROXY_POOL_BIN the service binary (default: the one cargo built).
+//! PROXY_POOL_BIN the service binary (default: the one cargo built),
+//! BENCH_DIR where the service's directory and snapshot go (default: the
+//! system's temporary directory).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -64,7 +66,12 @@ fn main() {
         started.elapsed().as_millis()
     ));
     let data = make_stats(&proxies);
-    let dir = tempfile::tempdir().expect("tempdir");
+    // BENCH_DIR: where the services' directories (and snapshots) live.
+    let dir = match std::env::var_os("BENCH_DIR") {
+        Some(base) => tempfile::tempdir_in(base),
+        None => tempfile::tempdir(),
+    }
+    .expect("tempdir");
     let snapshot_path = dir.path().join("stats.bin");
     let info = snapshot::write_atomic(&snapshot_path, &data).expect("write the snapshot");
     report.line(format!(
