@@ -304,7 +304,6 @@ fn a_proxy_is_banned_on_the_fourth_failure_and_comes_back_after_the_cooldown() {
     assert_eq!(json["is_banned"], true);
     let until = json["banned_until"].as_str().expect("banned_until");
     let until = chrono::DateTime::parse_from_rfc3339(until).expect("RFC 3339");
-    let banned_at = chrono::Utc::now();
 
     // While banned, only the other proxy is served to this source.
     let mut served_bad_after_ban = false;
@@ -317,7 +316,6 @@ fn a_proxy_is_banned_on_the_fourth_failure_and_comes_back_after_the_cooldown() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(!served_bad_after_ban, "a banned proxy was served");
-    assert!(chrono::Utc::now() - banned_at < chrono::Duration::seconds(5));
 
     // After the cooldown it is served again, its score reset.
     support::wait_for(
