@@ -352,11 +352,14 @@ fn serve(config: Config) -> anyhow::Result<()> {
     let health = Arc::new(Health::new());
     let metrics = Arc::new(Metrics::new());
     let state = Arc::new(State::new(&config.scoring));
-    let snapshotter = Arc::new(Snapshotter::new(
-        config.state.snapshot_path.clone(),
-        state.clone(),
-        health.clone(),
-    ));
+    let snapshotter = Arc::new(
+        Snapshotter::new(
+            config.state.snapshot_path.clone(),
+            state.clone(),
+            health.clone(),
+        )
+        .context("cannot start the snapshot writer")?,
+    );
     snapshotter.restore();
 
     let store = Store::connect(&config.database)?;

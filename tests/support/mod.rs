@@ -323,3 +323,264 @@ pub fn populated_service(server_lines: &str) -> PopulatedService {
         alive,
     }
 }
+
+// ---- API and persistence tests: configs, rows, raw HTTP ----
+
+/// The schema, applied by tests that insert rows before the service starts.
+pub const SCHEMA: &str = include_str!("../../schema.sql");
+
+/// A test configuration built section by section; later `set`s of the same
+/// key replace earlier ones, so a test states only what it changes.
+#[derive(Clone, Debug)]
+pub struct TestConfig {
+    sections: Vec<(String, Vec<(String, String)>)>,
+}
+
+impl TestConfig {
+    /// Quiet defaults: loopback port 0, nothing to fetch or validate that
+    /// answers (port 9 on loopback refuses), long intervals, short timeouts.
+    pub fn new(database_url: &str) -> TestConfig {
+        let mut config = TestConfig {
+            sections: Vec::new(),
+        };
+        config
+            .set("database", "url", database_url)
+            .set("database", "checkout_timeout_ms", "1000")
+            .set("server", "bind", "127.0.0.1:0")
+            .set("server", "workers", "4")
+            .set("fetcher", "source_urls", "http://127.0.0.1:9/list.txt")
+            .set("fetcher", "interval_seconds", "3600")
+            .set("fetcher", "timeout_ms", "500")
+            .set("fetcher", "allow_private_addresses", "true")
+            .set("validator", "validation_target", "http://127.0.0.1:9/get")
+            .set("validator", "validation_timeout_ms", "1000")
+            .set("validator", "connect_timeout_ms", "500")
+            .set("scheduler", "interval_seconds", "3600")
+            .set("state", "snapshot_path", "stats.bin")
+            .set("state", "snapshot_interval_seconds", "3600")
+            .set("state", "sync_interval_seconds", "1");
+        config
+    }
+
+    pub fn set(&mut self, section: &str, key: &str, value: &str) -> &mut TestConfig {
+        let index = match self.sections.iter().position(|(name, _)| name == section) {
+            Some(index) => index,
+            None => {
+                self.sections.push((section.to_string(), Vec::new()));
+                self.sections.len() - 1
+            }
+        };
+        let entries = &mut self.sections[index].1;
+        match entries.iter_mut().find(|(k, _)| k == key) {
+            Some(entry) => entry.1 = value.to_string(),
+            None => entries.push((key.to_string(), value.to_string())),
+        }
+        self
+    }
+
+    pub fn text(&self) -> String {
+        let mut text = String::new();
+        for (section, entries) in &self.sections {
+            text.push_str(&format!("[{section}]\n"));
+            for (key, value) in entries {
+                text.push_str(&format!("{key} = {value}\n"));
+            }
+        }
+        text
+    }
+}
+
+/// An active proxy row, as the validator would have left it.
+#[derive(Clone, Debug)]
+pub struct Row {
+    pub protocol: &'static str,
+    pub ip: &'static str,
+    pub port: i32,
+    pub username: Option<&'static str>,
+    pub password: Option<&'static str>,
+    pub latency_ms: Option<i32>,
+    pub anonymity: Option<&'static str>,
+    pub country: Option<&'static str>,
+    pub supports_https: Option<bool>,
+}
+
+impl Row {
+    pub fn http(ip: &'static str, port: i32) -> Row {
+        Row {
+            protocol: "http",
+            ip,
+            port,
+            username: None,
+            password: None,
+            latency_ms: Some(100),
+            anonymity: Some("elite"),
+            country: Some("US"),
+            supports_https: Some(false),
+        }
+    }
+
+    /// The URL get-proxy hands out for this row.
+    pub fn url(&self) -> String {
+        match (self.username, self.password) {
+            (Some(user), Some(password)) => {
+                format!(
+                    "{}://{user}:{password}@{}:{}",
+                    self.protocol, self.ip, self.port
+                )
+            }
+            (Some(user), None) => format!("{}://{user}@{}:{}", self.protocol, self.ip, self.port),
+            _ => format!("{}://{}:{}", self.protocol, self.ip, self.port),
+        }
+    }
+}
+
+/// Applies the schema (idempotent) to the database at `url`.
+pub fn migrate(url: &str) {
+    let mut client = postgres::Client::connect(url, postgres::NoTls).expect("connect");
+    client.batch_execute(SCHEMA).expect("apply schema.sql");
+}
+
+/// Inserts `rows` as active, validated just now.
+pub fn insert_active(url: &str, rows: &[Row]) {
+    let mut client = postgres::Client::connect(url, postgres::NoTls).expect("connect");
+    for row in rows {
+        client
+            .execute(
+                "INSERT INTO proxies (protocol, ip, port, username, password, is_active,
+                    latency_ms, anonymity, country, supports_https, last_validated_at)
+                 VALUES ($1, $2::text::inet, $3, $4, $5, true, $6, $7, $8, $9, now())",
+                &[
+                    &row.protocol,
+                    &row.ip,
+                    &row.port,
+                    &row.username,
+                    &row.password,
+                    &row.latency_ms,
+                    &row.anonymity,
+                    &row.country,
+                    &row.supports_https,
+                ],
+            )
+            .expect("insert an active proxy");
+    }
+}
+
+impl Service {
+    /// Starts the service and waits until it has loaded the active proxies.
+    pub fn start_loaded(config: &str) -> Service {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Service::start_loaded_in(dir, config)
+    }
+
+    pub fn start_loaded_in(dir: tempfile::TempDir, config: &str) -> Service {
+        let service = Service::start_in(dir, config);
+        service.wait_log("active proxies loaded", Duration::from_secs(30));
+        service
+    }
+
+    /// Waits until a log line contains `needle`.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) {
+        wait_for(&format!("log line {needle:?}"), timeout, || {
+            self.log_contains(needle)
+        });
+    }
+
+    /// How many log lines contain `needle`.
+    pub fn log_count(&self, needle: &str) -> usize {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    /// Kills the process (SIGKILL) and hands back its directory for a restart.
+    pub fn kill_keep_dir(mut self) -> tempfile::TempDir {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.take_dir()
+    }
+
+    /// Takes the directory out (after the process ended) for a restart in it.
+    pub fn take_dir(&mut self) -> tempfile::TempDir {
+        std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir"))
+    }
+}
+
+/// Sends `request` as it is over a fresh connection and reads the answer
+/// until the server closes (ask for `Connection: close`).
+pub fn raw_http(addr: &str, request: &[u8]) -> Answer {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    // The server may answer and close before taking everything: a failed
+    // write is then expected, the answer is what counts.
+    let _ = stream.write_all(request);
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        match stream.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(_) => break,
+        }
+        let mut slots = [httparse::EMPTY_HEADER; 64];
+        let mut response = httparse::Response::new(&mut slots);
+        if let Ok(httparse::Status::Complete(head)) = response.parse(&buf) {
+            let length = response
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                .and_then(|h| {
+                    std::str::from_utf8(h.value)
+                        .ok()?
+                        .trim()
+                        .parse::<usize>()
+                        .ok()
+                });
+            if length.is_some_and(|n| buf.len() >= head + n) {
+                break;
+            }
+        }
+    }
+    let mut slots = [httparse::EMPTY_HEADER; 64];
+    let mut response = httparse::Response::new(&mut slots);
+    let head = match response.parse(&buf) {
+        Ok(httparse::Status::Complete(head)) => head,
+        _ => panic!(
+            "no complete HTTP answer: {:?}",
+            String::from_utf8_lossy(&buf)
+        ),
+    };
+    Answer {
+        status: response.code.unwrap_or(0),
+        headers: response
+            .headers
+            .iter()
+            .map(|h| {
+                (
+                    h.name.to_string(),
+                    String::from_utf8_lossy(h.value).into_owned(),
+                )
+            })
+            .collect(),
+        body: String::from_utf8_lossy(&buf[head..]).into_owned(),
+    }
+}
+
+/// Any method, with optional headers and body.
+pub fn request(method: &str, url: &str, headers: &[(&str, &str)], body: Option<&str>) -> Answer {
+    let mut builder = ureq::http::Request::builder().method(method).uri(url);
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    let agent = agent();
+    let response = match body {
+        Some(body) => agent.run(builder.body(body.to_string()).expect("request")),
+        None => agent.run(builder.body(()).expect("request")),
+    };
+    answer(response.expect("HTTP request"))
+}
