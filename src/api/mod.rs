@@ -255,9 +255,12 @@ fn authorize(context: &ApiContext, request: &Request) -> Result<(), ApiError> {
     let Some(token) = &context.config.server.api_token else {
         return Ok(());
     };
+    // The scheme name is case-insensitive (RFC 9110).
     let given = request
         .header("Authorization")
-        .and_then(|h| h.strip_prefix("Bearer "))
+        .and_then(|h| h.trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token)
         .unwrap_or("");
     if same_secret(given.trim().as_bytes(), token.as_bytes()) {
         return Ok(());
