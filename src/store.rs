@@ -6,6 +6,8 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use postgres::binary_copy::BinaryCopyInWriter;
+use postgres::types::Type;
 use postgres::NoTls;
 use r2d2_postgres::PostgresConnectionManager;
 
@@ -17,7 +19,7 @@ const SCHEMA: &str = include_str!("../schema.sql");
 const MIGRATION_LOCK: i64 = 0x7072_6f78_7970_6f6f; // "proxypoo"
 /// Rows per upsert statement: large enough to amortise the round trip, small
 /// enough to keep one statement's memory and lock time bounded.
-pub const UPSERT_BATCH: usize = 20_000;
+pub const UPSERT_BATCH: usize = 50_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -179,23 +181,6 @@ impl Store {
             return Ok(counts);
         }
         let mut conn = self.conn()?;
-        let statement = conn.prepare(
-            "WITH input AS (
-                 SELECT * FROM unnest($1::text[], $2::inet[], $3::int4[], $4::text[], $5::text[])
-                     AS t(protocol, ip, port, username, password)
-             ), upserted AS (
-                 INSERT INTO proxies AS p (protocol, ip, port, username, password)
-                 SELECT protocol, ip, port, username, password FROM input
-                 ON CONFLICT (protocol, ip, port, (coalesce(username, ''))) DO UPDATE
-                     SET last_seen_at = now(), password = EXCLUDED.password
-                 RETURNING p.id, (p.xmax = 0) AS inserted
-             ), linked AS (
-                 INSERT INTO proxy_sources (source, proxy_id)
-                 SELECT $6, id FROM upserted
-                 ON CONFLICT (source, proxy_id) DO NOTHING
-             )
-             SELECT count(*) FILTER (WHERE inserted), count(*) FROM upserted",
-        )?;
         // In identity order: index pages are visited in sequence rather than
         // at random, and every writer locks rows in the same order, so two
         // lists naming the same proxies cannot deadlock. A row may be touched
@@ -204,17 +189,49 @@ impl Store {
         let mut keys: Vec<&ProxyKey> = proxies.iter().collect();
         keys.sort_by(|a, b| identity(a).cmp(&identity(b)));
         keys.dedup_by(|a, b| identity(a) == identity(b));
+        // Each batch: COPY into a temporary table (the cheapest way in), then
+        // one INSERT ... ON CONFLICT statement, in a transaction of its own so
+        // that row locks are held only for one batch.
         for batch in keys.chunks(UPSERT_BATCH) {
-            let protocols: Vec<&str> = batch.iter().map(|k| k.protocol.as_str()).collect();
-            let ips: Vec<IpAddr> = batch.iter().map(|k| k.ip).collect();
-            let ports: Vec<i32> = batch.iter().map(|k| i32::from(k.port)).collect();
-            let users: Vec<Option<&str>> = batch.iter().map(|k| k.username.as_deref()).collect();
-            let passwords: Vec<Option<&str>> =
-                batch.iter().map(|k| k.password.as_deref()).collect();
-            let row = conn.query_one(
-                &statement,
-                &[&protocols, &ips, &ports, &users, &passwords, &source],
+            let mut tx = conn.transaction()?;
+            tx.batch_execute(
+                "CREATE TEMPORARY TABLE listed (
+                     protocol text, ip inet, port int4, username text, password text
+                 ) ON COMMIT DROP",
             )?;
+            let sink = tx.copy_in(
+                "COPY listed (protocol, ip, port, username, password) FROM STDIN BINARY",
+            )?;
+            let mut writer = BinaryCopyInWriter::new(
+                sink,
+                &[Type::TEXT, Type::INET, Type::INT4, Type::TEXT, Type::TEXT],
+            );
+            for key in batch {
+                writer.write(&[
+                    &key.protocol.as_str(),
+                    &key.ip,
+                    &i32::from(key.port),
+                    &key.username.as_deref(),
+                    &key.password.as_deref(),
+                ])?;
+            }
+            writer.finish()?;
+            let row = tx.query_one(
+                "WITH upserted AS (
+                     INSERT INTO proxies AS p (protocol, ip, port, username, password)
+                     SELECT protocol, ip, port, username, password FROM listed
+                     ON CONFLICT (protocol, ip, port, (coalesce(username, ''))) DO UPDATE
+                         SET last_seen_at = now(), password = EXCLUDED.password
+                     RETURNING p.id, (p.xmax = 0) AS inserted
+                 ), linked AS (
+                     INSERT INTO proxy_sources (source, proxy_id)
+                     SELECT $1, id FROM upserted
+                     ON CONFLICT (source, proxy_id) DO NOTHING
+                 )
+                 SELECT count(*) FILTER (WHERE inserted), count(*) FROM upserted",
+                &[&source],
+            )?;
+            tx.commit()?;
             counts.new += row.get::<_, i64>(0) as u64;
             counts.upserted += row.get::<_, i64>(1) as u64;
         }
