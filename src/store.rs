@@ -375,9 +375,7 @@ impl Store {
         )?;
         Ok(rows == 1)
     }
-}
 
-impl Store {
     /// Gives back this instance's claim on a list's fetch after a failure.
     pub fn release_fetch(&self, source: &str, instance: &str) -> Result<(), StoreError> {
         let mut conn = self.conn()?;
