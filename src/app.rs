@@ -102,8 +102,30 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Fetch => fetch_once(&config),
         Command::Validate => validate_once(&config),
         Command::Stats { url } => print_stats(&config, url),
-        Command::Serve => serve(config),
+        Command::Serve => {
+            warn_if_world_writable(&cli.config);
+            serve(config)
+        }
     }
+}
+
+/// Anyone who may rewrite the config file may aim the service elsewhere or
+/// replace its token: say so at start (the service still runs).
+fn warn_if_world_writable(path: &std::path::Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(metadata) = std::fs::metadata(path) {
+            if metadata.permissions().mode() & 0o002 != 0 {
+                log::warn!(
+                    "config file {} is world-writable: anyone on this host can change what the service does (chmod o-w it)",
+                    path.display()
+                );
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
 }
 
 fn print_stats(config: &Config, url: Option<String>) -> anyhow::Result<()> {

@@ -4,6 +4,7 @@
 
 mod params;
 mod render;
+pub mod server;
 
 use std::io::Read;
 use std::net::SocketAddr;
@@ -97,39 +98,30 @@ impl ApiError {
 /// A running API server; stops when dropped or on [`ApiServer::stop`].
 pub struct ApiServer {
     pub local_addr: SocketAddr,
-    handle: Option<std::thread::JoinHandle<()>>,
-    stop: Option<std::sync::mpsc::Sender<()>>,
+    server: server::HttpServer,
 }
 
 impl ApiServer {
     pub fn start(context: Arc<ApiContext>) -> Result<ApiServer, String> {
         let bind = context.config.server.bind;
         let workers = context.config.server.workers;
-        let server = rouille::Server::new(bind, move |request| handle(&context, request))
-            .map_err(|err| format!("cannot listen on {bind}: {err}"))?
-            .pool_size(workers);
-        let local_addr = server.server_addr();
-        let (handle, stop) = server.stoppable();
+        let max_body_bytes = context.config.server.max_body_bytes;
+        let server = server::HttpServer::start(
+            bind,
+            workers,
+            max_body_bytes,
+            Box::new(move |request| handle(&context, request)),
+        )
+        .map_err(|err| format!("cannot listen on {bind}: {err}"))?;
         Ok(ApiServer {
-            local_addr,
-            handle: Some(handle),
-            stop: Some(stop),
+            local_addr: server.local_addr,
+            server,
         })
     }
 
+    /// Stops accepting; requests in progress finish.
     pub fn stop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(handle) = self.handle.take() {
-            let _ = handle.join();
-        }
-    }
-}
-
-impl Drop for ApiServer {
-    fn drop(&mut self) {
-        self.stop();
+        self.server.stop();
     }
 }
 

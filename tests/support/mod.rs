@@ -584,3 +584,374 @@ pub fn request(method: &str, url: &str, headers: &[(&str, &str)], body: Option<&
     };
     answer(response.expect("HTTP request"))
 }
+
+// ---------------------------------------------------------------------------
+// Fault injection: a PostgreSQL cluster of a test's own (to stop and start),
+// raw TCP requests (for what an HTTP client library refuses to send), and
+// figures of a running process read from /proc.
+
+/// A throwaway PostgreSQL cluster on a port of its own, which a test may stop
+/// and start again (same port, same data) to simulate an outage.
+pub struct PgCluster {
+    bin: PathBuf,
+    _dir: tempfile::TempDir,
+    data: PathBuf,
+    pub port: u16,
+    as_postgres: bool,
+}
+
+fn pg_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("PROXY_POOL_PG_BIN") {
+        return PathBuf::from(bin);
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|dir| {
+            dir.filter_map(Result::ok)
+                .map(|e| e.path().join("bin"))
+                .filter(|bin| bin.join("pg_ctl").exists())
+                .collect()
+        })
+        .unwrap_or_default();
+    found.sort();
+    found
+        .pop()
+        .expect("no PostgreSQL binaries: set PROXY_POOL_PG_BIN (scripts/with-postgres.sh does)")
+}
+
+fn running_as_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// A port below Linux's ephemeral range that nothing listens on now, so that
+/// a restarted cluster finds it free again.
+fn free_low_port() -> u16 {
+    for _ in 0..200 {
+        let port = 15_000 + fastrand::u16(..17_000);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port found");
+}
+
+impl PgCluster {
+    /// initdb and start; panics with PostgreSQL's own words when it cannot.
+    pub fn start() -> PgCluster {
+        let bin = pg_bin();
+        let as_postgres = running_as_root();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).expect("data dir");
+        if as_postgres {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+                .expect("chmod");
+            let status = Command::new("chown")
+                .arg("postgres:")
+                .arg(&data)
+                .status()
+                .expect("chown");
+            assert!(status.success(), "chown postgres: {}", data.display());
+        }
+        let mut cluster = PgCluster {
+            bin,
+            _dir: dir,
+            data,
+            port: 0,
+            as_postgres,
+        };
+        let out = cluster
+            .command("initdb")
+            .args([
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+                "-D",
+            ])
+            .arg(&cluster.data)
+            .output()
+            .expect("initdb");
+        assert!(
+            out.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for attempt in 0..5 {
+            cluster.port = free_low_port();
+            if cluster.try_start() {
+                return cluster;
+            }
+            eprintln!("PgCluster: start attempt {attempt} failed, trying another port");
+        }
+        panic!("PostgreSQL did not start: {}", cluster.server_log());
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let path = self.bin.join(program);
+        if self.as_postgres {
+            let mut command = Command::new("runuser");
+            command.args(["-u", "postgres", "--"]).arg(path);
+            command
+        } else {
+            Command::new(path)
+        }
+    }
+
+    fn try_start(&self) -> bool {
+        let options = format!(
+            "-c listen_addresses=127.0.0.1 -c port={} -c unix_socket_directories='{}' \
+             -c max_connections=200 -c fsync=off -c synchronous_commit=off \
+             -c full_page_writes=off -c shared_buffers=16MB",
+            self.port,
+            self.data.display()
+        );
+        self.command("pg_ctl")
+            .arg("-D")
+            .arg(&self.data)
+            .arg("-l")
+            .arg(self.data.join("server.log"))
+            .args(["-w", "-t", "60", "-o", &options, "start"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    }
+
+    /// The server's URL (database `postgres`).
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    pub fn client(&self) -> postgres::Client {
+        postgres::Client::connect(&self.url(), postgres::NoTls).expect("connect to PgCluster")
+    }
+
+    /// Stops at once, as a crash would: open transactions are lost.
+    pub fn stop(&self) {
+        let status = self
+            .command("pg_ctl")
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-m", "immediate", "-w", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("pg_ctl stop");
+        assert!(status.success(), "pg_ctl stop failed");
+    }
+
+    /// Starts again on the same port, with the same data (after crash recovery).
+    pub fn restart(&self) {
+        assert!(self.try_start(), "restart failed: {}", self.server_log());
+    }
+
+    fn server_log(&self) -> String {
+        std::fs::read_to_string(self.data.join("server.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        let _ = self
+            .command("pg_ctl")
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-m", "immediate", "-w", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// An answer read off a raw socket.
+#[derive(Debug)]
+pub struct RawAnswer {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl RawAnswer {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Reads one HTTP/1.1 answer (Content-Length or until EOF) within `timeout`.
+pub fn read_answer(
+    stream: &mut std::net::TcpStream,
+    timeout: Duration,
+) -> Result<RawAnswer, String> {
+    use std::io::Read;
+    let deadline = Instant::now() + timeout;
+    let mut buffer = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    // (head length, status, headers) once the head is complete.
+    type Parsed = (usize, u16, Vec<(String, String)>);
+    let mut head: Option<Parsed> = None;
+    loop {
+        if head.is_none() {
+            let mut headers = [httparse::EMPTY_HEADER; 64];
+            let mut response = httparse::Response::new(&mut headers);
+            match response.parse(&buffer) {
+                Ok(httparse::Status::Complete(len)) => {
+                    let headers = response
+                        .headers
+                        .iter()
+                        .map(|h| {
+                            (
+                                h.name.to_string(),
+                                String::from_utf8_lossy(h.value).into_owned(),
+                            )
+                        })
+                        .collect();
+                    head = Some((len, response.code.unwrap_or(0), headers));
+                }
+                Ok(httparse::Status::Partial) => {}
+                Err(err) => {
+                    return Err(format!(
+                        "unparsable answer ({err}): {:?}",
+                        String::from_utf8_lossy(&buffer[..buffer.len().min(200)])
+                    ))
+                }
+            }
+        }
+        if let Some((len, status, headers)) = &head {
+            let length = headers
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+                .and_then(|(_, v)| v.trim().parse::<usize>().ok());
+            if let Some(length) = length {
+                if buffer.len() >= len + length {
+                    return Ok(RawAnswer {
+                        status: *status,
+                        headers: headers.clone(),
+                        body: buffer[*len..len + length].to_vec(),
+                    });
+                }
+            }
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(format!(
+                "no complete answer within {timeout:?} ({} bytes read)",
+                buffer.len()
+            ));
+        }
+        stream
+            .set_read_timeout(Some(left))
+            .map_err(|e| e.to_string())?;
+        match stream.read(&mut chunk) {
+            Ok(0) => {
+                return match head {
+                    Some((len, status, headers)) => Ok(RawAnswer {
+                        status,
+                        headers,
+                        body: buffer[len..].to_vec(),
+                    }),
+                    None if buffer.is_empty() => Err("connection closed without an answer".into()),
+                    None => Err(format!(
+                        "connection closed in the head: {:?}",
+                        String::from_utf8_lossy(&buffer[..buffer.len().min(200)])
+                    )),
+                };
+            }
+            Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(format!(
+                    "no complete answer within {timeout:?} ({} bytes read)",
+                    buffer.len()
+                ));
+            }
+            Err(err) => return Err(format!("read failed: {err}")),
+        }
+    }
+}
+
+/// Sends `request` as raw bytes, half-closes, and reads one answer.
+pub fn raw_exchange(addr: &str, request: &[u8], timeout: Duration) -> Result<RawAnswer, String> {
+    use std::io::Write;
+    let mut stream = std::net::TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+    stream
+        .set_write_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    // The server may answer (and close) before reading everything: a failed
+    // write is not a failure as long as an answer comes.
+    let _ = stream.write_all(request);
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    read_answer(&mut stream, timeout)
+}
+
+/// A GET of `path` on a fresh connection, answered within `timeout`.
+pub fn quick_get(addr: &str, path: &str, timeout: Duration) -> Result<RawAnswer, String> {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    let mut stream =
+        std::net::TcpStream::connect_timeout(&addr.parse().map_err(|e| format!("{e}"))?, timeout)
+            .map_err(|e| format!("connect: {e}"))?;
+    use std::io::Write;
+    stream
+        .set_write_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    stream
+        .write_all(request.as_bytes())
+        .map_err(|e| format!("write: {e}"))?;
+    read_answer(&mut stream, timeout)
+}
+
+/// Figures of a live process from /proc.
+pub mod procfs {
+    /// User + system CPU time, in clock ticks (1/100 s on Linux).
+    pub fn cpu_ticks(pid: u32) -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // Fields after the command name, which is in parentheses.
+        let rest = stat.rsplit(')').next().unwrap_or("");
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        // utime and stime are fields 14 and 15 of the whole line: 11 and 12 here.
+        let tick = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        tick(11) + tick(12)
+    }
+
+    pub fn threads(pid: u32) -> usize {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    pub fn open_fds(pid: u32) -> usize {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    /// Resident memory in KiB.
+    pub fn rss_kib(pid: u32) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+}
