@@ -115,6 +115,10 @@ impl Snapshotter {
     /// stats; an unreadable one has been moved aside by `snapshot::load`.
     pub fn restore(&self) {
         let path = self.path.display();
+        let stale = snapshot::remove_stale_temps(&self.path);
+        if stale > 0 {
+            log::info!("removed {stale} temporary snapshot files left by an interrupted write");
+        }
         match snapshot::load(&self.path) {
             Ok(Loaded::Loaded(data)) => {
                 let report = self.state.restore(data, Utc::now());

@@ -128,6 +128,28 @@ pub fn write_atomic(path: &Path, data: &SnapshotData) -> Result<SnapshotInfo, Sn
     })
 }
 
+/// Removes the temporary files of writers that died mid-write (a crash or a
+/// SIGKILL leaves one each; they would pile up). Call before this process
+/// writes. Returns how many were removed.
+pub fn remove_stale_temps(path: &Path) -> usize {
+    let Some(name) = path.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+        return 0;
+    };
+    let prefix = format!(".{name}.tmp-");
+    let dir = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|entry| entry.file_name().to_string_lossy().starts_with(&prefix))
+        .filter(|entry| fs::remove_file(entry.path()).is_ok())
+        .count()
+}
+
 fn temp_path(path: &Path) -> PathBuf {
     // Unique per process and call, so two writers never share a temp file.
     static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -347,6 +369,28 @@ impl<T: Read> Read for Hashing<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn temporary_files_of_crashed_writers_are_removed_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stats.bin");
+        for name in [
+            ".stats.bin.tmp-123-0",
+            ".stats.bin.tmp-456-7",
+            "stats.bin",
+            "other.bin",
+            ".other.bin.tmp-1-0",
+        ] {
+            fs::write(dir.path().join(name), b"x").unwrap();
+        }
+        assert_eq!(remove_stale_temps(&path), 2);
+        let mut left: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, [".other.bin.tmp-1-0", "other.bin", "stats.bin"]);
+    }
 
     fn sample() -> SnapshotData {
         SnapshotData {
