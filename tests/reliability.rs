@@ -404,8 +404,11 @@ fn a_database_crash_during_a_validation_cycle_is_caught_up() {
         },
     );
     prober.finish();
+    // Either a batch could not be written, or the claiming stopped: both
+    // show that the crash cut a cycle in progress.
     assert!(
-        service.log_contains("results not written: database unavailable"),
+        service.log_contains("results not written")
+            || service.log_contains("stopped early: database"),
         "the crash did not cut a cycle:\n{}",
         service.log_text()
     );
