@@ -20,5 +20,3 @@ else
 fi
 scripts/with-postgres.sh --data target/pgdata-test -- "${runner[@]}" "$@"
 "${timing[@]}"
-# Doc tests are not run by nextest.
-cargo test --doc --locked
