@@ -816,7 +816,13 @@ pub fn read_answer(
                             )
                         })
                         .collect();
-                    head = Some((len, response.code.unwrap_or(0), headers));
+                    let status = response.code.unwrap_or(0);
+                    if (100..200).contains(&status) {
+                        // An interim answer (100 Continue): the final one follows.
+                        buffer.drain(..len);
+                        continue;
+                    }
+                    head = Some((len, status, headers));
                 }
                 Ok(httparse::Status::Partial) => {}
                 Err(err) => {
