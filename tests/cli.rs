@@ -1,10 +1,12 @@
-//! The command line as an operator meets it: check-config, migrate, and the
-//! serve lifecycle (health, SIGTERM).
+//! The command line as an operator meets it: check-config, migrate, the
+//! serve lifecycle (health, SIGTERM), the README's offline demo and
+//! scripts/run.sh.
 
 mod support;
 
-use std::process::Command;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use support::*;
 
@@ -165,4 +167,131 @@ fn serve_answers_health_and_exits_0_on_sigterm() {
     let health = get(&service.url("/health")).json();
     assert_eq!(health["database"], "up");
     assert_eq!(service.terminate(), 0, "{}", service.log_text());
+}
+
+/// A child process killed (if still running) when the test ends, pass or fail.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A port nothing listens on now, for a config that must name its port
+/// (`stats` reads [server] bind).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .expect("a free port")
+}
+
+/// Waits for `child` to exit within `timeout`; its exit code, or a panic.
+fn wait_exit(child: &mut Child, timeout: Duration, what: &str) -> i32 {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status.code().unwrap_or(-1);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} still running after {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn log_of(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// `proxy-farm --write-config farm.ini`, waiting until the file is whole.
+fn start_farm(dir: &Path) -> (Reaped, PathBuf) {
+    let farm_ini = dir.join("farm.ini");
+    let farm = Command::new(env!("CARGO_BIN_EXE_proxy-farm"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--proxies",
+            "20",
+            "--huge-lines",
+            "10",
+        ])
+        .arg("--write-config")
+        .arg(&farm_ini)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn proxy-farm");
+    let farm = Reaped(farm);
+    // The scheduler section comes last in the written config.
+    wait_for("farm.ini", Duration::from_secs(20), || {
+        log_of(&farm_ini).contains("[scheduler]\ninterval_seconds = 15\n")
+    });
+    (farm, farm_ini)
+}
+
+/// Regression: the README's offline demo ends with `proxy-pool --config
+/// farm.ini stats` in a terminal without DATABASE_URL, and farm.ini has no
+/// [database] url; `stats` needs neither, so it must not exit 2 for them.
+#[test]
+fn the_readme_offline_demo_ends_with_stats_without_a_database_url() {
+    let db = TestDb::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (_farm, farm_ini) = start_farm(dir.path());
+    let farm_config = log_of(&farm_ini);
+    assert!(!farm_config.contains("[database]"), "{farm_config}");
+    let port = free_port();
+    let mut config = farm_config;
+    config.push_str(&format!("\n[server]\nbind = 127.0.0.1:{port}\n"));
+    std::fs::write(&farm_ini, config).unwrap();
+
+    let service_log = dir.path().join("serve.log");
+    let serve = Command::new(binary())
+        .arg("--config")
+        .arg(&farm_ini)
+        .arg("serve")
+        .current_dir(dir.path())
+        .env("DATABASE_URL", &db.url)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&service_log).unwrap())
+        .spawn()
+        .expect("spawn proxy-pool serve");
+    let mut serve = Reaped(serve);
+    let addr = format!("127.0.0.1:{port}");
+    wait_for(
+        "get-proxy to serve a farm proxy",
+        Duration::from_secs(90),
+        || {
+            assert!(
+                serve.0.try_wait().unwrap().is_none(),
+                "serve exited: {}",
+                log_of(&service_log)
+            );
+            quick_get(&addr, "/get-proxy?source=demo", Duration::from_secs(5))
+                .is_ok_and(|answer| answer.status == 200)
+        },
+    );
+
+    let stats = Command::new(binary())
+        .arg("--config")
+        .arg(&farm_ini)
+        .arg("stats")
+        .current_dir(dir.path())
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&stats.stdout);
+    let stderr = String::from_utf8_lossy(&stats.stderr);
+    assert_eq!(stats.status.code(), Some(0), "{stderr}");
+    assert!(stdout.contains("active proxies: "), "{stdout}");
+    assert!(stdout.contains("by protocol"), "{stdout}");
+
+    signal(serve.0.id(), "TERM");
+    let code = wait_exit(&mut serve.0, Duration::from_secs(20), "serve");
+    assert_eq!(code, 0, "{}", log_of(&service_log));
 }
