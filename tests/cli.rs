@@ -169,12 +169,23 @@ fn serve_answers_health_and_exits_0_on_sigterm() {
     assert_eq!(service.terminate(), 0, "{}", service.log_text());
 }
 
-/// A child process killed (if still running) when the test ends, pass or fail.
+/// A child started in a process group of its own, killed with everything it
+/// started (if still running) when the test ends, pass or fail.
 struct Reaped(Child);
+
+impl Reaped {
+    fn spawn(command: &mut Command) -> Reaped {
+        use std::os::unix::process::CommandExt;
+        Reaped(command.process_group(0).spawn().expect("spawn"))
+    }
+}
 
 impl Drop for Reaped {
     fn drop(&mut self) {
-        let _ = self.0.kill();
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.0.id())])
+            .stderr(Stdio::null())
+            .status();
         let _ = self.0.wait();
     }
 }
@@ -210,23 +221,22 @@ fn log_of(path: &Path) -> String {
 /// `proxy-farm --write-config farm.ini`, waiting until the file is whole.
 fn start_farm(dir: &Path) -> (Reaped, PathBuf) {
     let farm_ini = dir.join("farm.ini");
-    let farm = Command::new(env!("CARGO_BIN_EXE_proxy-farm"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--proxies",
-            "20",
-            "--huge-lines",
-            "10",
-        ])
-        .arg("--write-config")
-        .arg(&farm_ini)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn proxy-farm");
-    let farm = Reaped(farm);
+    let farm = Reaped::spawn(
+        Command::new(env!("CARGO_BIN_EXE_proxy-farm"))
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--proxies",
+                "20",
+                "--huge-lines",
+                "10",
+            ])
+            .arg("--write-config")
+            .arg(&farm_ini)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
     // The scheduler section comes last in the written config.
     wait_for("farm.ini", Duration::from_secs(20), || {
         log_of(&farm_ini).contains("[scheduler]\ninterval_seconds = 15\n")
@@ -250,18 +260,17 @@ fn the_readme_offline_demo_ends_with_stats_without_a_database_url() {
     std::fs::write(&farm_ini, config).unwrap();
 
     let service_log = dir.path().join("serve.log");
-    let serve = Command::new(binary())
-        .arg("--config")
-        .arg(&farm_ini)
-        .arg("serve")
-        .current_dir(dir.path())
-        .env("DATABASE_URL", &db.url)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&service_log).unwrap())
-        .spawn()
-        .expect("spawn proxy-pool serve");
-    let mut serve = Reaped(serve);
+    let mut serve = Reaped::spawn(
+        Command::new(binary())
+            .arg("--config")
+            .arg(&farm_ini)
+            .arg("serve")
+            .current_dir(dir.path())
+            .env("DATABASE_URL", &db.url)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&service_log).unwrap()),
+    );
     let addr = format!("127.0.0.1:{port}");
     wait_for(
         "get-proxy to serve a farm proxy",
@@ -294,4 +303,72 @@ fn the_readme_offline_demo_ends_with_stats_without_a_database_url() {
     signal(serve.0.id(), "TERM");
     let code = wait_exit(&mut serve.0, Duration::from_secs(20), "serve");
     assert_eq!(code, 0, "{}", log_of(&service_log));
+}
+
+/// Regression: with-postgres.sh used to handle SIGTERM only after its
+/// command had ended, so supervisord's SIGTERM (or Ctrl-C's SIGINT) to
+/// run.sh never reached the service. Now run.sh passes it on, the service
+/// stops gracefully, and run.sh exits with its status. `--config` is run.sh's
+/// own argument (it used to be refused as given twice).
+#[test]
+fn run_sh_passes_sigterm_to_the_service_and_exits_with_its_status() {
+    stop_run_sh_with("TERM");
+}
+
+#[test]
+fn run_sh_passes_sigint_to_the_service_and_exits_with_its_status() {
+    stop_run_sh_with("INT");
+}
+
+fn stop_run_sh_with(signal_name: &str) {
+    let db = TestDb::new();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config_path = dir.path().join("other.ini");
+    let snapshot = dir.path().join("source_stats.bin");
+    std::fs::write(
+        &config_path,
+        format!(
+            "[server]\nbind = 127.0.0.1:{port}\n{SOURCES}[state]\nsnapshot_path = {}\n",
+            snapshot.display()
+        ),
+    )
+    .unwrap();
+    let run_log = dir.path().join("run.log");
+    let mut run_sh = Reaped::spawn(
+        Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/run.sh"))
+            .arg("--config")
+            .arg(&config_path)
+            .env("DATABASE_URL", &db.url)
+            .env("PROXY_POOL_BIN", binary())
+            .env_remove("PROXY_POOL_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&run_log).unwrap()),
+    );
+    let addr = format!("127.0.0.1:{port}");
+    wait_for("the service's /health", Duration::from_secs(30), || {
+        assert!(
+            run_sh.0.try_wait().unwrap().is_none(),
+            "run.sh exited: {}",
+            log_of(&run_log)
+        );
+        quick_get(&addr, "/health", Duration::from_secs(5)).is_ok_and(|answer| {
+            answer.status == 200 && String::from_utf8_lossy(&answer.body).contains("\"up\"")
+        })
+    });
+
+    signal(run_sh.0.id(), signal_name);
+    let code = wait_exit(&mut run_sh.0, Duration::from_secs(20), "run.sh");
+    let log = log_of(&run_log);
+    assert_eq!(code, 0, "{log}");
+    assert!(log.contains("stopped"), "no graceful stop: {log}");
+    assert!(
+        snapshot.exists(),
+        "no snapshot written on the way out: {log}"
+    );
+    assert!(
+        std::net::TcpStream::connect(&addr).is_err(),
+        "the service still listens after run.sh exited: {log}"
+    );
 }
