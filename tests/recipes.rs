@@ -357,7 +357,8 @@ fn requests_client_reports_each_failure_and_retries_with_another_proxy() {
 }
 
 /// Tiny stand-ins for Scrapy's Request and Response, enough for the
-/// middleware's contract; the real crawl below checks the same with Scrapy.
+/// middleware's hooks (process_request, process_response,
+/// process_exception); the real crawl below checks the same with Scrapy.
 const SCRAPY_STAND_IN: &str = r#"
 import json, sys
 from scrapy_middleware import ProxyPoolMiddleware
