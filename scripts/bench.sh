@@ -16,6 +16,15 @@ echo "date:    $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 
 cargo build --release --bins --benches --locked >&2
 
+# The API benchmark drives the service with wrk (and skips without it).
+if [[ " ${selected[*]} " == *" api "* ]] && ! command -v wrk >/dev/null 2>&1; then
+  echo "wrk not found: installing Debian's wrk package" >&2
+  sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  $sudo apt-get update -qq >&2
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq wrk >&2
+fi
+
 run() {
   local name=$1
   if [ ! -f "benches/$name.rs" ]; then

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs every check and test: formatting, clippy, then the whole test suite
 # against a real PostgreSQL (provisioned by with-postgres.sh and torn down).
-# Exits non-zero on any failure.
+# The reliability tests start clusters of their own: with-postgres.sh
+# --need-binaries installs the server binaries whichever database it uses.
+# Exits non-zero on any failure. Arguments go to the test runner.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,14 +11,19 @@ cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
 cargo build --all-targets --locked
 
-# The metronome's acceptance tests assert start times within 50 ms: they run
-# on their own after the others, not beside tests that load both cores.
+# The metronome's acceptance tests (tests/scheduler.rs) assert start times
+# within 50 ms: they run on their own after the others, not beside tests that
+# load both cores.
 if cargo nextest --version >/dev/null 2>&1; then
   runner=(cargo nextest run --lib --bins --tests --locked --no-fail-fast -E 'not binary(scheduler)')
   timing=(cargo nextest run --locked --test scheduler)
 else
-  runner=(cargo test --lib --bins --tests --locked --no-fail-fast)
-  timing=(true)
+  runner=(cargo test --lib --bins --locked --no-fail-fast)
+  for file in tests/*.rs; do
+    name=$(basename "$file" .rs)
+    [ "$name" = scheduler ] || runner+=(--test "$name")
+  done
+  timing=(cargo test --locked --test scheduler)
 fi
-scripts/with-postgres.sh --data target/pgdata-test -- "${runner[@]}" "$@"
+scripts/with-postgres.sh --need-binaries --data target/pgdata-test -- "${runner[@]}" "$@"
 "${timing[@]}"

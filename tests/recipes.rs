@@ -4,9 +4,12 @@
 //! Scrapy middleware go through farm proxies to the farm's judge, and every
 //! recipe's feedback must show up in the source's stats.
 //!
-//! Needs python3 (the tests say so and skip without it). `requests` and
-//! `pysocks` are installed with pip when missing; Scrapy too, for the real
-//! crawl, which is skipped with a message if pip cannot install it.
+//! Needs python3: without it the tests say so and skip, except under CI
+//! (the `CI` variable set), where they fail. `requests` and `pysocks`, and
+//! Scrapy for the real crawl, are installed when missing: with pip, else
+//! (as root on Debian) with apt-get, else with pip's
+//! `--break-system-packages`; when none works the test fails and says what
+//! was tried.
 
 mod support;
 
@@ -37,10 +40,15 @@ fn python() -> Option<&'static str> {
     found.then_some("python3")
 }
 
+fn under_ci() -> bool {
+    std::env::var_os("CI").is_some_and(|value| !value.is_empty())
+}
+
 macro_rules! python_or_skip {
     ($test:literal) => {
         match python() {
             Some(python) => python,
+            None if under_ci() => panic!("python3 is not installed (CI is set: no skipping)"),
             None => {
                 eprintln!(concat!("SKIPPED ", $test, ": python3 is not installed"));
                 return;
@@ -62,29 +70,99 @@ fn has_modules(modules: &[&str]) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// Installs `packages` with pip unless `modules` import already. flock(1)
-/// keeps parallel tests from running pip at the same time.
-fn ensure_modules(modules: &[&str], packages: &[&str]) -> Result<(), String> {
-    if has_modules(modules) {
-        return Ok(());
-    }
-    eprintln!("recipes: installing {packages:?} with pip");
+/// Python packages a recipe test needs: what to import, what pip calls them,
+/// what Debian calls them.
+struct Needs {
+    modules: &'static [&'static str],
+    pip: &'static [&'static str],
+    apt: &'static [&'static str],
+}
+
+const REQUESTS: Needs = Needs {
+    modules: &["requests", "socks"],
+    pip: &["requests", "pysocks"],
+    apt: &["python3-requests", "python3-socks"],
+};
+
+const SCRAPY: Needs = Needs {
+    modules: &["scrapy"],
+    pip: &["scrapy"],
+    apt: &["python3-scrapy"],
+};
+
+fn is_root_on_debian() -> bool {
+    Path::new("/etc/debian_version").exists()
+        && Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+/// Runs an installer's shell script under a file lock (flock(1): parallel
+/// tests take turns, and the lock dies with its holder); `Err` holds the end
+/// of its output.
+fn install_with(what: &str, script: &str) -> Result<(), String> {
+    eprintln!("recipes: {what}: {script}");
     let output = Command::new("flock")
-        .args(["-w", "300", "/tmp/proxy-pool-pip.lock"])
-        .args([
-            "timeout", "240", "python3", "-m", "pip", "install", "--quiet",
-        ])
-        .args(packages)
+        .args(["-w", "900", "/tmp/proxy-pool-recipes-install.lock"])
+        .args(["timeout", "600", "sh", "-c", script])
+        .env("DEBIAN_FRONTEND", "noninteractive")
         .stdin(Stdio::null())
         .output()
-        .map_err(|err| format!("cannot run pip: {err}"))?;
-    if has_modules(modules) {
+        .map_err(|err| format!("{what}: cannot run flock: {err}"))?;
+    if output.status.success() {
         return Ok(());
     }
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let tail: Vec<&str> = stderr.lines().rev().take(5).collect();
     Err(format!(
-        "pip install {packages:?} failed ({}): {}",
+        "{what} failed ({}): {}",
         output.status,
-        String::from_utf8_lossy(&output.stderr)
+        tail.into_iter().rev().collect::<Vec<_>>().join(" / ")
+    ))
+}
+
+/// Makes `needs.modules` importable, trying pip, then apt-get (as root on
+/// Debian; only useful when python3 is Debian's), then pip past Debian's
+/// EXTERNALLY-MANAGED refusal. `Err` lists every attempt and its failure.
+fn ensure_modules(needs: &Needs) -> Result<(), String> {
+    if has_modules(needs.modules) {
+        return Ok(());
+    }
+    let pip = |extra: &str| {
+        format!(
+            "python3 -m pip install --quiet {extra} {}",
+            needs.pip.join(" ")
+        )
+    };
+    let mut attempts = vec![("pip", pip(""))];
+    if is_root_on_debian() {
+        let apt = "apt-get -o DPkg::Lock::Timeout=600";
+        let packages = needs.apt.join(" ");
+        attempts.push((
+            "apt-get",
+            format!("{apt} update -q && {apt} install -y -q {packages}"),
+        ));
+    }
+    attempts.push((
+        "pip past EXTERNALLY-MANAGED",
+        pip("--break-system-packages"),
+    ));
+    let mut failures = Vec::new();
+    for (what, script) in attempts {
+        match install_with(what, &script) {
+            Ok(()) if has_modules(needs.modules) => return Ok(()),
+            Ok(()) => failures.push(format!("{what}: installed, yet python3 cannot import them")),
+            Err(err) => failures.push(err),
+        }
+    }
+    Err(format!(
+        "python3 cannot import {:?} and installing them failed; install them by hand \
+         (pip install {} or apt-get install {}). Tried:\n  {}",
+        needs.modules,
+        needs.pip.join(" "),
+        needs.apt.join(" "),
+        failures.join("\n  ")
     ))
 }
 
@@ -206,7 +284,7 @@ fn readme_xargs_one_liner_goes_through_five_distinct_proxies() {
 #[test]
 fn requests_client_fetches_through_a_proxy_and_reports_success() {
     let python = python_or_skip!("requests_client_fetches_through_a_proxy_and_reports_success");
-    ensure_modules(&["requests", "socks"], &["requests", "pysocks"]).unwrap();
+    ensure_modules(&REQUESTS).unwrap_or_else(|err| panic!("{err}"));
     let pool = populated_service("");
     let script = recipes_dir().join("requests_client.py");
     for round in 1..=4 {
@@ -252,7 +330,7 @@ fn requests_client_fetches_through_a_proxy_and_reports_success() {
 fn requests_client_reports_each_failure_and_retries_with_another_proxy() {
     let python =
         python_or_skip!("requests_client_reports_each_failure_and_retries_with_another_proxy");
-    ensure_modules(&["requests", "socks"], &["requests", "pysocks"]).unwrap();
+    ensure_modules(&REQUESTS).unwrap_or_else(|err| panic!("{err}"));
     let pool = populated_service("");
     // A target nobody listens on: every proxy fails to reach it.
     let closed = std::net::TcpListener::bind("127.0.0.1:0")
@@ -279,7 +357,8 @@ fn requests_client_reports_each_failure_and_retries_with_another_proxy() {
 }
 
 /// Tiny stand-ins for Scrapy's Request and Response, enough for the
-/// middleware's contract; the real crawl below checks the same with Scrapy.
+/// middleware's hooks (process_request, process_response,
+/// process_exception); the real crawl below checks the same with Scrapy.
 const SCRAPY_STAND_IN: &str = r#"
 import json, sys
 from scrapy_middleware import ProxyPoolMiddleware
@@ -379,10 +458,7 @@ process.start()
 #[test]
 fn scrapy_crawl_goes_through_pool_proxies() {
     let python = python_or_skip!("scrapy_crawl_goes_through_pool_proxies");
-    if let Err(why) = ensure_modules(&["scrapy"], &["scrapy"]) {
-        eprintln!("SKIPPED scrapy_crawl_goes_through_pool_proxies: {why}");
-        return;
-    }
+    ensure_modules(&SCRAPY).unwrap_or_else(|err| panic!("{err}"));
     let pool = populated_service("");
     let dir = tempfile::tempdir().unwrap();
     let items = dir.path().join("items.json");

@@ -600,22 +600,41 @@ pub struct PgCluster {
     as_postgres: bool,
 }
 
+/// The directory of initdb and pg_ctl: PROXY_POOL_PG_BIN (set by
+/// `scripts/with-postgres.sh --need-binaries`, which scripts/test.sh uses),
+/// else the newest Debian install under /usr/lib/postgresql.
 fn pg_bin() -> PathBuf {
+    const INSTALL: &str = "these tests start PostgreSQL clusters of their own and need the \
+        server binaries (initdb, pg_ctl): install them (Debian: apt-get install postgresql) \
+        or run the tests with scripts/test.sh, which does";
+    let has_binaries = |bin: &PathBuf| bin.join("initdb").exists() && bin.join("pg_ctl").exists();
     if let Some(bin) = std::env::var_os("PROXY_POOL_PG_BIN") {
-        return PathBuf::from(bin);
+        let bin = PathBuf::from(bin);
+        assert!(
+            has_binaries(&bin),
+            "PROXY_POOL_PG_BIN={} has no initdb and pg_ctl: {INSTALL}",
+            bin.display()
+        );
+        return bin;
     }
     let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
         .map(|dir| {
             dir.filter_map(Result::ok)
                 .map(|e| e.path().join("bin"))
-                .filter(|bin| bin.join("pg_ctl").exists())
+                .filter(has_binaries)
                 .collect()
         })
         .unwrap_or_default();
-    found.sort();
-    found
-        .pop()
-        .expect("no PostgreSQL binaries: set PROXY_POOL_PG_BIN (scripts/with-postgres.sh does)")
+    // Newest version last (numerically: 9 before 16).
+    found.sort_by_key(|bin| {
+        let version = bin.parent().and_then(|dir| dir.file_name());
+        version.and_then(|v| v.to_str()?.parse::<u32>().ok())
+    });
+    found.pop().unwrap_or_else(|| {
+        panic!(
+            "no PostgreSQL binaries in PROXY_POOL_PG_BIN or /usr/lib/postgresql/*/bin: {INSTALL}"
+        )
+    })
 }
 
 fn running_as_root() -> bool {
