@@ -330,11 +330,20 @@ fn wait_for_database(store: &Store, health: &Health, shutdown: &ShutdownSignal) 
 }
 
 /// Reloads the active set from the database; the database's health follows.
+/// The mark is taken before the read, so that what the validator changes
+/// while the table is read is not undone by the older read.
 fn sync_active(store: &Store, state: &State, health: &Health) {
+    let mark = state.sync_mark();
     match store.load_active() {
         Ok(active) => {
             health.record_database(true, None);
-            state.replace_active(active);
+            let report = state.sync_active(active, mark);
+            log::debug!(
+                "memory sync: {} activated or updated, {} deactivated, {} newer changes kept",
+                report.activated,
+                report.deactivated,
+                report.kept_newer
+            );
         }
         Err(err) => health.record_database(false, Some(&err)),
     }

@@ -775,3 +775,102 @@ fn latency_histogram_counts_each_active_proxy_once_by_its_bucket() {
     state.apply_changes(Vec::new(), vec![1]);
     assert_eq!(state.latency_histogram(&[100, 500]), vec![1, 1, 2]);
 }
+
+fn active_ids(state: &State) -> Vec<i64> {
+    let registry = state.registry.read();
+    registry.assert_consistent();
+    registry.active_proxies().iter().map(|p| p.id).collect()
+}
+
+/// Regression: the memory sync read the table, the validator then
+/// deactivated one proxy and activated another, and the sync's older read
+/// undid both for a whole sync interval.
+#[test]
+fn a_sync_never_reverts_a_validator_change_newer_than_its_read() {
+    let state = state_with(scoring(), 10);
+    let revalidated = |id| ActiveProxy {
+        latency_ms: Some(50),
+        ..proxy(id)
+    };
+    let mark = state.sync_mark();
+    // The read: every row revalidated elsewhere, 5 found dead.
+    let read_before_the_changes: Vec<ActiveProxy> =
+        (0..10).filter(|&id| id != 5).map(revalidated).collect();
+    // Then the validator wrote and applied: 3 dead, 5 alive again.
+    state.apply_changes(Vec::new(), vec![3]);
+    state.apply_changes(vec![proxy(5)], Vec::new());
+    let report = state.sync_active(read_before_the_changes, mark);
+    assert_eq!(report.kept_newer, 2);
+    assert_eq!(active_ids(&state), [0, 1, 2, 4, 5, 6, 7, 8, 9]);
+
+    // The next sync's read shows the changes.
+    let mark = state.sync_mark();
+    let table: Vec<ActiveProxy> = (0..10).filter(|&id| id != 3).map(revalidated).collect();
+    let report = state.sync_active(table.clone(), mark);
+    assert_eq!(report.kept_newer, 0);
+    assert_eq!(active_ids(&state), [0, 1, 2, 4, 5, 6, 7, 8, 9]);
+    assert_eq!(state.registry.read().active_proxies(), table);
+
+    // A read taken after a change is the newer word: another instance
+    // reactivated 3, and the table says so.
+    state.apply_changes(Vec::new(), vec![4]);
+    let mark = state.sync_mark();
+    let table: Vec<ActiveProxy> = (0..10).map(revalidated).collect();
+    let report = state.sync_active(table, mark);
+    assert_eq!((report.activated, report.kept_newer), (2, 0));
+    assert_eq!(active_ids(&state), (0..10).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_sync_applies_only_what_changed_in_the_table() {
+    let state = state_with(scoring(), 5000);
+    let report = state.replace_active((0..5000).map(proxy).collect());
+    assert_eq!(report, SyncReport::default());
+    let faster = ActiveProxy {
+        latency_ms: Some(7),
+        ..proxy(42)
+    };
+    let table: Vec<ActiveProxy> = (0..5000)
+        .filter(|&id| id != 9)
+        .map(|id| if id == 42 { faster.clone() } else { proxy(id) })
+        .collect();
+    let report = state.replace_active(table);
+    assert_eq!((report.activated, report.deactivated), (1, 1));
+    let registry = state.registry.read();
+    let active = registry.active_proxies();
+    assert_eq!(active.len(), 4999);
+    assert!(active.contains(&faster));
+}
+
+/// Whatever the validator did before a sync's mark, the sync leaves exactly
+/// the table's rows active.
+#[test]
+fn after_a_sync_the_active_set_is_the_table_read() {
+    let mut rng = fastrand::Rng::with_seed(5);
+    let state = State::new(&scoring());
+    for round in 0..60 {
+        for _ in 0..rng.usize(0..4) {
+            let up: Vec<ActiveProxy> = (0..rng.usize(0..30))
+                .map(|_| proxy(rng.i64(0..3000)))
+                .collect();
+            let down: Vec<i64> = (0..rng.usize(0..30)).map(|_| rng.i64(0..3000)).collect();
+            state.apply_changes(up, down);
+        }
+        let mut table = Vec::new();
+        for id in 0..3000 {
+            if rng.bool() {
+                table.push(ActiveProxy {
+                    latency_ms: Some(rng.u32(1..5)),
+                    ..proxy(id)
+                });
+            }
+        }
+        state.replace_active(table.clone());
+        assert_eq!(
+            state.registry.read().active_proxies(),
+            table,
+            "round {round}"
+        );
+    }
+    state.registry.read().assert_consistent();
+}
