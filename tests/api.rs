@@ -841,3 +841,35 @@ fn figures_never_show_proxy_or_list_passwords() {
         assert!(!log.contains(secret), "the log shows {secret}:\n{log}");
     }
 }
+
+#[test]
+fn new_sources_past_max_sources_get_a_clear_503_and_refusals_create_none() {
+    let rows = vec![Row::http("127.0.0.47", 8000)];
+    let (_db, service) = start_with(&rows, |c| {
+        c.set("state", "max_sources", "2");
+    });
+    assert_eq!(
+        get(&service.url("/get-proxy?source=nowhere&country=JP")).status,
+        503
+    );
+    for name in ["one", "two"] {
+        assert_eq!(
+            get(&service.url(&format!("/get-proxy?source={name}"))).status,
+            200
+        );
+    }
+    let answer = get(&service.url("/get-proxy?source=three"));
+    assert_eq!(answer.status, 503, "{}", answer.body);
+    let json = answer.json();
+    assert_eq!(json["reason"], "too_many_sources", "{json}");
+    assert!(json["error"]
+        .as_str()
+        .is_some_and(|e| e.contains("at most 2")));
+    let body = format!(
+        r#"{{"source":"three","proxy":"{}","success":true}}"#,
+        rows[0].url()
+    );
+    assert_eq!(post(&service.url("/feedback"), &body).status, 503);
+    assert_eq!(get(&service.url("/get-proxy?source=one")).status, 200);
+    assert_eq!(get(&service.url("/sources/nowhere")).status, 404);
+}

@@ -21,7 +21,7 @@ use crate::fetcher::Fetcher;
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::persist::Snapshotter;
-use crate::state::{FeedbackError, NoProxyReason, State};
+use crate::state::{FeedbackError, NoProxyReason, State, TooManySources};
 use crate::validator::cycle::Validator;
 
 use self::params::Query;
@@ -316,6 +316,12 @@ fn get_proxy(context: &ApiContext, request: &Request) -> Result<Response, ApiErr
     let text = query.format_is_text()?;
     let picks = match context.state.get_proxy(source, &pick_query, Utc::now()) {
         Ok(picks) => picks,
+        Err(none) if none.reason == NoProxyReason::TooManySources => {
+            let err = TooManySources {
+                max_sources: context.config.state.max_sources,
+            };
+            return Err(too_many_sources(err, source));
+        }
         Err(none) => {
             let retry_after = none.retry_after.unwrap_or(match none.reason {
                 NoProxyReason::AllBanned => Duration::from_secs(60),
@@ -346,6 +352,15 @@ fn get_proxy(context: &ApiContext, request: &Request) -> Result<Response, ApiErr
         .first()
         .ok_or_else(|| ApiError::new(503, "no proxy available"))?;
     Ok(Response::json(&render::pick(first, Some(source))))
+}
+
+/// A new source refused at `[state] max_sources`: a 503 like any other
+/// capacity limit, not a 4xx (the name is valid; the service is full).
+fn too_many_sources(err: TooManySources, source: &str) -> ApiError {
+    ApiError::new(503, err.to_string())
+        .with("source", Value::String(source.to_string()))
+        .with("reason", Value::String("too_many_sources".into()))
+        .with_header("Retry-After", "3600".into())
 }
 
 /// Reads the body, refusing more than the path's [`body_limit`].
@@ -460,6 +475,7 @@ fn feedback(context: &ApiContext, request: &Request) -> Result<Response, ApiErro
                 "unknown proxy: expected a proxy URL as get-proxy returned it",
             )
             .with("source", Value::String(item.source.clone()))),
+            Err(FeedbackError::TooManySources(err)) => Err(too_many_sources(err, &item.source)),
         }
     };
     match &value {

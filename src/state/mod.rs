@@ -45,6 +45,9 @@ pub const MAX_COUNT: usize = 100;
 /// its ban count when it plausibly matters.
 pub const STATS_MAX_IDLE: Duration = Duration::from_secs(7 * 24 * 3600);
 
+/// Sources kept at once unless configured otherwise (`[state] max_sources`).
+pub const DEFAULT_MAX_SOURCES: usize = 10_000;
+
 /// Candidate lists this short are scanned whole: exact and cheap.
 const EXACT_SCAN_LEN: usize = 256;
 /// How far the sampler for unscored proxies scans before giving up.
@@ -106,6 +109,8 @@ pub enum NoProxyReason {
     NoMatch,
     /// Every matching proxy is banned for this source.
     AllBanned,
+    /// The source is new and `max_sources` exist already.
+    TooManySources,
 }
 
 impl NoProxyReason {
@@ -114,6 +119,7 @@ impl NoProxyReason {
             NoProxyReason::NoActive => "no_active",
             NoProxyReason::NoMatch => "no_match",
             NoProxyReason::AllBanned => "all_banned",
+            NoProxyReason::TooManySources => "too_many_sources",
         }
     }
 }
@@ -131,6 +137,15 @@ pub enum FeedbackError {
     /// The message leaves the URL out: it may hold credentials.
     #[error("unknown proxy: expected a proxy URL as get-proxy returned it")]
     UnknownProxy,
+    #[error(transparent)]
+    TooManySources(#[from] TooManySources),
+}
+
+/// A new source was refused: `max_sources` exist already.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("too many sources: at most {max_sources} are kept (one idle for a week with no stats is dropped); reuse a source name")]
+pub struct TooManySources {
+    pub max_sources: usize,
 }
 
 /// A source's stats for one proxy after a feedback.
@@ -234,6 +249,8 @@ pub struct State {
     /// takes this lock.
     sync_base: Mutex<IntMap<i64, u64>>,
     sources: RwLock<HashMap<String, Arc<Mutex<SourceState>>>>,
+    /// New sources are refused once this many exist.
+    max_sources: usize,
     requests: AtomicU64,
     feedbacks: AtomicU64,
 }
@@ -255,9 +272,16 @@ impl State {
             registry: RwLock::new(Registry::default()),
             sync_base: Mutex::new(IntMap::default()),
             sources: RwLock::new(HashMap::new()),
+            max_sources: DEFAULT_MAX_SOURCES,
             requests: AtomicU64::new(0),
             feedbacks: AtomicU64::new(0),
         }
+    }
+
+    /// Bounds the number of sources (the default is [`DEFAULT_MAX_SOURCES`]).
+    pub fn with_max_sources(mut self, max_sources: usize) -> State {
+        self.max_sources = max_sources.max(1);
+        self
     }
 
     /// Makes `proxies` the whole active set, overriding every change made
@@ -373,8 +397,24 @@ impl State {
         Arc::clone(sources.entry(name.to_string()).or_default())
     }
 
-    /// Chooses proxies for `source` (created if new). Returns up to
-    /// `query.count` distinct proxies; fewer when fewer are eligible.
+    /// The source named `name`, created if new and there is room for it.
+    fn source_handle_bounded(&self, name: &str) -> Result<Arc<Mutex<SourceState>>, TooManySources> {
+        if let Some(handle) = self.sources.read().get(name) {
+            return Ok(Arc::clone(handle));
+        }
+        let mut sources = self.sources.write();
+        if !sources.contains_key(name) && sources.len() >= self.max_sources {
+            return Err(TooManySources {
+                max_sources: self.max_sources,
+            });
+        }
+        Ok(Arc::clone(sources.entry(name.to_string()).or_default()))
+    }
+
+    /// Chooses proxies for `source`. Returns up to `query.count` distinct
+    /// proxies; fewer when fewer are eligible. A new source is created only
+    /// when it is given a proxy, and only while fewer than `max_sources`
+    /// exist: a refused or failed request leaves nothing behind.
     pub fn get_proxy(
         &self,
         source: &str,
@@ -386,9 +426,18 @@ impl State {
         let count = query.count.clamp(1, MAX_COUNT);
         let filter = compile_filter(query);
         let registry = self.registry.read();
-        let handle = self.source_handle(source);
+        let existing = self.sources.read().get(source).cloned();
+        let is_new = existing.is_none();
+        if is_new && self.sources.read().len() >= self.max_sources {
+            return Err(NoProxy {
+                reason: NoProxyReason::TooManySources,
+                retry_after: None,
+            });
+        }
+        let handle = existing.unwrap_or_default();
         let mut source_state = handle.lock();
         source_state.requests += 1;
+        source_state.last_request = now_ms;
         if registry.active_count() == 0 {
             return Err(NoProxy {
                 reason: NoProxyReason::NoActive,
@@ -422,7 +471,21 @@ impl State {
                 stats.last_used = now_ms;
             }
         }
-        drop(source_state);
+        if is_new {
+            // Picked on a fresh state with no entries: only its counter and
+            // clock carry over (a racing request may have created it).
+            let fresh = (source_state.requests, source_state.last_request);
+            drop(source_state);
+            let handle = self.source_handle_bounded(source).map_err(|_| NoProxy {
+                reason: NoProxyReason::TooManySources,
+                retry_after: None,
+            })?;
+            let mut created = handle.lock();
+            created.requests += fresh.0;
+            created.last_request = created.last_request.max(fresh.1);
+        } else {
+            drop(source_state);
+        }
         let picks = chosen
             .into_iter()
             .filter_map(|(slot, score)| {
@@ -459,11 +522,11 @@ impl State {
             .read()
             .slot_of_url(proxy_url)
             .ok_or(FeedbackError::UnknownProxy)?;
+        let handle = self.source_handle_bounded(source)?;
         self.feedbacks.fetch_add(1, Ordering::Relaxed);
-        let handle = self.source_handle(source);
-        let stats = handle
-            .lock()
-            .record(slot, success, millis(now), &self.rules);
+        let mut source_state = handle.lock();
+        source_state.last_request = source_state.last_request.max(millis(now));
+        let stats = source_state.record(slot, success, millis(now), &self.rules);
         Ok(FeedbackOutcome {
             score: stats.score,
             success_count: stats.success_count,
@@ -689,10 +752,22 @@ impl State {
     pub fn drop_idle(&self, now: DateTime<Utc>) -> usize {
         let cutoff = millis(now).saturating_sub(STATS_MAX_IDLE.as_millis() as i64);
         let handles: Vec<Arc<Mutex<SourceState>>> = self.sources.read().values().cloned().collect();
-        handles
+        let dropped = handles
             .iter()
             .map(|handle| handle.lock().drop_idle(cutoff))
-            .sum()
+            .sum();
+        // Sources left without stats and without a request for as long go
+        // too, so that names used once do not pile up (each is a label of
+        // /metrics).
+        let idle = |handle: &Arc<Mutex<SourceState>>| {
+            let source = handle.lock();
+            source.entries.is_empty() && source.last_request < cutoff
+        };
+        let has_idle = handles.iter().any(idle);
+        if has_idle {
+            self.sources.write().retain(|_, handle| !idle(handle));
+        }
+        dropped
     }
 
     /// Loads a snapshot's stats (normally at start-up, before serving). Its
@@ -732,6 +807,9 @@ impl State {
         for snapshot in data.sources {
             let handle = self.source_handle(&snapshot.name);
             let mut source = handle.lock();
+            // The snapshot keeps no request clock: a restored source has a
+            // full idle period from now.
+            source.last_request = source.last_request.max(millis(now));
             source.requests = source.requests.saturating_add(snapshot.requests);
             source.feedbacks = source.feedbacks.saturating_add(snapshot.feedbacks);
             for entry in snapshot.entries {

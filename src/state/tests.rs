@@ -874,3 +874,72 @@ fn after_a_sync_the_active_set_is_the_table_read() {
     }
     state.registry.read().assert_consistent();
 }
+
+fn source_names(state: &State) -> Vec<String> {
+    let mut names: Vec<String> = state.sources.read().keys().cloned().collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn a_refused_get_proxy_creates_no_source() {
+    let empty = State::new(&scoring());
+    let err = empty
+        .get_proxy("never", &PickQuery::default(), t0())
+        .unwrap_err();
+    assert_eq!(err.reason, NoProxyReason::NoActive);
+    let state = state_with(scoring(), 10);
+    let nowhere = PickQuery {
+        country: Some("JP".into()),
+        ..PickQuery::default()
+    };
+    let err = state.get_proxy("nowhere", &nowhere, t0()).unwrap_err();
+    assert_eq!(err.reason, NoProxyReason::NoMatch);
+    assert!(source_names(&empty).is_empty());
+    assert!(source_names(&state).is_empty());
+    pick_one(&state, "served", &PickQuery::default());
+    assert_eq!(source_names(&state), ["served"]);
+    assert_eq!(state.source_view("served", 1, t0()).unwrap().requests, 1);
+}
+
+#[test]
+fn past_max_sources_new_names_are_refused_and_known_ones_served() {
+    let state = State::new(&scoring()).with_max_sources(3);
+    state.replace_active((0..10).map(proxy).collect());
+    for name in ["a", "b", "c"] {
+        pick_one(&state, name, &PickQuery::default());
+    }
+    let err = state
+        .get_proxy("d", &PickQuery::default(), t0())
+        .unwrap_err();
+    assert_eq!(err.reason, NoProxyReason::TooManySources);
+    assert_eq!(
+        state.feedback("d", &url(1), true, t0()),
+        Err(FeedbackError::TooManySources(TooManySources {
+            max_sources: 3
+        }))
+    );
+    pick_one(&state, "a", &PickQuery::default());
+    assert!(state.feedback("b", &url(1), true, t0()).is_ok());
+    assert_eq!(source_names(&state), ["a", "b", "c"]);
+}
+
+#[test]
+fn sources_without_stats_go_after_a_week_without_requests() {
+    let state = state_with(scoring(), 10);
+    pick_one(&state, "once", &PickQuery::default());
+    pick_one(&state, "with-stats", &PickQuery::default());
+    let later = t0() + chrono::Duration::days(6);
+    state.feedback("with-stats", &url(1), true, later).unwrap();
+    state
+        .get_proxy("recent", &PickQuery::default(), later)
+        .unwrap();
+    state.drop_idle(later);
+    assert_eq!(source_names(&state), ["once", "recent", "with-stats"]);
+    let week = chrono::Duration::from_std(STATS_MAX_IDLE).unwrap();
+    state.drop_idle(t0() + week + chrono::Duration::seconds(1));
+    assert_eq!(source_names(&state), ["recent", "with-stats"]);
+    // Its stats aged out too: then it goes as well.
+    state.drop_idle(later + week + chrono::Duration::days(1));
+    assert!(source_names(&state).is_empty());
+}
