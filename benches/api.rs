@@ -12,7 +12,8 @@
 //! BENCH_WORKERS (default 8, the config's default) both servers' workers,
 //! PROXY_POOL_BIN the service binary (default: the one cargo built),
 //! BENCH_DIR where the service's directory and snapshot go (default: the
-//! system's temporary directory).
+//! system's temporary directory), BENCH_ONLY=sync runs only the get-proxy
+//! comparison with and without a memory sync every second.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -84,7 +85,7 @@ fn main() {
     in_process(&proxies, data, &mut report);
 
     // The service.
-    let config = service_config(&db.url, workers);
+    let config = service_config(&db.url, workers, 86400);
     let mut service = RunningService::start(dir.path(), &config, "warn");
     report.line(format!(
         "start-up (spawn to \"active proxies loaded\", snapshot restored): {} ms",
@@ -106,6 +107,20 @@ fn main() {
     write_feedback_script(&lua, &feedback_bodies(&proxies, 1000));
 
     let get_path = format!("/get-proxy?source={source}");
+    let sync_phase = SyncPhase {
+        db_url: &db.url,
+        snapshot_path: &snapshot_path,
+        workers,
+        get_path: &get_path,
+        seconds,
+        rounds,
+    };
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("sync") {
+        sync_phase.run(&service, &baseline, &mut report);
+        service.stop();
+        report.print(workers, seconds, rounds);
+        return;
+    }
     let mut table = Vec::new();
     let targets: [(&str, &str, Option<&PathBuf>); 2] = [
         ("get-proxy", &get_path, None),
@@ -202,7 +217,6 @@ fn main() {
     let (on, off) = (WrkResult::median(on), WrkResult::median(off));
     let lines = logged.lines();
     logged.stop();
-    service.stop();
     report.line(format!(
         "get-proxy c=64 at RUST_LOG=info (access log on, {lines} lines drained): {:.0} req/s, p99 {:.3} ms; at warn: {:.0} req/s, p99 {:.3} ms ({:.0}%)",
         on.rps,
@@ -212,7 +226,57 @@ fn main() {
         100.0 * on.rps / off.rps.max(1.0)
     ));
 
+    sync_phase.run(&service, &baseline, &mut report);
+    service.stop();
     report.print(workers, seconds, rounds);
+}
+
+/// get-proxy at c=64 against a second service whose memory sync reloads the
+/// 100,000 active rows every second, interleaved with the service whose
+/// sync never runs and with the bare baseline.
+struct SyncPhase<'a> {
+    db_url: &'a str,
+    snapshot_path: &'a Path,
+    workers: usize,
+    get_path: &'a str,
+    seconds: u64,
+    rounds: usize,
+}
+
+impl SyncPhase<'_> {
+    fn run(&self, quiet: &RunningService, baseline: &Baseline, report: &mut Report) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::copy(self.snapshot_path, dir.path().join("stats.bin")).expect("copy the snapshot");
+        let config = service_config(self.db_url, self.workers, 1);
+        let mut synced = RunningService::start(dir.path(), &config, "warn");
+        let (mut with, mut without, mut bare) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..self.rounds {
+            without.push(wrk(&quiet.addr, self.get_path, None, 64, self.seconds));
+            with.push(wrk(&synced.addr, self.get_path, None, 64, self.seconds));
+            bare.push(wrk(&baseline.addr, self.get_path, None, 64, self.seconds));
+        }
+        synced.stop();
+        let (with, without, bare) = (
+            WrkResult::median(with),
+            WrkResult::median(without),
+            WrkResult::median(bare),
+        );
+        report.line(String::new());
+        for (name, run) in [
+            ("sync every 1 s", &with),
+            ("no sync", &without),
+            ("bare rouille", &bare),
+        ] {
+            report.line(format!(
+                "get-proxy c=64, {PROXIES} active, {name:<14}: {:>7.0} req/s ({:>3.0}% of bare), p50 {:.3} ms, p99 {:.3} ms ({:.1}x bare)",
+                run.rps,
+                100.0 * run.rps / bare.rps.max(1.0),
+                run.p50_ms,
+                run.p99_ms,
+                run.p99_ms / bare.p99_ms.max(1e-3)
+            ));
+        }
+    }
 }
 
 /// Runs `run` while another thread asks for snapshots back to back;
@@ -488,14 +552,14 @@ fn with_database(url: &str, name: &str) -> String {
     format!("{}/{}{}", &base[..host_end], name, query)
 }
 
-fn service_config(database_url: &str, workers: usize) -> String {
+fn service_config(database_url: &str, workers: usize, sync_seconds: u64) -> String {
     format!(
         "[database]\nurl = {database_url}\n\
          [server]\nbind = 127.0.0.1:0\nworkers = {workers}\nmax_body_bytes = 1048576\n\
          [fetcher]\nsource_urls = http://127.0.0.1:9/list.txt\ninterval_seconds = 86400\ntimeout_ms = 500\nallow_private_addresses = true\n\
          [validator]\nvalidation_target = http://127.0.0.1:9/get\nvalidation_timeout_ms = 1000\nconnect_timeout_ms = 500\n\
          [scheduler]\ninterval_seconds = 86400\n\
-         [state]\nsnapshot_path = stats.bin\nsnapshot_interval_seconds = 86400\nsync_interval_seconds = 86400\n"
+         [state]\nsnapshot_path = stats.bin\nsnapshot_interval_seconds = 86400\nsync_interval_seconds = {sync_seconds}\n"
     )
 }
 

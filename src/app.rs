@@ -344,11 +344,20 @@ fn wait_for_database(store: &Store, health: &Health, shutdown: &ShutdownSignal) 
 }
 
 /// Reloads the active set from the database; the database's health follows.
+/// The mark is taken before the read, so that what the validator changes
+/// while the table is read is not undone by the older read.
 fn sync_active(store: &Store, state: &State, health: &Health) {
+    let mark = state.sync_mark();
     match store.load_active() {
         Ok(active) => {
             health.record_database(true, None);
-            state.replace_active(active);
+            let report = state.sync_active(active, mark);
+            log::debug!(
+                "memory sync: {} activated or updated, {} deactivated, {} newer changes kept",
+                report.activated,
+                report.deactivated,
+                report.kept_newer
+            );
         }
         Err(err) => health.record_database(false, Some(&err)),
     }
@@ -387,7 +396,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
     let config = Arc::new(config);
     let health = Arc::new(Health::new());
     let metrics = Arc::new(Metrics::new());
-    let state = Arc::new(State::new(&config.scoring));
+    let state = Arc::new(State::new(&config.scoring).with_max_sources(config.state.max_sources));
     let snapshotter = Arc::new(
         Snapshotter::new(
             config.state.snapshot_path.clone(),
@@ -431,6 +440,23 @@ fn serve(config: Config) -> anyhow::Result<()> {
     log::info!("listening on http://{}", api.local_addr);
 
     let mut handles = Vec::new();
+    // Periodic snapshots, encoded outside every lock. Started before the
+    // wait for the database: feedback taken during an outage at start-up
+    // is saved all the same.
+    handles.push(spawn("snapshot", {
+        let (snapshotter, signal) = (snapshotter.clone(), signal.clone());
+        let interval = config.state.snapshot_interval;
+        move || {
+            let t0 = Instant::now();
+            loop {
+                if signal.wait_until(next_tick(t0, interval, Instant::now())) {
+                    return;
+                }
+                snapshotter.write_logged();
+            }
+        }
+    })?);
+
     if wait_for_database(&store, &health, &signal) {
         log::info!("database ready, schema applied");
         let started = Instant::now();
@@ -500,23 +526,17 @@ fn serve(config: Config) -> anyhow::Result<()> {
         fetcher.refresh_yields();
     }
 
-    // Periodic snapshots, encoded outside every lock.
-    handles.push(spawn("snapshot", {
-        let (snapshotter, signal) = (snapshotter.clone(), signal.clone());
-        let interval = config.state.snapshot_interval;
-        move || {
-            let t0 = Instant::now();
-            loop {
-                if signal.wait_until(next_tick(t0, interval, Instant::now())) {
-                    return;
-                }
-                snapshotter.write_logged();
-            }
-        }
-    })?);
-
     signal.receiver().recv().ok();
-    let deadline = Instant::now() + config.validator.timeout + Duration::from_secs(4);
+    // The whole shutdown, last snapshot included, fits in the bound: the
+    // threads get what is left once the snapshot's share is set aside
+    // (twice the last write, for a periodic one still in progress).
+    let bound = Instant::now() + config.validator.timeout + Duration::from_secs(5);
+    let reserve = (snapshotter.last_write_time() * 2).max(Duration::from_secs(1))
+        + Duration::from_millis(250);
+    let deadline = bound
+        .checked_sub(reserve)
+        .unwrap_or_else(Instant::now)
+        .max(Instant::now());
     log::info!("stopping: no new requests, finishing checks in flight");
     api.stop();
     join_until(handles, deadline);

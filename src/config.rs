@@ -39,6 +39,12 @@ pub struct ServerConfig {
     pub workers: usize,
     pub api_token: Option<String>,
     pub max_body_bytes: usize,
+    /// Connections served at once; more are answered 503 and closed.
+    pub max_connections: usize,
+    /// Connections one client address may hold at once (at most `max_connections`).
+    pub max_connections_per_ip: usize,
+    /// A request head, and then its body, must each arrive within this.
+    pub read_timeout: Duration,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -94,6 +100,8 @@ pub struct StateConfig {
     pub snapshot_path: PathBuf,
     pub snapshot_interval: Duration,
     pub sync_interval: Duration,
+    /// Sources kept in memory at once; get-proxy for a new one past this is refused.
+    pub max_sources: usize,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -146,7 +154,15 @@ const KNOWN: &[(&str, &[&str])] = &[
     ("database", &["url", "pool_size", "checkout_timeout_ms"]),
     (
         "server",
-        &["bind", "workers", "api_token", "max_body_bytes"],
+        &[
+            "bind",
+            "workers",
+            "api_token",
+            "max_body_bytes",
+            "max_connections",
+            "max_connections_per_ip",
+            "read_timeout_ms",
+        ],
     ),
     (
         "fetcher",
@@ -191,6 +207,7 @@ const KNOWN: &[(&str, &[&str])] = &[
             "snapshot_path",
             "snapshot_interval_seconds",
             "sync_interval_seconds",
+            "max_sources",
         ],
     ),
     ("geoip", &["database"]),
@@ -387,12 +404,34 @@ impl Reader<'_> {
                 3_600_000,
             )),
         };
-        let server = ServerConfig {
+        let mut server = ServerConfig {
             bind: self.socket_addr("server", "bind", "127.0.0.1:8080"),
             workers: self.number("server", "workers", 8, 1, 4096) as usize,
             api_token: Some(self.string("server", "api_token", "")).filter(|t| !t.is_empty()),
             max_body_bytes: self.number("server", "max_body_bytes", 65536, 64, 1 << 30) as usize,
+            max_connections: self.number("server", "max_connections", 1024, 1, 65536) as usize,
+            max_connections_per_ip: 0,
+            read_timeout: self.millis("server", "read_timeout_ms", 10_000),
         };
+        // Unset: no cap per address beyond the total one (clients of a local
+        // service all come from 127.0.0.1).
+        server.max_connections_per_ip = self.number(
+            "server",
+            "max_connections_per_ip",
+            server.max_connections as u64,
+            1,
+            65536,
+        ) as usize;
+        if server.max_connections_per_ip > server.max_connections {
+            self.problem(
+                "server",
+                Some("max_connections_per_ip"),
+                format!(
+                    "must not exceed max_connections ({}), found {}",
+                    server.max_connections, server.max_connections_per_ip
+                ),
+            );
+        }
         let default_protocol = self.protocol("fetcher", "default_protocol", Protocol::Http);
         let fetcher = FetcherConfig {
             interval: self.seconds("fetcher", "interval_seconds", 300),
@@ -438,6 +477,7 @@ impl Reader<'_> {
             snapshot_path: PathBuf::from(self.string("state", "snapshot_path", "source_stats.bin")),
             snapshot_interval: self.seconds("state", "snapshot_interval_seconds", 60),
             sync_interval: self.seconds("state", "sync_interval_seconds", 30),
+            max_sources: self.number("state", "max_sources", 10_000, 1, 10_000_000) as usize,
         };
         if state.snapshot_path.as_os_str().is_empty() {
             self.problem(
@@ -849,6 +889,13 @@ impl fmt::Display for Config {
         };
         writeln!(f, "api_token = {token}")?;
         writeln!(f, "max_body_bytes = {}", self.server.max_body_bytes)?;
+        writeln!(f, "max_connections = {}", self.server.max_connections)?;
+        writeln!(
+            f,
+            "max_connections_per_ip = {}",
+            self.server.max_connections_per_ip
+        )?;
+        writeln!(f, "read_timeout_ms = {}", ms(self.server.read_timeout))?;
         writeln!(f, "\n[fetcher]")?;
         let urls: Vec<&str> = self
             .sources
@@ -907,6 +954,7 @@ impl fmt::Display for Config {
             "sync_interval_seconds = {}",
             secs(self.state.sync_interval)
         )?;
+        writeln!(f, "max_sources = {}", self.state.max_sources)?;
         writeln!(f, "\n[geoip]")?;
         let geoip = self
             .geoip
@@ -935,6 +983,10 @@ mod tests {
         assert_eq!(config.server.workers, 8);
         assert_eq!(config.server.api_token, None);
         assert_eq!(config.server.max_body_bytes, 65536);
+        assert_eq!(config.server.max_connections, 1024);
+        assert_eq!(config.server.max_connections_per_ip, 1024);
+        assert_eq!(config.server.read_timeout, Duration::from_secs(10));
+        assert_eq!(config.state.max_sources, 10_000);
         assert_eq!(config.fetcher.interval, Duration::from_secs(300));
         assert_eq!(config.fetcher.timeout, Duration::from_millis(15000));
         assert_eq!(config.fetcher.max_bytes, 10_485_760);

@@ -11,8 +11,10 @@
 
 use std::io;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
+use std::time::Duration;
 
 use chrono::Utc;
 use crossbeam_channel::{Receiver, Sender};
@@ -38,6 +40,8 @@ pub struct Snapshotter {
     health: Arc<Health>,
     /// Write requests for the writer thread, which ends when this is dropped.
     jobs: Sender<Reply>,
+    /// How long the last write took, copy included, in milliseconds.
+    last_write_ms: Arc<AtomicU64>,
 }
 
 /// What the writer thread needs.
@@ -45,11 +49,13 @@ struct Writer {
     path: PathBuf,
     state: Arc<State>,
     health: Arc<Health>,
+    last_write_ms: Arc<AtomicU64>,
 }
 
 impl Writer {
     fn run(self, jobs: Receiver<Reply>) {
         for reply in jobs {
+            let started = std::time::Instant::now();
             let dropped = self.state.drop_idle(Utc::now());
             if dropped > 0 {
                 log::info!("{dropped} stats entries idle for over a week dropped");
@@ -60,6 +66,8 @@ impl Writer {
             if outcome.is_ok() {
                 self.health.record_snapshot_now();
             }
+            let took = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+            self.last_write_ms.store(took, Ordering::Relaxed);
             // The asker may have given up waiting; the file is written anyway.
             let _ = reply.send(outcome);
         }
@@ -71,10 +79,12 @@ impl Snapshotter {
     pub fn new(path: PathBuf, state: Arc<State>, health: Arc<Health>) -> io::Result<Snapshotter> {
         // Requests queue up; the writer takes them one at a time.
         let (jobs, receiver) = crossbeam_channel::bounded::<Reply>(64);
+        let last_write_ms = Arc::new(AtomicU64::new(0));
         let writer = Writer {
             path: path.clone(),
             state: state.clone(),
             health: health.clone(),
+            last_write_ms: last_write_ms.clone(),
         };
         thread::Builder::new()
             .name("snapshot-writer".into())
@@ -84,7 +94,14 @@ impl Snapshotter {
             state,
             health,
             jobs,
+            last_write_ms,
         })
+    }
+
+    /// How long the last write took (zero before the first): what the
+    /// shutdown sets aside for its own write.
+    pub fn last_write_time(&self) -> Duration {
+        Duration::from_millis(self.last_write_ms.load(Ordering::Relaxed))
     }
 
     /// Copies the stats, then encodes and writes them atomically; returns

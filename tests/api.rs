@@ -10,10 +10,14 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use serde_json::Value;
+
 use support::{
     get, get_with, insert_active, migrate, post, raw_http, request, Row, Service, TestConfig,
     TestDb,
 };
+
+/// What POST /feedback accepts at most: 1000 of the largest items.
+const FEEDBACK_BODY_LIMIT: usize = 700_000;
 
 /// A small varied pool: each filter of get-proxy selects a known subset.
 fn varied_rows() -> Vec<Row> {
@@ -449,10 +453,9 @@ fn feedback_accepts_objects_and_arrays_and_refuses_bad_bodies() {
         .expect("a's stats");
     assert_eq!(a_entry["score"], 2);
 
-    // Past max_body_bytes, a valid batch is refused whole (the array
-    // limits are tested with a larger body limit elsewhere).
+    // POST /feedback takes a full batch even past max_body_bytes (4096 here).
     let answer = post(&url, &thousand);
-    assert_eq!(answer.status, 413, "{}", answer.body);
+    assert_eq!(answer.status, 200, "{:.200}", answer.body);
 
     let answer = post(
         &url,
@@ -469,16 +472,19 @@ fn feedback_accepts_objects_and_arrays_and_refuses_bad_bodies() {
     assert_eq!(answer.status, 404, "{}", answer.body);
     assert_eq!(post(&service.url("/feedback?x=1"), &item(0)).status, 400);
 
-    // 413 by Content-Length, before reading the body.
+    // Past feedback's own limit (1000 of the largest items), 413 by
+    // Content-Length, before reading the body; other paths keep max_body_bytes.
     let big = format!(
         r#"{{"source":"app","proxy":"{a}","success":true,"pad":"{}"}}"#,
-        "x".repeat(5000)
+        "x".repeat(FEEDBACK_BODY_LIMIT)
     );
     let answer = post(&url, &big);
     assert_eq!(answer.status, 413, "{}", answer.body);
     assert!(answer.json()["error"]
         .as_str()
-        .is_some_and(|e| e.contains("too large")));
+        .is_some_and(|e| e.contains(&format!("at most {FEEDBACK_BODY_LIMIT} bytes"))));
+    let answer = post(&service.url("/admin/validate"), &" ".repeat(5000));
+    assert_eq!(answer.status, 413, "{}", answer.body);
     let head = format!(
         "POST /feedback HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: 100000000\r\nConnection: close\r\n\r\n",
         service.addr
@@ -492,7 +498,7 @@ fn feedback_accepts_objects_and_arrays_and_refuses_bad_bodies() {
         service.addr
     )
     .into_bytes();
-    for _ in 0..5 {
+    for _ in 0..=FEEDBACK_BODY_LIMIT / 1000 {
         chunked.extend_from_slice(format!("3e8\r\n{}\r\n", " ".repeat(1000)).as_bytes());
     }
     chunked.extend_from_slice(b"0\r\n\r\n");
@@ -512,12 +518,19 @@ fn feedback_accepts_objects_and_arrays_and_refuses_bad_bodies() {
 
 #[test]
 fn feedback_arrays_hold_1_to_1000_items() {
-    let rows = vec![Row::http("127.0.0.45", 8000)];
-    let (_db, service) = start_with(&rows, |c| {
-        c.set("server", "max_body_bytes", "1000000");
-    });
+    // The largest legal item: a 64-character source and a 512-byte URL with
+    // credentials, at the default max_body_bytes.
+    let credential = || -> &'static str { Box::leak("u".repeat(243).into_boxed_str()) };
+    let mut row = Row::http("127.0.0.45", 8000);
+    row.protocol = "socks5";
+    row.username = Some(credential());
+    row.password = Some(credential());
+    let rows = vec![row];
+    let (_db, service) = start_with(&rows, |_| {});
     let a = rows[0].url();
-    let item = format!(r#"{{"source":"bulk","proxy":"{a}","success":true}}"#);
+    assert_eq!(a.len(), 512, "{a}");
+    let source = "b".repeat(64);
+    let item = format!(r#"{{"source":"{source}","proxy":"{a}","success":false}}"#);
     let batch = |n: usize| format!("[{}]", vec![item.as_str(); n].join(","));
     let answer = post(&service.url("/feedback"), &batch(1000));
     assert_eq!(answer.status, 200, "{:.200}", answer.body);
@@ -527,12 +540,12 @@ fn feedback_arrays_hold_1_to_1000_items() {
     assert!(answer.json()["error"]
         .as_str()
         .is_some_and(|e| e.contains("1000")));
-    let view = get(&service.url("/sources/bulk")).json();
+    let view = get(&service.url(&format!("/sources/{source}"))).json();
     assert_eq!(
-        view["proxies"][0]["success_count"], 1000,
+        view["proxies"][0]["failure_count"], 1000,
         "the refused batch changed nothing"
     );
-    assert_eq!(view["proxies"][0]["score"], 100, "capped at max_score");
+    assert_eq!(view["proxies"][0]["is_banned"], true);
 }
 
 #[test]
@@ -827,4 +840,36 @@ fn figures_never_show_proxy_or_list_passwords() {
     for secret in ["Pr0xyS3cret", "S0cksS3cret"] {
         assert!(!log.contains(secret), "the log shows {secret}:\n{log}");
     }
+}
+
+#[test]
+fn new_sources_past_max_sources_get_a_clear_503_and_refusals_create_none() {
+    let rows = vec![Row::http("127.0.0.47", 8000)];
+    let (_db, service) = start_with(&rows, |c| {
+        c.set("state", "max_sources", "2");
+    });
+    assert_eq!(
+        get(&service.url("/get-proxy?source=nowhere&country=JP")).status,
+        503
+    );
+    for name in ["one", "two"] {
+        assert_eq!(
+            get(&service.url(&format!("/get-proxy?source={name}"))).status,
+            200
+        );
+    }
+    let answer = get(&service.url("/get-proxy?source=three"));
+    assert_eq!(answer.status, 503, "{}", answer.body);
+    let json = answer.json();
+    assert_eq!(json["reason"], "too_many_sources", "{json}");
+    assert!(json["error"]
+        .as_str()
+        .is_some_and(|e| e.contains("at most 2")));
+    let body = format!(
+        r#"{{"source":"three","proxy":"{}","success":true}}"#,
+        rows[0].url()
+    );
+    assert_eq!(post(&service.url("/feedback"), &body).status, 503);
+    assert_eq!(get(&service.url("/get-proxy?source=one")).status, 200);
+    assert_eq!(get(&service.url("/sources/nowhere")).status, 404);
 }

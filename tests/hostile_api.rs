@@ -560,6 +560,55 @@ fn slow_clients_do_not_stall_other_clients() {
     drop(held);
 }
 
+/// How many slow clients it takes to stall the server, at its configured
+/// cap: with max_connections = 64, 63 stalled connections leave /health
+/// answering; with 64, the next client gets a 503 at once (never a hang);
+/// and the server is back when they go. A cap per address refuses the
+/// same way, naming the address as the cause.
+#[test]
+fn at_max_connections_the_next_client_gets_a_quick_503_not_a_hang() {
+    let api = seeded_service("workers = 4\nmax_connections = 64\nread_timeout_ms = 30000");
+    let open = |n: usize| -> Vec<TcpStream> {
+        (0..n)
+            .filter_map(|_| Stall::PartialHead.open(api.addr()))
+            .collect()
+    };
+    let mut held = open(63);
+    assert_eq!(held.len(), 63);
+    let answer = quick_get(api.addr(), "/health", Duration::from_secs(2));
+    assert!(
+        answer.as_ref().is_ok_and(|a| a.status == 200),
+        "63 stalled of 64: {:?}",
+        answer.map(|a| a.status)
+    );
+    held.extend(open(1));
+    assert_eq!(held.len(), 64);
+    let answer = quick_get(api.addr(), "/health", Duration::from_secs(2))
+        .expect("an answer, not a hang, past max_connections");
+    assert_eq!(answer.status, 503);
+    let body = String::from_utf8_lossy(&answer.body);
+    assert!(body.contains("too many connections"), "{body}");
+    drop(held);
+    wait_for("health after the stall", Duration::from_secs(10), || {
+        quick_get(api.addr(), "/health", Duration::from_secs(1)).is_ok_and(|a| a.status == 200)
+    });
+
+    let api = seeded_service("workers = 4\nmax_connections = 64\nmax_connections_per_ip = 8");
+    let held: Vec<TcpStream> = (0..8)
+        .filter_map(|_| Stall::PartialHead.open(api.addr()))
+        .collect();
+    assert_eq!(held.len(), 8);
+    let answer = quick_get(api.addr(), "/health", Duration::from_secs(2))
+        .expect("an answer, not a hang, past max_connections_per_ip");
+    let body = String::from_utf8_lossy(&answer.body);
+    assert_eq!(answer.status, 503, "{body}");
+    assert!(body.contains("from this address"), "{body}");
+    drop(held);
+    wait_for("health after the stall", Duration::from_secs(10), || {
+        quick_get(api.addr(), "/health", Duration::from_secs(1)).is_ok_and(|a| a.status == 200)
+    });
+}
+
 /// A measurement, not a check: how many stalled connections of each kind
 /// it takes before /health stops answering within 1 s. Run with
 /// `cargo test --test hostile_api -- --ignored --nocapture`.

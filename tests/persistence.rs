@@ -9,7 +9,9 @@ mod support;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use proxy_pool::snapshot::{self, EntrySnapshot, SnapshotData, SourceSnapshot};
 
 use serde_json::Value;
 use support::{get, insert_active, migrate, post, wait_for, Row, Service, TestConfig, TestDb};
@@ -124,6 +126,77 @@ fn stats_survive_a_graceful_restart_through_the_snapshot() {
         "the banned proxy stays out: {}",
         answer.body
     );
+}
+
+/// The shutdown bound holds with a large stats table: the last snapshot of
+/// 200,000 entries is written inside it, not after it.
+#[test]
+fn sigterm_with_200k_stats_entries_writes_them_and_exits_0_within_the_bound() {
+    const PROXIES: u32 = 100_000;
+    let db = TestDb::new();
+    migrate(&db.url);
+    insert_active(&db.url, &rows());
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let entries = |score: i32| -> Vec<EntrySnapshot> {
+        (0..PROXIES)
+            .map(|url| EntrySnapshot {
+                url,
+                score,
+                success_count: 1,
+                failure_count: 0,
+                banned_until_ms: None,
+                ban_count: 0,
+                last_used_ms: now_ms,
+            })
+            .collect()
+    };
+    let data = SnapshotData {
+        taken_at_ms: now_ms,
+        urls: (0..PROXIES)
+            .map(|i| format!("http://10.{}.{}.{}:8080", i >> 16, (i >> 8) & 255, i & 255))
+            .collect(),
+        sources: ["app", "crawler"]
+            .iter()
+            .map(|name| SourceSnapshot {
+                name: name.to_string(),
+                requests: 1,
+                feedbacks: 1,
+                entries: entries(1),
+            })
+            .collect(),
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("stats.bin");
+    snapshot::write_atomic(&path, &data).expect("write the snapshot");
+    let mut config = TestConfig::new(&db.url);
+    // Periodic writes back to back: one is often in progress at SIGTERM.
+    config.set("state", "snapshot_interval_seconds", "1");
+    let mut service = Service::start_loaded_in(dir, &config.text());
+    assert!(
+        service.log_contains("2 sources, 200000 stats entries"),
+        "{}",
+        service.log_text()
+    );
+
+    let bound = Duration::from_millis(1000) + Duration::from_secs(5);
+    let asked = Instant::now();
+    let code = service.terminate();
+    let took = asked.elapsed();
+    assert_eq!(code, 0, "SIGTERM exits 0:\n{}", service.log_text());
+    assert!(
+        took < bound,
+        "exited {} ms after SIGTERM, past validation_timeout_ms + 5 s",
+        took.as_millis()
+    );
+    assert!(
+        service.log_contains("snapshot written: 200000 entries"),
+        "{}",
+        service.log_text()
+    );
+    match snapshot::load(&path).expect("read the snapshot") {
+        snapshot::Loaded::Loaded(written) => assert_eq!(written.entry_count(), 200_000),
+        _ => panic!("the shutdown snapshot is not readable"),
+    }
 }
 
 #[test]

@@ -21,7 +21,7 @@ use crate::fetcher::Fetcher;
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::persist::Snapshotter;
-use crate::state::{FeedbackError, NoProxyReason, State};
+use crate::state::{FeedbackError, NoProxyReason, State, TooManySources};
 use crate::validator::cycle::Validator;
 
 use self::params::Query;
@@ -33,6 +33,22 @@ const OPENAPI: &str = include_str!("openapi.json");
 
 /// Feedback items accepted in one request.
 pub const MAX_FEEDBACK_ITEMS: usize = 1000;
+/// The longest proxy URL a feedback item may name.
+const MAX_FEEDBACK_URL_BYTES: usize = 512;
+/// Room for the largest legal feedback item (a 64-character source, a
+/// [`MAX_FEEDBACK_URL_BYTES`] URL, `false`) as a pretty-printing serializer
+/// writes it inside an array, separator included.
+const MAX_FEEDBACK_ITEM_BYTES: usize = 700;
+
+/// The body limit of `path`: `max_body_bytes`, except that POST /feedback
+/// always takes a batch of [`MAX_FEEDBACK_ITEMS`] of the largest items.
+pub fn body_limit(path: &str, max_body_bytes: usize) -> usize {
+    if path == "/feedback" {
+        max_body_bytes.max(MAX_FEEDBACK_ITEMS * MAX_FEEDBACK_ITEM_BYTES)
+    } else {
+        max_body_bytes
+    }
+}
 
 /// Everything a request handler may read.
 pub struct ApiContext {
@@ -103,13 +119,19 @@ pub struct ApiServer {
 
 impl ApiServer {
     pub fn start(context: Arc<ApiContext>) -> Result<ApiServer, String> {
-        let bind = context.config.server.bind;
-        let workers = context.config.server.workers;
-        let max_body_bytes = context.config.server.max_body_bytes;
+        let config = &context.config.server;
+        let bind = config.bind;
+        let limits = server::Limits {
+            workers: config.workers,
+            max_connections: config.max_connections,
+            max_connections_per_ip: config.max_connections_per_ip,
+            read_timeout: config.read_timeout,
+        };
+        let max_body_bytes = config.max_body_bytes;
         let server = server::HttpServer::start(
             bind,
-            workers,
-            max_body_bytes,
+            limits,
+            Box::new(move |path| body_limit(path, max_body_bytes)),
             Box::new(move |request| handle(&context, request)),
         )
         .map_err(|err| format!("cannot listen on {bind}: {err}"))?;
@@ -294,6 +316,12 @@ fn get_proxy(context: &ApiContext, request: &Request) -> Result<Response, ApiErr
     let text = query.format_is_text()?;
     let picks = match context.state.get_proxy(source, &pick_query, Utc::now()) {
         Ok(picks) => picks,
+        Err(none) if none.reason == NoProxyReason::TooManySources => {
+            let err = TooManySources {
+                max_sources: context.config.state.max_sources,
+            };
+            return Err(too_many_sources(err, source));
+        }
         Err(none) => {
             let retry_after = none.retry_after.unwrap_or(match none.reason {
                 NoProxyReason::AllBanned => Duration::from_secs(60),
@@ -326,9 +354,18 @@ fn get_proxy(context: &ApiContext, request: &Request) -> Result<Response, ApiErr
     Ok(Response::json(&render::pick(first, Some(source))))
 }
 
-/// Reads the body, refusing more than `max_body_bytes`.
+/// A new source refused at `[state] max_sources`: a 503 like any other
+/// capacity limit, not a 4xx (the name is valid; the service is full).
+fn too_many_sources(err: TooManySources, source: &str) -> ApiError {
+    ApiError::new(503, err.to_string())
+        .with("source", Value::String(source.to_string()))
+        .with("reason", Value::String("too_many_sources".into()))
+        .with_header("Retry-After", "3600".into())
+}
+
+/// Reads the body, refusing more than the path's [`body_limit`].
 fn read_body(context: &ApiContext, request: &Request) -> Result<Vec<u8>, ApiError> {
-    let limit = context.config.server.max_body_bytes;
+    let limit = body_limit(&request.url(), context.config.server.max_body_bytes);
     let too_large = || {
         ApiError::new(
             413,
@@ -383,7 +420,7 @@ fn feedback_item(value: &Value, position: Option<usize>) -> Result<FeedbackItem,
         }
     };
     let proxy = match object.get("proxy") {
-        Some(Value::String(s)) if !s.is_empty() && s.len() <= 512 => s.clone(),
+        Some(Value::String(s)) if !s.is_empty() && s.len() <= MAX_FEEDBACK_URL_BYTES => s.clone(),
         _ => {
             return Err(ApiError::bad_request(format!(
                 "{at}field proxy: expected the proxy URL as get-proxy returned it"
@@ -438,6 +475,7 @@ fn feedback(context: &ApiContext, request: &Request) -> Result<Response, ApiErro
                 "unknown proxy: expected a proxy URL as get-proxy returned it",
             )
             .with("source", Value::String(item.source.clone()))),
+            Err(FeedbackError::TooManySources(err)) => Err(too_many_sources(err, &item.source)),
         }
     };
     match &value {
@@ -536,5 +574,25 @@ mod tests {
         assert!(!same_secret(b"s3cretx", b"s3cret"));
         assert!(!same_secret(b"", b"s3cret"));
         assert!(!same_secret(b"S3cret", b"s3cret"));
+    }
+
+    #[test]
+    fn a_full_batch_of_the_largest_feedback_items_fits_the_default_limit() {
+        let item = json!({
+            "source": "s".repeat(64),
+            "proxy": format!("socks5://{}@1.2.3.4:1080", "u".repeat(MAX_FEEDBACK_URL_BYTES - 22)),
+            "success": false,
+        });
+        assert_eq!(
+            item["proxy"].as_str().unwrap().len(),
+            MAX_FEEDBACK_URL_BYTES
+        );
+        assert!(feedback_item(&item, None).is_ok());
+        let batch = Value::Array(vec![item; MAX_FEEDBACK_ITEMS]);
+        let limit = body_limit("/feedback", 65536);
+        assert!(serde_json::to_string_pretty(&batch).unwrap().len() <= limit);
+        assert!(serde_json::to_string(&batch).unwrap().len() <= limit);
+        assert_eq!(body_limit("/get-proxy", 65536), 65536);
+        assert_eq!(body_limit("/feedback", 1 << 30), 1 << 30);
     }
 }

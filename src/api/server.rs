@@ -11,13 +11,15 @@
 //! body; and its stoppable loop only looks at the stop signal when no
 //! request came for a second, so a service under steady load never stops.
 //!
-//! Here each connection has its own thread (up to [`MAX_CONNECTIONS`]),
+//! Here each connection has its own thread (up to `max_connections`, and
+//! `max_connections_per_ip` from one client address),
 //! which reads the head and body under deadlines; a worker permit (one of
 //! `workers`) is held only while the handler runs, never while waiting for a
 //! slow client, so slow clients cost a thread each but cannot stall others.
 
+use std::collections::HashMap;
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -25,19 +27,14 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
+use parking_lot::Mutex;
 use rouille::{Request, Response};
 
-/// Connections served at once; more are answered 503 and closed.
-pub const MAX_CONNECTIONS: usize = 1024;
 /// The request line and headers together.
 pub const MAX_HEAD_BYTES: usize = 32 * 1024;
 const MAX_HEADERS: usize = 64;
 /// A kept-alive connection may wait this long for its next request.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
-/// A head must arrive whole within this, from its first byte.
-const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
-/// A body must arrive whole within this, from the end of its head.
-const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 /// A whole answer must be written within this (a client that does not read
 /// would otherwise hold its thread as long as it keeps taking a few bytes).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -50,13 +47,32 @@ const LINGER_BYTES: usize = 4 << 20;
 const CONNECTION_STACK: usize = 1 << 20;
 
 pub type Handler = dyn Fn(&Request) -> Response + Send + Sync;
+/// The body limit of a request, from its path (without the query).
+pub type BodyLimit = dyn Fn(&str) -> usize + Send + Sync;
+
+/// The transport's bounds.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Handlers run at once.
+    pub workers: usize,
+    /// Connections served at once; more are answered 503 and closed.
+    pub max_connections: usize,
+    /// Connections one client address may hold at once; more get a 503.
+    pub max_connections_per_ip: usize,
+    /// A head must arrive whole within this from its first byte, and then
+    /// its body within this from the end of the head.
+    pub read_timeout: Duration,
+}
 
 /// What every connection thread shares.
 struct Shared {
     handler: Box<Handler>,
-    max_body_bytes: usize,
+    body_limit: Box<BodyLimit>,
+    limits: Limits,
     stopping: AtomicBool,
     open: AtomicUsize,
+    /// Open connections per client address (entries removed at zero).
+    open_by_ip: Mutex<HashMap<IpAddr, usize>>,
     /// Worker permits: a token is taken to run the handler and given back.
     permits: (Sender<()>, Receiver<()>),
 }
@@ -69,25 +85,27 @@ pub struct HttpServer {
 }
 
 impl HttpServer {
-    /// Binds `bind` and starts accepting; `workers` handlers run at once.
+    /// Binds `bind` and starts accepting within `limits`.
     pub fn start(
         bind: SocketAddr,
-        workers: usize,
-        max_body_bytes: usize,
+        limits: Limits,
+        body_limit: Box<BodyLimit>,
         handler: Box<Handler>,
     ) -> io::Result<HttpServer> {
         let listener = TcpListener::bind(bind)?;
         let local_addr = listener.local_addr()?;
-        let workers = workers.max(1);
+        let workers = limits.workers.max(1);
         let permits = crossbeam_channel::bounded(workers);
         for _ in 0..workers {
             let _ = permits.0.send(());
         }
         let shared = Arc::new(Shared {
             handler,
-            max_body_bytes,
+            body_limit,
+            limits,
             stopping: AtomicBool::new(false),
             open: AtomicUsize::new(0),
+            open_by_ip: Mutex::new(HashMap::new()),
             permits,
         });
         let accept = thread::Builder::new().name("http-accept".into()).spawn({
@@ -154,34 +172,76 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                 continue;
             }
         };
-        if shared.open.load(Ordering::SeqCst) >= MAX_CONNECTIONS {
-            refuse(stream, "too many connections: try again later");
+        let Some(guard) = OpenGuard::take(&shared, peer.ip()) else {
+            refuse_over_cap(stream, &shared, peer.ip());
             continue;
-        }
-        shared.open.fetch_add(1, Ordering::SeqCst);
+        };
         let spawned = thread::Builder::new()
             .name("http-conn".into())
             .stack_size(CONNECTION_STACK)
             .spawn({
                 let shared = shared.clone();
                 move || {
-                    let _open = OpenGuard(&shared.open);
+                    let _open = guard;
                     serve_connection(stream, peer, &shared);
                 }
             });
         if let Err(err) = spawned {
-            shared.open.fetch_sub(1, Ordering::SeqCst);
             log::warn!("http: cannot start a connection thread: {err}");
         }
     }
 }
 
-/// Counts a connection as open while alive.
-struct OpenGuard<'a>(&'a AtomicUsize);
+/// Answers a connection over one of the caps.
+fn refuse_over_cap(stream: TcpStream, shared: &Shared, ip: IpAddr) {
+    if shared.open.load(Ordering::SeqCst) >= shared.limits.max_connections {
+        refuse(stream, "too many connections: try again later");
+    } else {
+        log::debug!("http: {ip} holds max_connections_per_ip connections");
+        refuse(
+            stream,
+            "too many connections from this address: try again later",
+        );
+    }
+}
 
-impl Drop for OpenGuard<'_> {
+/// Counts a connection as open, in all and for its client address, while
+/// alive.
+struct OpenGuard {
+    shared: Arc<Shared>,
+    ip: IpAddr,
+}
+
+impl OpenGuard {
+    /// `None` when the connection would exceed a cap.
+    fn take(shared: &Arc<Shared>, ip: IpAddr) -> Option<OpenGuard> {
+        if shared.open.load(Ordering::SeqCst) >= shared.limits.max_connections {
+            return None;
+        }
+        let mut by_ip = shared.open_by_ip.lock();
+        let count = by_ip.entry(ip).or_insert(0);
+        if *count >= shared.limits.max_connections_per_ip {
+            return None;
+        }
+        *count += 1;
+        shared.open.fetch_add(1, Ordering::SeqCst);
+        Some(OpenGuard {
+            shared: Arc::clone(shared),
+            ip,
+        })
+    }
+}
+
+impl Drop for OpenGuard {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        let mut by_ip = self.shared.open_by_ip.lock();
+        if let Some(count) = by_ip.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                by_ip.remove(&self.ip);
+            }
+        }
+        self.shared.open.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -242,12 +302,15 @@ fn serve_connection(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
     // Bytes read beyond the current request (a pipelined next one).
     let mut pending: Vec<u8> = Vec::with_capacity(4096);
     loop {
-        let head = match read_head(&mut stream, &mut pending) {
+        let read_timeout = shared.limits.read_timeout;
+        let head = match read_head(&mut stream, &mut pending, read_timeout) {
             Ok(Some(head)) => head,
             Ok(None) => return,
             Err(err) => return fail(&mut stream, err),
         };
-        let body = match read_body(&mut stream, &mut pending, &head, shared.max_body_bytes) {
+        let path = head.target.split('?').next().unwrap_or("");
+        let limit = (shared.body_limit)(path);
+        let body = match read_body(&mut stream, &mut pending, &head, limit, read_timeout) {
             Ok(body) => body,
             Err(err) => return fail(&mut stream, err),
         };
@@ -432,8 +495,12 @@ fn is_timeout(err: &io::Error) -> bool {
 
 /// Reads one request head. `Ok(None)`: the client closed or stayed idle
 /// between requests, nothing to answer.
-fn read_head(stream: &mut TcpStream, pending: &mut Vec<u8>) -> Result<Option<Head>, HttpError> {
-    let mut deadline = (!pending.is_empty()).then(|| Instant::now() + HEAD_TIMEOUT);
+fn read_head(
+    stream: &mut TcpStream,
+    pending: &mut Vec<u8>,
+    timeout: Duration,
+) -> Result<Option<Head>, HttpError> {
+    let mut deadline = (!pending.is_empty()).then(|| Instant::now() + timeout);
     let mut chunk = [0u8; 8 * 1024];
     loop {
         if !pending.is_empty() {
@@ -462,7 +529,7 @@ fn read_head(stream: &mut TcpStream, pending: &mut Vec<u8>) -> Result<Option<Hea
             Ok(0) => return Err(HttpError::new(400, "connection closed in the request head")),
             Ok(n) => {
                 pending.extend_from_slice(&chunk[..n]);
-                deadline.get_or_insert_with(|| Instant::now() + HEAD_TIMEOUT);
+                deadline.get_or_insert_with(|| Instant::now() + timeout);
             }
             Err(err) if is_timeout(&err) && pending.is_empty() => return Ok(None),
             Err(err) if is_timeout(&err) => {
@@ -516,12 +583,13 @@ fn parse_head(pending: &mut Vec<u8>) -> Result<Option<Head>, HttpError> {
     Ok(Some(head))
 }
 
-/// Reads the body the head announces, within [`BODY_TIMEOUT`] and `limit`.
+/// Reads the body the head announces, within `timeout` and `limit`.
 fn read_body(
     stream: &mut TcpStream,
     pending: &mut Vec<u8>,
     head: &Head,
     limit: usize,
+    timeout: Duration,
 ) -> Result<Vec<u8>, HttpError> {
     let too_large = || {
         HttpError::new(
@@ -584,7 +652,7 @@ fn read_body(
     let mut reader = BodyReader {
         stream,
         pending,
-        deadline: Instant::now() + BODY_TIMEOUT,
+        deadline: Instant::now() + timeout,
     };
     match length {
         Some(length) => {

@@ -5,9 +5,11 @@
 //!
 //! Locks, and the order in which they may be taken (never the other way
 //! round, which could deadlock behind a queued writer):
+//! 0. `sync_base` (Mutex): the last sync's load, taken by the sync alone.
 //! 1. `registry` (RwLock): known proxies and the active set. Readers are
 //!    get-proxy, feedback (URL lookup only) and introspection; writers are
-//!    the database sync and the validator's changes.
+//!    the database sync (in short rounds that apply a diff computed
+//!    outside the lock) and the validator's changes.
 //! 2. `sources` (RwLock): name to source, written only when a source is new.
 //! 3. one source's Mutex: its stats. One source's traffic never waits for
 //!    another's; no registry lock is ever requested while holding one.
@@ -29,7 +31,7 @@ use crate::config::ScoringConfig;
 use crate::proxy::{ActiveProxy, Anonymity, Protocol, ProxyKey};
 use crate::snapshot::{EntrySnapshot, SnapshotData, SourceSnapshot};
 
-use registry::{country_code, BucketKey, Filter, Registry, Slot};
+use registry::{country_code, BucketKey, Filter, IntMap, IntSet, Registry, Slot};
 use source::{Rules, SourceState, Stats};
 
 /// The most distinct proxies one get-proxy may ask for.
@@ -43,10 +45,16 @@ pub const MAX_COUNT: usize = 100;
 /// its ban count when it plausibly matters.
 pub const STATS_MAX_IDLE: Duration = Duration::from_secs(7 * 24 * 3600);
 
+/// Sources kept at once unless configured otherwise (`[state] max_sources`).
+pub const DEFAULT_MAX_SOURCES: usize = 10_000;
+
 /// Candidate lists this short are scanned whole: exact and cheap.
 const EXACT_SCAN_LEN: usize = 256;
 /// How far the sampler for unscored proxies scans before giving up.
 const UNSCORED_SCAN_LIMIT: usize = 2048;
+/// Activations or deactivations a sync applies per write lock: short enough
+/// that get-proxy waits well under a millisecond behind one round.
+const SYNC_ROUND: usize = 1024;
 
 /// What a get-proxy asks for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -101,6 +109,8 @@ pub enum NoProxyReason {
     NoMatch,
     /// Every matching proxy is banned for this source.
     AllBanned,
+    /// The source is new and `max_sources` exist already.
+    TooManySources,
 }
 
 impl NoProxyReason {
@@ -109,6 +119,7 @@ impl NoProxyReason {
             NoProxyReason::NoActive => "no_active",
             NoProxyReason::NoMatch => "no_match",
             NoProxyReason::AllBanned => "all_banned",
+            NoProxyReason::TooManySources => "too_many_sources",
         }
     }
 }
@@ -126,6 +137,15 @@ pub enum FeedbackError {
     /// The message leaves the URL out: it may hold credentials.
     #[error("unknown proxy: expected a proxy URL as get-proxy returned it")]
     UnknownProxy,
+    #[error(transparent)]
+    TooManySources(#[from] TooManySources),
+}
+
+/// A new source was refused: `max_sources` exist already.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("too many sources: at most {max_sources} are kept (one idle for a week with no stats is dropped); reuse a source name")]
+pub struct TooManySources {
+    pub max_sources: usize,
 }
 
 /// A source's stats for one proxy after a feedback.
@@ -203,13 +223,34 @@ pub struct RestoreReport {
     pub invalid: usize,
 }
 
+/// Where the validator's change sequence stood when a memory sync began
+/// (see [`State::sync_mark`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SyncMark(u64);
+
+/// What a memory sync changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    /// Proxies made active or updated.
+    pub activated: usize,
+    pub deactivated: usize,
+    /// Proxies left as the validator set them after the sync's read.
+    pub kept_newer: usize,
+}
+
 /// The state manager. Shared in an `Arc` by the API, the sync and the
 /// snapshot threads.
 #[derive(Debug)]
 pub struct State {
     rules: Rules,
     registry: RwLock<Registry>,
+    /// Each proxy of the last sync's load, by id, as a [`fingerprint`]: the
+    /// next sync diffs against it without any registry lock. Only the sync
+    /// takes this lock.
+    sync_base: Mutex<IntMap<i64, u64>>,
     sources: RwLock<HashMap<String, Arc<Mutex<SourceState>>>>,
+    /// New sources are refused once this many exist.
+    max_sources: usize,
     requests: AtomicU64,
     feedbacks: AtomicU64,
 }
@@ -229,36 +270,101 @@ impl State {
         State {
             rules: Rules::new(config),
             registry: RwLock::new(Registry::default()),
+            sync_base: Mutex::new(IntMap::default()),
             sources: RwLock::new(HashMap::new()),
+            max_sources: DEFAULT_MAX_SOURCES,
             requests: AtomicU64::new(0),
             feedbacks: AtomicU64::new(0),
         }
     }
 
-    /// Makes `proxies` the whole active set (start-up load, periodic sync).
-    pub fn replace_active(&self, proxies: Vec<ActiveProxy>) {
-        // URLs are formatted before the write lock is taken.
-        let with_urls: Vec<(ActiveProxy, String)> = proxies
-            .into_iter()
-            .map(|proxy| {
-                let url = proxy.key.url();
-                (proxy, url)
-            })
-            .collect();
-        let new_ids: std::collections::HashSet<i64> =
-            with_urls.iter().map(|(proxy, _)| proxy.id).collect();
-        let mut registry = self.registry.write();
-        for id in registry.active_ids() {
-            if !new_ids.contains(&id) {
-                registry.deactivate_id(id);
-            }
-        }
-        for (proxy, url) in with_urls {
-            registry.activate(proxy, &url);
-        }
+    /// Bounds the number of sources (the default is [`DEFAULT_MAX_SOURCES`]).
+    pub fn with_max_sources(mut self, max_sources: usize) -> State {
+        self.max_sources = max_sources.max(1);
+        self
     }
 
-    /// Applies the validator's findings at once.
+    /// Makes `proxies` the whole active set, overriding every change made
+    /// so far (tests, benchmarks, a load with nothing in flight).
+    pub fn replace_active(&self, proxies: Vec<ActiveProxy>) -> SyncReport {
+        let mark = self.sync_mark();
+        self.sync_active(proxies, mark)
+    }
+
+    /// Marks the start of a memory sync: take it before reading the table,
+    /// and hand it to [`State::sync_active`] with what was read.
+    pub fn sync_mark(&self) -> SyncMark {
+        SyncMark(self.registry.read().change_seq())
+    }
+
+    /// Makes `proxies`, the active rows read from the table after `mark`,
+    /// the active set, except for proxies the validator changed after
+    /// `mark`: their change is newer than the read (the validator applies a
+    /// change only after writing it), so it stands until the next sync.
+    ///
+    /// The change set is computed without any registry lock, against the
+    /// previous sync's load and the validator changes since; the write lock
+    /// is then taken in short rounds that apply only that diff, so a sync of
+    /// a large pool never holds get-proxy back for long.
+    pub fn sync_active(&self, proxies: Vec<ActiveProxy>, mark: SyncMark) -> SyncReport {
+        let mut base = self.sync_base.lock();
+        let touched: IntSet = self
+            .registry
+            .read()
+            .changed_until(mark.0)
+            .into_iter()
+            .collect();
+        let mut loaded: IntMap<i64, u64> = IntMap::default();
+        loaded.reserve(proxies.len());
+        let mut activate: Vec<(ActiveProxy, String)> = Vec::new();
+        for proxy in proxies {
+            let print = fingerprint(&proxy);
+            let unchanged = base.get(&proxy.id) == Some(&print) && !touched.contains(&proxy.id);
+            loaded.insert(proxy.id, print);
+            if !unchanged {
+                let url = proxy.key.url();
+                activate.push((proxy, url));
+            }
+        }
+        let deactivate: Vec<i64> = base
+            .keys()
+            .chain(touched.iter())
+            .filter(|id| !loaded.contains_key(id))
+            .copied()
+            .collect::<IntSet>()
+            .into_iter()
+            .collect();
+        let mut report = SyncReport::default();
+        for chunk in deactivate.chunks(SYNC_ROUND) {
+            let mut registry = self.registry.write();
+            for &id in chunk {
+                if registry.changed_after(id, mark.0) {
+                    report.kept_newer += 1;
+                    continue;
+                }
+                registry.deactivate_id(id);
+                report.deactivated += 1;
+            }
+        }
+        let mut activate = activate.into_iter().peekable();
+        while activate.peek().is_some() {
+            let mut registry = self.registry.write();
+            for (proxy, url) in activate.by_ref().take(SYNC_ROUND) {
+                if registry.changed_after(proxy.id, mark.0) {
+                    report.kept_newer += 1;
+                    continue;
+                }
+                registry.activate(proxy, &url);
+                report.activated += 1;
+            }
+        }
+        self.registry.write().forget_changes_until(mark.0);
+        *base = loaded;
+        report
+    }
+
+    /// Applies the validator's findings at once. Call it only after they
+    /// were written to the table, or the next sync reverts them.
     pub fn apply_changes(&self, activated: Vec<ActiveProxy>, deactivated: Vec<i64>) {
         let with_urls: Vec<(ActiveProxy, String)> = activated
             .into_iter()
@@ -268,10 +374,13 @@ impl State {
             })
             .collect();
         let mut registry = self.registry.write();
+        let seq = registry.next_change();
         for id in deactivated {
             registry.deactivate_id(id);
+            registry.stamp_change(id, seq);
         }
         for (proxy, url) in with_urls {
+            registry.stamp_change(proxy.id, seq);
             registry.activate(proxy, &url);
         }
     }
@@ -288,8 +397,24 @@ impl State {
         Arc::clone(sources.entry(name.to_string()).or_default())
     }
 
-    /// Chooses proxies for `source` (created if new). Returns up to
-    /// `query.count` distinct proxies; fewer when fewer are eligible.
+    /// The source named `name`, created if new and there is room for it.
+    fn source_handle_bounded(&self, name: &str) -> Result<Arc<Mutex<SourceState>>, TooManySources> {
+        if let Some(handle) = self.sources.read().get(name) {
+            return Ok(Arc::clone(handle));
+        }
+        let mut sources = self.sources.write();
+        if !sources.contains_key(name) && sources.len() >= self.max_sources {
+            return Err(TooManySources {
+                max_sources: self.max_sources,
+            });
+        }
+        Ok(Arc::clone(sources.entry(name.to_string()).or_default()))
+    }
+
+    /// Chooses proxies for `source`. Returns up to `query.count` distinct
+    /// proxies; fewer when fewer are eligible. A new source is created only
+    /// when it is given a proxy, and only while fewer than `max_sources`
+    /// exist: a refused or failed request leaves nothing behind.
     pub fn get_proxy(
         &self,
         source: &str,
@@ -301,9 +426,18 @@ impl State {
         let count = query.count.clamp(1, MAX_COUNT);
         let filter = compile_filter(query);
         let registry = self.registry.read();
-        let handle = self.source_handle(source);
+        let existing = self.sources.read().get(source).cloned();
+        let is_new = existing.is_none();
+        if is_new && self.sources.read().len() >= self.max_sources {
+            return Err(NoProxy {
+                reason: NoProxyReason::TooManySources,
+                retry_after: None,
+            });
+        }
+        let handle = existing.unwrap_or_default();
         let mut source_state = handle.lock();
         source_state.requests += 1;
+        source_state.last_request = now_ms;
         if registry.active_count() == 0 {
             return Err(NoProxy {
                 reason: NoProxyReason::NoActive,
@@ -337,7 +471,21 @@ impl State {
                 stats.last_used = now_ms;
             }
         }
-        drop(source_state);
+        if is_new {
+            // Picked on a fresh state with no entries: only its counter and
+            // clock carry over (a racing request may have created it).
+            let fresh = (source_state.requests, source_state.last_request);
+            drop(source_state);
+            let handle = self.source_handle_bounded(source).map_err(|_| NoProxy {
+                reason: NoProxyReason::TooManySources,
+                retry_after: None,
+            })?;
+            let mut created = handle.lock();
+            created.requests += fresh.0;
+            created.last_request = created.last_request.max(fresh.1);
+        } else {
+            drop(source_state);
+        }
         let picks = chosen
             .into_iter()
             .filter_map(|(slot, score)| {
@@ -374,11 +522,11 @@ impl State {
             .read()
             .slot_of_url(proxy_url)
             .ok_or(FeedbackError::UnknownProxy)?;
+        let handle = self.source_handle_bounded(source)?;
         self.feedbacks.fetch_add(1, Ordering::Relaxed);
-        let handle = self.source_handle(source);
-        let stats = handle
-            .lock()
-            .record(slot, success, millis(now), &self.rules);
+        let mut source_state = handle.lock();
+        source_state.last_request = source_state.last_request.max(millis(now));
+        let stats = source_state.record(slot, success, millis(now), &self.rules);
         Ok(FeedbackOutcome {
             score: stats.score,
             success_count: stats.success_count,
@@ -604,10 +752,22 @@ impl State {
     pub fn drop_idle(&self, now: DateTime<Utc>) -> usize {
         let cutoff = millis(now).saturating_sub(STATS_MAX_IDLE.as_millis() as i64);
         let handles: Vec<Arc<Mutex<SourceState>>> = self.sources.read().values().cloned().collect();
-        handles
+        let dropped = handles
             .iter()
             .map(|handle| handle.lock().drop_idle(cutoff))
-            .sum()
+            .sum();
+        // Sources left without stats and without a request for as long go
+        // too, so that names used once do not pile up (each is a label of
+        // /metrics).
+        let idle = |handle: &Arc<Mutex<SourceState>>| {
+            let source = handle.lock();
+            source.entries.is_empty() && source.last_request < cutoff
+        };
+        let has_idle = handles.iter().any(idle);
+        if has_idle {
+            self.sources.write().retain(|_, handle| !idle(handle));
+        }
+        dropped
     }
 
     /// Loads a snapshot's stats (normally at start-up, before serving). Its
@@ -647,6 +807,9 @@ impl State {
         for snapshot in data.sources {
             let handle = self.source_handle(&snapshot.name);
             let mut source = handle.lock();
+            // The snapshot keeps no request clock: a restored source has a
+            // full idle period from now.
+            source.last_request = source.last_request.max(millis(now));
             source.requests = source.requests.saturating_add(snapshot.requests);
             source.feedbacks = source.feedbacks.saturating_add(snapshot.feedbacks);
             for entry in snapshot.entries {
@@ -685,6 +848,23 @@ struct SourceCopy {
     requests: u64,
     feedbacks: u64,
     entries: Vec<(Slot, Stats)>,
+}
+
+/// A 64-bit digest of everything the registry keeps about a proxy: two
+/// loads of the same row have the same one, and a changed row a different
+/// one (a collision, about 2^-64 per change, delays that change to the
+/// proxy's next one).
+fn fingerprint(proxy: &ActiveProxy) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::hash::DefaultHasher::new();
+    proxy.id.hash(&mut hasher);
+    proxy.key.hash(&mut hasher);
+    proxy.latency_ms.hash(&mut hasher);
+    proxy.anonymity.hash(&mut hasher);
+    proxy.country.hash(&mut hasher);
+    proxy.supports_https.hash(&mut hasher);
+    proxy.last_validated_at.hash(&mut hasher);
+    hasher.finish()
 }
 
 fn compile_filter(query: &PickQuery) -> Filter {

@@ -49,6 +49,7 @@ impl Hasher for IntHasher {
 }
 
 pub(crate) type IntMap<K, V> = HashMap<K, V, BuildHasherDefault<IntHasher>>;
+pub(crate) type IntSet = std::collections::HashSet<i64, BuildHasherDefault<IntHasher>>;
 
 /// Packs an ISO 3166 alpha-2 code into two upper-case bytes; `None` for
 /// anything else.
@@ -202,6 +203,12 @@ pub(crate) struct Registry {
     metas: Vec<Option<Meta>>,
     slot_by_id: IntMap<i64, Slot>,
     buckets: HashMap<BucketKey, Vec<Slot>>,
+    /// Bumped by every validator change, so that a memory sync can tell
+    /// which changes are newer than its read of the table.
+    change_seq: u64,
+    /// Proxy id to the `change_seq` of its last validator change, kept
+    /// until a sync that started after it has run.
+    changed_at: IntMap<i64, u64>,
 }
 
 impl Registry {
@@ -313,7 +320,6 @@ impl Registry {
         }
     }
 
-    /// The ids of every active proxy.
     /// Active proxies per latency bucket: `counts[i]` holds those with
     /// latency ≤ `bounds[i]` (and above the previous bound); the last slot
     /// holds the rest, unknown latencies included.
@@ -329,8 +335,38 @@ impl Registry {
         counts
     }
 
-    pub fn active_ids(&self) -> Vec<i64> {
-        self.slot_by_id.keys().copied().collect()
+    /// The sequence number the next validator change will be above.
+    pub fn change_seq(&self) -> u64 {
+        self.change_seq
+    }
+
+    /// Starts a validator change and returns its sequence number.
+    pub fn next_change(&mut self) -> u64 {
+        self.change_seq += 1;
+        self.change_seq
+    }
+
+    pub fn stamp_change(&mut self, id: i64, seq: u64) {
+        self.changed_at.insert(id, seq);
+    }
+
+    /// Whether `id` was changed by the validator after sequence `mark`.
+    pub fn changed_after(&self, id: i64, mark: u64) -> bool {
+        self.changed_at.get(&id).is_some_and(|&seq| seq > mark)
+    }
+
+    /// The ids changed by the validator up to `mark`.
+    pub fn changed_until(&self, mark: u64) -> Vec<i64> {
+        self.changed_at
+            .iter()
+            .filter(|(_, &seq)| seq <= mark)
+            .map(|(&id, _)| id)
+            .collect()
+    }
+
+    /// Forgets the changes up to `mark` (a sync that started after them ran).
+    pub fn forget_changes_until(&mut self, mark: u64) {
+        self.changed_at.retain(|_, seq| *seq > mark);
     }
 
     fn deactivate_slot(&mut self, slot: Slot) {
@@ -368,6 +404,18 @@ impl Registry {
                 self.buckets.remove(&key);
             }
         }
+    }
+
+    /// Every active proxy, by id.
+    #[cfg(test)]
+    pub fn active_proxies(&self) -> Vec<ActiveProxy> {
+        let mut active: Vec<ActiveProxy> = self
+            .slots
+            .iter()
+            .filter_map(|entry| entry.active.as_ref().map(|record| record.proxy.clone()))
+            .collect();
+        active.sort_by_key(|proxy| proxy.id);
+        active
     }
 
     /// Checks that every bucket and position agrees with the records.

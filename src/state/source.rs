@@ -92,6 +92,8 @@ pub(crate) struct SourceState {
     pub bans: BTreeSet<(i64, Slot)>,
     pub requests: u64,
     pub feedbacks: u64,
+    /// The last get-proxy or feedback for this source, unix milliseconds.
+    pub last_request: i64,
 }
 
 impl SourceState {

@@ -775,3 +775,171 @@ fn latency_histogram_counts_each_active_proxy_once_by_its_bucket() {
     state.apply_changes(Vec::new(), vec![1]);
     assert_eq!(state.latency_histogram(&[100, 500]), vec![1, 1, 2]);
 }
+
+fn active_ids(state: &State) -> Vec<i64> {
+    let registry = state.registry.read();
+    registry.assert_consistent();
+    registry.active_proxies().iter().map(|p| p.id).collect()
+}
+
+/// Regression: the memory sync read the table, the validator then
+/// deactivated one proxy and activated another, and the sync's older read
+/// undid both for a whole sync interval.
+#[test]
+fn a_sync_never_reverts_a_validator_change_newer_than_its_read() {
+    let state = state_with(scoring(), 10);
+    let revalidated = |id| ActiveProxy {
+        latency_ms: Some(50),
+        ..proxy(id)
+    };
+    let mark = state.sync_mark();
+    // The read: every row revalidated elsewhere, 5 found dead.
+    let read_before_the_changes: Vec<ActiveProxy> =
+        (0..10).filter(|&id| id != 5).map(revalidated).collect();
+    // Then the validator wrote and applied: 3 dead, 5 alive again.
+    state.apply_changes(Vec::new(), vec![3]);
+    state.apply_changes(vec![proxy(5)], Vec::new());
+    let report = state.sync_active(read_before_the_changes, mark);
+    assert_eq!(report.kept_newer, 2);
+    assert_eq!(active_ids(&state), [0, 1, 2, 4, 5, 6, 7, 8, 9]);
+
+    // The next sync's read shows the changes.
+    let mark = state.sync_mark();
+    let table: Vec<ActiveProxy> = (0..10).filter(|&id| id != 3).map(revalidated).collect();
+    let report = state.sync_active(table.clone(), mark);
+    assert_eq!(report.kept_newer, 0);
+    assert_eq!(active_ids(&state), [0, 1, 2, 4, 5, 6, 7, 8, 9]);
+    assert_eq!(state.registry.read().active_proxies(), table);
+
+    // A read taken after a change is the newer word: another instance
+    // reactivated 3, and the table says so.
+    state.apply_changes(Vec::new(), vec![4]);
+    let mark = state.sync_mark();
+    let table: Vec<ActiveProxy> = (0..10).map(revalidated).collect();
+    let report = state.sync_active(table, mark);
+    assert_eq!((report.activated, report.kept_newer), (2, 0));
+    assert_eq!(active_ids(&state), (0..10).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_sync_applies_only_what_changed_in_the_table() {
+    let state = state_with(scoring(), 5000);
+    let report = state.replace_active((0..5000).map(proxy).collect());
+    assert_eq!(report, SyncReport::default());
+    let faster = ActiveProxy {
+        latency_ms: Some(7),
+        ..proxy(42)
+    };
+    let table: Vec<ActiveProxy> = (0..5000)
+        .filter(|&id| id != 9)
+        .map(|id| if id == 42 { faster.clone() } else { proxy(id) })
+        .collect();
+    let report = state.replace_active(table);
+    assert_eq!((report.activated, report.deactivated), (1, 1));
+    let registry = state.registry.read();
+    let active = registry.active_proxies();
+    assert_eq!(active.len(), 4999);
+    assert!(active.contains(&faster));
+}
+
+/// Whatever the validator did before a sync's mark, the sync leaves exactly
+/// the table's rows active.
+#[test]
+fn after_a_sync_the_active_set_is_the_table_read() {
+    let mut rng = fastrand::Rng::with_seed(5);
+    let state = State::new(&scoring());
+    for round in 0..60 {
+        for _ in 0..rng.usize(0..4) {
+            let up: Vec<ActiveProxy> = (0..rng.usize(0..30))
+                .map(|_| proxy(rng.i64(0..3000)))
+                .collect();
+            let down: Vec<i64> = (0..rng.usize(0..30)).map(|_| rng.i64(0..3000)).collect();
+            state.apply_changes(up, down);
+        }
+        let mut table = Vec::new();
+        for id in 0..3000 {
+            if rng.bool() {
+                table.push(ActiveProxy {
+                    latency_ms: Some(rng.u32(1..5)),
+                    ..proxy(id)
+                });
+            }
+        }
+        state.replace_active(table.clone());
+        assert_eq!(
+            state.registry.read().active_proxies(),
+            table,
+            "round {round}"
+        );
+    }
+    state.registry.read().assert_consistent();
+}
+
+fn source_names(state: &State) -> Vec<String> {
+    let mut names: Vec<String> = state.sources.read().keys().cloned().collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn a_refused_get_proxy_creates_no_source() {
+    let empty = State::new(&scoring());
+    let err = empty
+        .get_proxy("never", &PickQuery::default(), t0())
+        .unwrap_err();
+    assert_eq!(err.reason, NoProxyReason::NoActive);
+    let state = state_with(scoring(), 10);
+    let nowhere = PickQuery {
+        country: Some("JP".into()),
+        ..PickQuery::default()
+    };
+    let err = state.get_proxy("nowhere", &nowhere, t0()).unwrap_err();
+    assert_eq!(err.reason, NoProxyReason::NoMatch);
+    assert!(source_names(&empty).is_empty());
+    assert!(source_names(&state).is_empty());
+    pick_one(&state, "served", &PickQuery::default());
+    assert_eq!(source_names(&state), ["served"]);
+    assert_eq!(state.source_view("served", 1, t0()).unwrap().requests, 1);
+}
+
+#[test]
+fn past_max_sources_new_names_are_refused_and_known_ones_served() {
+    let state = State::new(&scoring()).with_max_sources(3);
+    state.replace_active((0..10).map(proxy).collect());
+    for name in ["a", "b", "c"] {
+        pick_one(&state, name, &PickQuery::default());
+    }
+    let err = state
+        .get_proxy("d", &PickQuery::default(), t0())
+        .unwrap_err();
+    assert_eq!(err.reason, NoProxyReason::TooManySources);
+    assert_eq!(
+        state.feedback("d", &url(1), true, t0()),
+        Err(FeedbackError::TooManySources(TooManySources {
+            max_sources: 3
+        }))
+    );
+    pick_one(&state, "a", &PickQuery::default());
+    assert!(state.feedback("b", &url(1), true, t0()).is_ok());
+    assert_eq!(source_names(&state), ["a", "b", "c"]);
+}
+
+#[test]
+fn sources_without_stats_go_after_a_week_without_requests() {
+    let state = state_with(scoring(), 10);
+    pick_one(&state, "once", &PickQuery::default());
+    pick_one(&state, "with-stats", &PickQuery::default());
+    let later = t0() + chrono::Duration::days(6);
+    state.feedback("with-stats", &url(1), true, later).unwrap();
+    state
+        .get_proxy("recent", &PickQuery::default(), later)
+        .unwrap();
+    state.drop_idle(later);
+    assert_eq!(source_names(&state), ["once", "recent", "with-stats"]);
+    let week = chrono::Duration::from_std(STATS_MAX_IDLE).unwrap();
+    state.drop_idle(t0() + week + chrono::Duration::seconds(1));
+    assert_eq!(source_names(&state), ["recent", "with-stats"]);
+    // Its stats aged out too: then it goes as well.
+    state.drop_idle(later + week + chrono::Duration::days(1));
+    assert!(source_names(&state).is_empty());
+}
