@@ -84,19 +84,8 @@ fn unknown_command_is_a_usage_error() {
 
 #[test]
 fn the_shipped_config_ini_is_valid() {
-    let parser = parser_keys();
-    // A key documented ahead of the parser is left out until it knows it.
-    let text: String = include_str!("../config.ini")
-        .lines()
-        .filter(|line| {
-            let key = line.split('=').next().unwrap_or("").trim();
-            !DOCUMENTED_AHEAD.iter().any(|(section, name)| {
-                *name == key && !parser.contains(&(section.to_string(), key.to_string()))
-            })
-        })
-        .map(|line| format!("{line}\n"))
-        .collect();
-    let (code, stdout, stderr) = run(&["check-config"], &text, None);
+    let text = include_str!("../config.ini");
+    let (code, stdout, stderr) = run(&["check-config"], text, None);
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("validation_target = http://httpbin.org/get"));
 }
@@ -384,17 +373,6 @@ fn stop_run_sh_with(signal_name: &str) {
     );
 }
 
-/// Keys documented in README.md and config.ini before src/config.rs knows
-/// them (they come with the API server's connection caps). Each is excused
-/// only while the parser lacks it; once it knows one, that key is checked
-/// like any other (and may then leave this list).
-const DOCUMENTED_AHEAD: &[(&str, &str)] = &[
-    ("server", "max_connections"),
-    ("server", "max_connections_per_ip"),
-    ("server", "read_timeout_ms"),
-    ("state", "max_sources"),
-];
-
 /// The (section, key) pairs the parser accepts, read from its `KNOWN` and
 /// `SOURCE_KEYS` tables in src/config.rs (they are private); `[source.NAME]`
 /// keys come under the section `source.NAME`.
@@ -497,19 +475,13 @@ fn config_ini_keys() -> Vec<(String, String, usize, bool)> {
 #[test]
 fn readme_and_config_ini_document_exactly_the_keys_the_parser_knows() {
     let parser = parser_keys();
-    let excused = |key: &(String, String)| {
-        !parser.contains(key)
-            && DOCUMENTED_AHEAD
-                .iter()
-                .any(|(section, name)| key.0 == *section && key.1 == *name)
-    };
     let readme = readme_keys();
     let missing: Vec<_> = parser.difference(&readme).collect();
     assert!(
         missing.is_empty(),
         "keys missing from README's table: {missing:?}"
     );
-    let unknown: Vec<_> = readme.difference(&parser).filter(|k| !excused(k)).collect();
+    let unknown: Vec<_> = readme.difference(&parser).collect();
     assert!(
         unknown.is_empty(),
         "README's table names unknown keys: {unknown:?}"
@@ -525,7 +497,7 @@ fn readme_and_config_ini_document_exactly_the_keys_the_parser_knows() {
         missing.is_empty(),
         "keys missing from config.ini: {missing:?}"
     );
-    let unknown: Vec<_> = in_ini.difference(&parser).filter(|k| !excused(k)).collect();
+    let unknown: Vec<_> = in_ini.difference(&parser).collect();
     assert!(
         unknown.is_empty(),
         "config.ini names unknown keys: {unknown:?}"
