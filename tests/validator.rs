@@ -632,10 +632,25 @@ fn a_claimed_batch_never_written_is_checked_after_its_lease() {
         lease: Duration::from_secs(1),
         ..policy()
     };
-    let lost = rig.store.claim_due(&short, 4).expect("claim");
+    let lost = rig.store.claim_due(&short, 0, 4).expect("claim");
     assert_eq!(lost.len(), 4);
     let lost_ids: Vec<i64> = lost.iter().map(|d| d.id).collect();
     drop(lost);
+    // The keyset cursor: a claim takes only ids above the one it is given.
+    let above = rig
+        .store
+        .claim_due(&short, lost_ids[3] + 2, 100)
+        .expect("claim");
+    assert!(!above.is_empty());
+    assert!(above.iter().all(|d| d.id > lost_ids[3] + 2));
+    let above_ids: Vec<i64> = above.iter().map(|d| d.id).collect();
+    rig.db
+        .client()
+        .execute(
+            "UPDATE proxies SET lease_until = NULL WHERE id = ANY($1)",
+            &[&above_ids],
+        )
+        .expect("release");
 
     let first = rig.validator(4, short);
     let summary = cycle(&first);
