@@ -3,6 +3,7 @@
 //! and the state manager's loads. Rows of `proxies` are never deleted.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -144,7 +145,7 @@ impl Store {
         let mut conn = self.conn()?;
         let rows = conn.query(
             "SELECT id, protocol, ip, port, username, password, latency_ms, anonymity,
-                    country, supports_https, last_validated_at
+                    country, supports_https, last_validated_at, anonymity_evidence
              FROM proxies WHERE is_active",
             &[],
         )?;
@@ -163,6 +164,7 @@ impl Store {
                 country: row.get(8),
                 supports_https: row.get(9),
                 last_validated_at: row.get::<_, Option<DateTime<Utc>>>(10),
+                anonymity_evidence: row.get::<_, Option<&str>>(11).map(Arc::from),
             });
         }
         Ok(proxies)

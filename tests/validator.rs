@@ -33,7 +33,7 @@ use std::time::Duration;
 use proxy_pool::config::Config;
 use proxy_pool::farm::{Behaviour, Farm, FarmSpec, ManifestEntry, ProxyGroup};
 use proxy_pool::health::Health;
-use proxy_pool::proxy::{Protocol, ProxyKey};
+use proxy_pool::proxy::{Anonymity, Protocol, ProxyKey};
 use proxy_pool::shutdown::ShutdownSignal;
 use proxy_pool::state::State;
 use proxy_pool::store::{DuePolicy, Store};
@@ -315,11 +315,83 @@ fn one_cycle_classifies_every_behaviour_as_the_manifest_says() {
         }
     }
     assert!(problems.is_empty(), "\n{}", problems.join("\n"));
+    assert_evidence(&rig);
     assert_eq!(summary.due, manifest.len() as u64);
     assert_eq!(summary.checked, manifest.len() as u64);
     assert_eq!(summary.alive, alive, "{}", summary.summary_line());
     assert_eq!(summary.dead(), manifest.len() as u64 - alive);
     assert_eq!(rig.state.active_count() as u64, alive);
+}
+
+/// The anonymity evidence, in the table and in what get-proxy hands out:
+/// the headers that gave each anonymous or transparent farm proxy away
+/// (both add `Via`; a transparent one also `X-Forwarded-For` naming us), and
+/// none for an elite one.
+fn assert_evidence(rig: &Rig) {
+    let evidence: HashMap<String, Option<String>> = rig
+        .db
+        .client()
+        .query(
+            "SELECT host(ip) || ':' || port, anonymity_evidence FROM proxies",
+            &[],
+        )
+        .expect("read evidence")
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    let mut served: HashMap<String, Option<String>> = HashMap::new();
+    let query = proxy_pool::state::PickQuery {
+        count: proxy_pool::state::MAX_COUNT,
+        ..Default::default()
+    };
+    for round in 0..20 {
+        let source = format!("evidence{round}");
+        for pick in rig
+            .state
+            .get_proxy(&source, &query, chrono::Utc::now())
+            .expect("picks")
+        {
+            served.insert(
+                format!("{}:{}", pick.ip, pick.port),
+                pick.anonymity_evidence.as_deref().map(str::to_string),
+            );
+        }
+    }
+    let mut checked = [0usize; 3];
+    for entry in rig.farm.manifest().iter().filter(|e| e.alive) {
+        let found = evidence[&entry.host_port()].as_deref();
+        let name = format!("{} ({})", entry.url(), entry.behaviour.name());
+        match entry.anonymity {
+            Some(Anonymity::Elite) => {
+                checked[0] += 1;
+                assert_eq!(found, None, "{name}");
+            }
+            Some(Anonymity::Anonymous) => {
+                checked[1] += 1;
+                let found = found.unwrap_or_else(|| panic!("{name}: no evidence"));
+                assert!(found.contains("Via: 1.1 farm-proxy"), "{name}: {found}");
+                assert!(!found.contains("X-Forwarded-For"), "{name}: {found}");
+            }
+            Some(Anonymity::Transparent) => {
+                checked[2] += 1;
+                let found = found.unwrap_or_else(|| panic!("{name}: no evidence"));
+                assert!(
+                    found.contains("X-Forwarded-For: 127.0.0.1"),
+                    "{name}: {found}"
+                );
+            }
+            None => {}
+        }
+        if let Some(shown) = served.get(&entry.host_port()) {
+            assert_eq!(
+                shown.as_deref(),
+                found,
+                "{name}: get-proxy shows other evidence"
+            );
+        }
+    }
+    assert!(checked.iter().all(|&n| n > 0), "grades covered {checked:?}");
+    assert!(!served.is_empty(), "get-proxy handed nothing out");
 }
 
 /// Guards the due selection: after a cycle, nothing is checked again until

@@ -384,6 +384,7 @@ fn write_results(
                         country: record.country,
                         supports_https: outcome.supports_https,
                         last_validated_at: Some(Utc::now()),
+                        anonymity_evidence: record.evidence.as_deref().map(Arc::from),
                     });
                 } else {
                     let reason = outcome
