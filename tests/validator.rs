@@ -39,8 +39,9 @@ use proxy_pool::state::State;
 use proxy_pool::store::{DuePolicy, Store};
 use proxy_pool::validator::check::{CheckConfig, Checker};
 use proxy_pool::validator::cycle::{CycleSummary, Validator, ValidatorSettings};
+use proxy_pool::validator::geoip::Geoip;
 
-use support::{wait_for, TestDb};
+use support::{wait_for, Service, TestConfig, TestDb};
 
 /// The validator's timeouts in these tests: long enough for `Slow(200)`
 /// (and its CONNECT check), short enough to keep black holes cheap.
@@ -75,6 +76,15 @@ impl Rig {
 
     /// A validator on this rig's database and state, as `app` builds it.
     fn validator(&self, workers: usize, policy: DuePolicy) -> Validator {
+        self.validator_with_geoip(workers, policy, None)
+    }
+
+    fn validator_with_geoip(
+        &self,
+        workers: usize,
+        policy: DuePolicy,
+        geoip: Option<Geoip>,
+    ) -> Validator {
         let checker = Checker::new(CheckConfig::from_validator(&self.config.validator))
             .expect("checker for the farm judge");
         let settings = ValidatorSettings {
@@ -85,7 +95,7 @@ impl Rig {
         Validator::new(
             self.store.clone(),
             checker,
-            None,
+            geoip,
             settings,
             self.state.clone(),
             Arc::new(Health::new()),
@@ -193,9 +203,13 @@ struct Row {
 }
 
 fn config(database_url: &str, farm: &Farm, workers: usize) -> Config {
+    Config::parse(&config_ini(database_url, farm, workers), "test.ini", None).expect("test config")
+}
+
+fn config_ini(database_url: &str, farm: &Farm, workers: usize) -> String {
     let judge_url = farm.judge_url();
     let list_url = farm.list_url("plain");
-    let text = format!(
+    format!(
         "[database]\nurl = {database_url}\npool_size = 8\n\
          [server]\nbind = 127.0.0.1:0\n\
          [fetcher]\nallow_private_addresses = true\nsource_urls = {list_url}\n\
@@ -203,8 +217,7 @@ fn config(database_url: &str, farm: &Farm, workers: usize) -> Config {
          validation_timeout_ms = {TIMEOUT_MS}\nconnect_timeout_ms = {CONNECT_TIMEOUT_MS}\n\
          validation_workers = {workers}\nrevalidate_after_seconds = 60\n\
          retry_inactive_after_seconds = 2\n"
-    );
-    Config::parse(&text, "test.ini", None).expect("test config")
+    )
 }
 
 /// Revalidation after 60 s, retry after 2 s, leases long enough for a cycle.
@@ -392,6 +405,109 @@ fn assert_evidence(rig: &Rig) {
     }
     assert!(checked.iter().all(|&n| n > 0), "grades covered {checked:?}");
     assert!(!served.is_empty(), "get-proxy handed nothing out");
+}
+
+/// Guards the country column: with `[geoip] database` naming a Tor geoip
+/// file, a cycle writes each proxy's country as `get-proxy` then hands it out
+/// and filters on it. The validator looks up where the traffic leaves, the
+/// exit address the judge saw; a farm proxy's exit is its own address, and a
+/// dead proxy, having no exit, is looked up by its listed address.
+#[test]
+fn a_cycle_writes_the_country_that_get_proxy_serves() {
+    use Behaviour::*;
+    let spec = FarmSpec::new()
+        .group(ProxyGroup::new(Elite, 1))
+        .group(ProxyGroup::new(Socks5, 1))
+        .group(ProxyGroup::new(Anonymous, 1))
+        .group(ProxyGroup::new(Hijack, 1));
+    let rig = Rig::new(spec);
+    rig.list_all();
+    let manifest = rig.farm.manifest();
+    // Each proxy's address alone is a range; the anonymous one is in none.
+    let countries = [Some("DE"), Some("DE"), None, Some("FR")];
+    let mut lines = String::from("# INTFROM,INTTO,CC\n");
+    for (entry, country) in manifest.iter().zip(countries) {
+        let (IpAddr::V4(ip), Some(country)) = (entry.ip, country) else {
+            continue;
+        };
+        let ip = u32::from(ip);
+        lines.push_str(&format!("{ip},{ip},{}\n", country.to_lowercase()));
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let geoip_path = dir.path().join("geoip");
+    std::fs::write(&geoip_path, lines).expect("write geoip");
+    let geoip_line = format!("[geoip]\ndatabase = {}\n", geoip_path.display());
+    let config = Config::parse(
+        &format!("{}{geoip_line}", config_ini(&rig.db.url, &rig.farm, 4)),
+        "test.ini",
+        None,
+    )
+    .expect("config with geoip");
+    let geoip_path = config.geoip.database.as_ref().expect("[geoip] database");
+    let geoip = Geoip::open(geoip_path).expect("open the geoip file");
+    let validator = rig.validator_with_geoip(4, policy(), Some(geoip));
+    let summary = cycle(&validator);
+    assert_eq!(
+        (summary.checked, summary.alive),
+        (4, 3),
+        "{}",
+        summary.summary_line()
+    );
+
+    let found: HashMap<String, Option<String>> = rig
+        .db
+        .client()
+        .query("SELECT host(ip) || ':' || port, country FROM proxies", &[])
+        .expect("read countries")
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    for (entry, country) in manifest.iter().zip(countries) {
+        let name = format!("{} ({})", entry.url(), entry.behaviour.name());
+        assert_eq!(found[&entry.host_port()].as_deref(), country, "{name}");
+    }
+
+    // The service, started on this database with the same geoip file, loads
+    // the active set with its countries and serves them.
+    let mut service_config = TestConfig::new(&rig.db.url);
+    service_config.set("geoip", "database", &geoip_path.display().to_string());
+    let service = Service::start(&service_config.text());
+    let ask = |query: &str| support::get(&service.url(&format!("/get-proxy?source=geo&{query}")));
+    let answer = ask("count=100");
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let served: HashMap<String, serde_json::Value> = answer.json()["proxies"]
+        .as_array()
+        .expect("proxies")
+        .iter()
+        .map(|p| {
+            (
+                format!("{}:{}", p["ip"].as_str().unwrap_or(""), p["port"]),
+                p["country"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(served.len(), 3, "{}", answer.body);
+    for (entry, country) in manifest.iter().zip(countries).filter(|(e, _)| e.alive) {
+        assert_eq!(
+            served[&entry.host_port()],
+            serde_json::json!(country),
+            "{}",
+            entry.url()
+        );
+    }
+    let answer = ask("country=de&count=100");
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let german: Vec<String> = answer.json()["proxies"]
+        .as_array()
+        .expect("proxies")
+        .iter()
+        .map(|p| format!("{}", p["country"]))
+        .collect();
+    assert_eq!(german, ["\"DE\"", "\"DE\""], "{}", answer.body);
+    // The only FR proxy is dead, so no active proxy matches.
+    let answer = ask("country=FR");
+    assert_eq!(answer.status, 503, "{}", answer.body);
+    assert_eq!(answer.json()["reason"], "no_match");
 }
 
 /// Guards the due selection: after a cycle, nothing is checked again until

@@ -443,7 +443,61 @@ fn record(due: &DueProxy, outcome: &CheckOutcome, geoip: Option<&Geoip>) -> Chec
 
 #[cfg(test)]
 mod tests {
-    use super::Cursor;
+    use std::path::Path;
+
+    use super::*;
+    use crate::proxy::{Anonymity, Protocol, ProxyKey};
+    use crate::validator::judge_answer::DeadReason;
+
+    fn due(ip: &str) -> DueProxy {
+        DueProxy {
+            id: 7,
+            key: ProxyKey {
+                protocol: Protocol::Http,
+                ip: ip.parse().unwrap(),
+                port: 8080,
+                username: None,
+                password: None,
+            },
+        }
+    }
+
+    /// Guards where the country comes from: a proxy whose traffic leaves
+    /// from another address is placed where it leaves, and a dead one,
+    /// whose exit is unknown, where it is listed.
+    #[test]
+    fn the_country_is_where_the_traffic_leaves() {
+        // 198.51.100.0/24 is NL, 203.0.113.0/24 is JP (Tor's INTFROM,INTTO,CC).
+        let tor = "3325256704,3325256959,NL\n3405803776,3405804031,JP\n";
+        let geoip = Geoip::from_bytes(Path::new("geoip"), tor.as_bytes().to_vec()).unwrap();
+        let alive = CheckOutcome {
+            alive: true,
+            dead_reason: None,
+            latency_ms: Some(120),
+            anonymity: Some(Anonymity::Elite),
+            evidence: Vec::new(),
+            supports_https: Some(false),
+            exit_ip: Some("203.0.113.9".parse().unwrap()),
+        };
+        let listed_in_nl = due("198.51.100.20");
+        let found = record(&listed_in_nl, &alive, Some(&geoip));
+        assert_eq!(found.country.as_deref(), Some("JP"));
+        assert_eq!(found.exit_ip, alive.exit_ip);
+
+        let dead = CheckOutcome {
+            alive: false,
+            dead_reason: Some(DeadReason::Refused),
+            latency_ms: None,
+            anonymity: None,
+            evidence: Vec::new(),
+            supports_https: None,
+            exit_ip: None,
+        };
+        let found = record(&listed_in_nl, &dead, Some(&geoip));
+        assert_eq!(found.country.as_deref(), Some("NL"));
+        assert_eq!(found.dead_reason.as_deref(), Some("refused"));
+        assert_eq!(record(&listed_in_nl, &alive, None).country, None);
+    }
 
     #[test]
     fn the_cursor_climbs_then_rewinds_once_then_ends() {
