@@ -831,6 +831,60 @@ mod tests {
         assert_eq!(outcome.dead_reason, Some(DeadReason::Refused));
     }
 
+    /// A loopback address whose connects are never answered, and what keeps
+    /// it so. A black hole accepts the connection, so it cannot exercise the
+    /// connect timeout; this listener never accepts instead. Linux queues at
+    /// most backlog + 1 finished handshakes for a listener and drops the SYNs
+    /// that come while that queue is full, so once filler connections fill
+    /// it a new connect hangs (the client retransmits its SYN into the same
+    /// full queue). The fillers are connected until one of them hangs.
+    fn unanswered_address() -> (SocketAddr, socket2::Socket, Vec<TcpStream>) {
+        use socket2::{Domain, Socket, Type};
+        let listener = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        let any_port = SocketAddr::from(([127, 0, 0, 1], 0));
+        listener.bind(&any_port.into()).unwrap();
+        listener.listen(0).unwrap();
+        let address = listener.local_addr().unwrap().as_socket().unwrap();
+        let mut fillers = Vec::new();
+        for _ in 0..64 {
+            match TcpStream::connect_timeout(&address, Duration::from_millis(200)) {
+                Ok(filler) => fillers.push(filler),
+                Err(error) if error.kind() == std::io::ErrorKind::TimedOut => {
+                    return (address, listener, fillers);
+                }
+                Err(error) => panic!("filling the accept queue: {error}"),
+            }
+        }
+        panic!("64 connects to a listener that never accepts all succeeded");
+    }
+
+    /// Guards `connect_timeout`: an unanswered connect fails as such, after
+    /// the connect budget and well before the whole check's, for the raw
+    /// http client, the socks4 one and ureq's socks5.
+    #[test]
+    fn an_unanswered_connect_ends_at_the_connect_timeout() {
+        let (address, _listener, _fillers) = unanswered_address();
+        let config = CheckConfig {
+            judge_url: "http://127.0.0.1:9/get".into(),
+            timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_millis(300),
+            max_body_bytes: 64 * 1024,
+        };
+        let checker = Checker::new(config.clone()).unwrap();
+        for protocol in [Protocol::Http, Protocol::Socks4, Protocol::Socks5] {
+            let started = Instant::now();
+            let outcome = checker.check(&key(protocol, address.port()), own());
+            let elapsed = started.elapsed();
+            assert_eq!(
+                outcome.dead_reason,
+                Some(DeadReason::ConnectTimeout),
+                "{protocol}: {outcome:?}"
+            );
+            assert!(elapsed >= config.connect_timeout, "{protocol}: {elapsed:?}");
+            assert!(elapsed < config.timeout, "{protocol}: {elapsed:?}");
+        }
+    }
+
     /// A SOCKS5 proxy without authentication that plays the judge inside the
     /// tunnel, or refuses the connect when `refuse` is set.
     fn socks5(mut stream: TcpStream, refuse: bool) {
