@@ -468,10 +468,16 @@ fn a_cycle_writes_the_country_that_get_proxy_serves() {
     }
 
     // The service, started on this database with the same geoip file, loads
-    // the active set with its countries and serves them.
+    // the active set with the countries and serves them.
     let mut service_config = TestConfig::new(&rig.db.url);
     service_config.set("geoip", "database", &geoip_path.display().to_string());
     let service = Service::start(&service_config.text());
+    // It loads the active set once the database answers, after it listens.
+    wait_for(
+        "the service to load 3 active proxies",
+        Duration::from_secs(30),
+        || support::get(&service.url("/health")).json()["active_proxies"] == 3,
+    );
     let ask = |query: &str| support::get(&service.url(&format!("/get-proxy?source=geo&{query}")));
     let answer = ask("count=100");
     assert_eq!(answer.status, 200, "{}", answer.body);
