@@ -244,28 +244,13 @@ fn connections_per_check(entry: &ManifestEntry) -> u64 {
     }
 }
 
-/// The reasons a correct checker may give for each dead behaviour.
-fn expected_reasons(entry: &ManifestEntry) -> &'static [&'static str] {
-    match entry.behaviour {
-        Behaviour::Dead => &["refused"],
-        Behaviour::BlackHole if entry.protocol.is_http() => &["timeout"],
-        // A SOCKS client may count the silent handshake as part of connecting.
-        Behaviour::BlackHole => &["timeout", "connect_timeout"],
-        Behaviour::Garbage | Behaviour::MalformedStatus => &["garbage"],
-        Behaviour::Hijack | Behaviour::InjectedJudge => &["not_judge"],
-        Behaviour::Trickle => &["timeout"],
-        Behaviour::EndlessBody | Behaviour::EndlessHeaders | Behaviour::HugeHeader => {
-            &["too_large"]
-        }
-        _ => &[],
-    }
-}
-
 /// Guards the heart of the validator: one cycle over one proxy of every
 /// behaviour (http, https, socks4, socks5, with and without credentials,
 /// elite, anonymous, transparent, dead, black hole, slow, flaky, garbage,
-/// hijack, auth-required and every hostile one) writes exactly the manifest's
-/// findings into each row, and the state's active set learns the alive ones.
+/// hijack, auth-required, http and socks5 proxies listed without their
+/// credentials or with wrong ones, and every hostile one) writes exactly the
+/// manifest's findings into each row, a dead one with one of the manifest's
+/// reasons, and the state's active set learns the alive ones.
 #[test]
 fn one_cycle_classifies_every_behaviour_as_the_manifest_says() {
     let rig = Rig::new(FarmSpec::every_behaviour());
@@ -319,8 +304,11 @@ fn one_cycle_classifies_every_behaviour_as_the_manifest_says() {
             }
         } else {
             let reason = row.last_dead_reason.as_deref().unwrap_or("<none>");
-            if !expected_reasons(entry).contains(&reason) {
-                problems.push(format!("{name}: dead for {reason:?}"));
+            if !entry.dead_reasons.contains(&reason) {
+                let expected = entry.dead_reasons;
+                problems.push(format!(
+                    "{name}: dead for {reason:?}, expected one of {expected:?}"
+                ));
             }
             if row.latency_ms.is_some() {
                 problems.push(format!("{name}: dead but has a latency"));
