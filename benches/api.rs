@@ -368,6 +368,7 @@ fn make_proxies() -> Vec<ActiveProxy> {
                 country: Some(COUNTRIES[rng.usize(..COUNTRIES.len())].into()),
                 supports_https: Some(rng.bool()),
                 last_validated_at: Some(Utc::now()),
+                anonymity_evidence: None,
             }
         })
         .collect()

@@ -59,6 +59,7 @@ fn proxies(rng: &mut fastrand::Rng) -> Vec<ActiveProxy> {
                 country: Some(COUNTRIES[rng.usize(..COUNTRIES.len())].into()),
                 supports_https: Some(rng.bool()),
                 last_validated_at: Some(now()),
+                anonymity_evidence: None,
             }
         })
         .collect()

@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 
@@ -179,6 +180,10 @@ pub struct ActiveProxy {
     pub country: Option<String>,
     pub supports_https: Option<bool>,
     pub last_validated_at: Option<DateTime<Utc>>,
+    /// What gave the proxy away at its last successful check, e.g.
+    /// `"Via: 1.1 squid"`; None for an elite proxy. Shared, so that a pick
+    /// copies a pointer, not the text.
+    pub anonymity_evidence: Option<Arc<str>>,
 }
 
 #[cfg(test)]

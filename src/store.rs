@@ -3,6 +3,7 @@
 //! and the state manager's loads. Rows of `proxies` are never deleted.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -144,7 +145,7 @@ impl Store {
         let mut conn = self.conn()?;
         let rows = conn.query(
             "SELECT id, protocol, ip, port, username, password, latency_ms, anonymity,
-                    country, supports_https, last_validated_at
+                    country, supports_https, last_validated_at, anonymity_evidence
              FROM proxies WHERE is_active",
             &[],
         )?;
@@ -163,6 +164,7 @@ impl Store {
                 country: row.get(8),
                 supports_https: row.get(9),
                 last_validated_at: row.get::<_, Option<DateTime<Utc>>>(10),
+                anonymity_evidence: row.get::<_, Option<&str>>(11).map(Arc::from),
             });
         }
         Ok(proxies)
@@ -249,11 +251,19 @@ impl Store {
         Ok(row.get(0))
     }
 
-    /// Claims up to `limit` due proxies that no instance holds a lease on, in
-    /// id order, and leases them for `policy.lease`. Concurrent instances skip
-    /// each other's locked rows, so no proxy is checked twice in a cycle; a
-    /// batch claimed by an instance that died is due again when its lease ends.
-    pub fn claim_due(&self, policy: &DuePolicy, limit: i64) -> Result<Vec<DueProxy>, StoreError> {
+    /// Claims up to `limit` due proxies with an id above `after` that no
+    /// instance holds a lease on, in id order, and leases them for
+    /// `policy.lease`. A cycle passes the highest id it claimed last (keyset
+    /// paging), so each claim starts where the previous one ended instead of
+    /// rescanning the rows already checked. Concurrent instances skip each
+    /// other's locked rows, so no proxy is checked twice in a cycle; a batch
+    /// claimed by an instance that died is due again when its lease ends.
+    pub fn claim_due(
+        &self,
+        policy: &DuePolicy,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<DueProxy>, StoreError> {
         let mut conn = self.conn()?;
         let (revalidate, retry) = policy_seconds(policy);
         let lease = policy.lease.as_secs_f64();
@@ -263,11 +273,12 @@ impl Store {
                  WHERE id IN (
                      SELECT id FROM proxies
                      WHERE ({DUE_PREDICATE}) AND (lease_until IS NULL OR lease_until < now())
+                         AND id > $5
                      ORDER BY id LIMIT $4
                      FOR UPDATE SKIP LOCKED)
                  RETURNING id, protocol, ip, port, username, password"
             ),
-            &[&revalidate, &retry, &lease, &limit],
+            &[&revalidate, &retry, &lease, &limit, &after],
         )?;
         let mut due: Vec<DueProxy> = rows
             .iter()

@@ -7,7 +7,9 @@ use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use proxy_pool::farm::{Behaviour, Farm, FarmSpec, ManifestEntry, ProxyGroup, INJECTED_ORIGIN};
+use proxy_pool::farm::{
+    Behaviour, Farm, FarmSpec, Listing, ManifestEntry, ProxyGroup, INJECTED_ORIGIN,
+};
 use proxy_pool::proxy::{Anonymity, Protocol};
 use serde_json::Value;
 use ureq::{Proxy, ProxyProtocol};
@@ -298,6 +300,11 @@ fn every_behaviour_matches_its_manifest_entry() {
         };
         assert_eq!(finding, expected, "{what}");
         assert_eq!(tunnel, entry.supports_https, "CONNECT support of {what}");
+        assert_eq!(
+            entry.dead_reasons.is_empty(),
+            entry.alive,
+            "dead reasons of {what}"
+        );
         if entry.behaviour == Behaviour::Dead {
             assert_eq!(farm.hits(entry.index), 0, "{what} accepted a connection");
         } else {
@@ -346,18 +353,93 @@ fn http_proxies_demand_their_credentials() {
         .expect("an answer");
         assert_eq!(answer.status, 407);
     }
-    let socks5 = farm
-        .manifest()
-        .iter()
-        .find(|e| e.protocol == Protocol::Socks5 && e.username.is_some())
-        .expect("a socks5 proxy with credentials");
-    let mut wrong = socks5.clone();
-    wrong.password = Some("wrong".into());
-    assert!(!check_ureq(&wrong, &judge, "x").alive);
-    let mut anonymous = socks5.clone();
-    anonymous.username = None;
-    anonymous.password = None;
-    assert!(!check_ureq(&anonymous, &judge, "x").alive);
+}
+
+/// Guards the manifest's reasons for proxies listed without the credentials
+/// they require, or with wrong ones: given the listed credentials, an http
+/// one answers 407 with a Basic challenge, and a socks5 one offers no method
+/// when none are sent and fails the RFC 1929 exchange for wrong ones. Given
+/// the credentials their group requires, the same proxies work.
+#[test]
+fn proxies_listed_without_or_with_wrong_credentials_refuse_them() {
+    let farm = every_behaviour_farm();
+    let judge = farm.judge_url();
+    let groups: Vec<ProxyGroup> = FarmSpec::every_behaviour()
+        .groups
+        .into_iter()
+        .flat_map(|group| std::iter::repeat_n(group.clone(), group.count))
+        .collect();
+    let mut refused = (0, 0);
+    for entry in farm.manifest() {
+        let group = &groups[entry.index];
+        if group.listing == Listing::AsRequired {
+            continue;
+        }
+        let what = format!("{} ({:?})", entry.url(), group.listing);
+        assert!(!entry.alive, "{what}");
+        let required = group.credentials.clone().expect("required credentials");
+        let mut as_required = entry.clone();
+        as_required.username = Some(required.username.clone());
+        as_required.password = Some(required.password.clone());
+        let addr = SocketAddr::new(entry.ip, entry.port);
+        match entry.dead_reasons {
+            ["proxy_auth_required"] => {
+                refused.0 += 1;
+                let mut request = format!("GET {judge} HTTP/1.1\r\nHost: judge\r\n");
+                if let Some(username) = &entry.username {
+                    let password = entry.password.as_deref().unwrap_or("");
+                    let token = basic(username, password);
+                    request.push_str(&format!("Proxy-Authorization: Basic {token}\r\n"));
+                }
+                request.push_str("\r\n");
+                let answer = raw_exchange(addr, request.as_bytes(), CHECK_TIMEOUT)
+                    .unwrap_or_else(|| panic!("{what}: no answer"));
+                assert_eq!(answer.status, 407, "{what}");
+                let challenge = answer.header("proxy-authenticate").unwrap_or("");
+                assert!(challenge.starts_with("Basic"), "{what}: {challenge:?}");
+                assert!(check_http(&as_required, &judge, "right").alive, "{what}");
+            }
+            ["socks"] => {
+                refused.1 += 1;
+                assert_eq!(entry.protocol, Protocol::Socks5, "{what}");
+                let mut stream =
+                    TcpStream::connect_timeout(&addr, CHECK_TIMEOUT).expect("connects");
+                stream
+                    .set_read_timeout(Some(CHECK_TIMEOUT))
+                    .expect("timeout");
+                let mut reply = [0u8; 2];
+                match (&entry.username, &entry.password) {
+                    (Some(username), Some(password)) => {
+                        stream.write_all(&[5, 1, 2]).expect("greeting");
+                        stream.read_exact(&mut reply).expect("method");
+                        assert_eq!(reply, [5, 2], "{what}: username/password method");
+                        let mut auth = vec![1, username.len() as u8];
+                        auth.extend_from_slice(username.as_bytes());
+                        auth.push(password.len() as u8);
+                        auth.extend_from_slice(password.as_bytes());
+                        stream.write_all(&auth).expect("authentication");
+                        stream
+                            .read_exact(&mut reply)
+                            .expect("authentication status");
+                        assert_eq!(reply[0], 1, "{what}");
+                        assert_ne!(reply[1], 0, "{what}: wrong credentials accepted");
+                    }
+                    _ => {
+                        stream.write_all(&[5, 1, 0]).expect("greeting");
+                        stream.read_exact(&mut reply).expect("method");
+                        assert_eq!(reply, [5, 0xff], "{what}: no acceptable method");
+                    }
+                }
+                assert!(check_ureq(&as_required, &judge, "right").alive, "{what}");
+            }
+            other => panic!("{what}: unexpected reasons {other:?}"),
+        }
+    }
+    assert_eq!(
+        refused,
+        (2, 2),
+        "http and socks5, without and with wrong ones"
+    );
 }
 
 #[test]

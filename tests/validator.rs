@@ -33,14 +33,15 @@ use std::time::Duration;
 use proxy_pool::config::Config;
 use proxy_pool::farm::{Behaviour, Farm, FarmSpec, ManifestEntry, ProxyGroup};
 use proxy_pool::health::Health;
-use proxy_pool::proxy::{Protocol, ProxyKey};
+use proxy_pool::proxy::{Anonymity, Protocol, ProxyKey};
 use proxy_pool::shutdown::ShutdownSignal;
 use proxy_pool::state::State;
 use proxy_pool::store::{DuePolicy, Store};
 use proxy_pool::validator::check::{CheckConfig, Checker};
 use proxy_pool::validator::cycle::{CycleSummary, Validator, ValidatorSettings};
+use proxy_pool::validator::geoip::Geoip;
 
-use support::{wait_for, TestDb};
+use support::{wait_for, Service, TestConfig, TestDb};
 
 /// The validator's timeouts in these tests: long enough for `Slow(200)`
 /// (and its CONNECT check), short enough to keep black holes cheap.
@@ -75,6 +76,15 @@ impl Rig {
 
     /// A validator on this rig's database and state, as `app` builds it.
     fn validator(&self, workers: usize, policy: DuePolicy) -> Validator {
+        self.validator_with_geoip(workers, policy, None)
+    }
+
+    fn validator_with_geoip(
+        &self,
+        workers: usize,
+        policy: DuePolicy,
+        geoip: Option<Geoip>,
+    ) -> Validator {
         let checker = Checker::new(CheckConfig::from_validator(&self.config.validator))
             .expect("checker for the farm judge");
         let settings = ValidatorSettings {
@@ -85,7 +95,7 @@ impl Rig {
         Validator::new(
             self.store.clone(),
             checker,
-            None,
+            geoip,
             settings,
             self.state.clone(),
             Arc::new(Health::new()),
@@ -193,9 +203,13 @@ struct Row {
 }
 
 fn config(database_url: &str, farm: &Farm, workers: usize) -> Config {
+    Config::parse(&config_ini(database_url, farm, workers), "test.ini", None).expect("test config")
+}
+
+fn config_ini(database_url: &str, farm: &Farm, workers: usize) -> String {
     let judge_url = farm.judge_url();
     let list_url = farm.list_url("plain");
-    let text = format!(
+    format!(
         "[database]\nurl = {database_url}\npool_size = 8\n\
          [server]\nbind = 127.0.0.1:0\n\
          [fetcher]\nallow_private_addresses = true\nsource_urls = {list_url}\n\
@@ -203,8 +217,7 @@ fn config(database_url: &str, farm: &Farm, workers: usize) -> Config {
          validation_timeout_ms = {TIMEOUT_MS}\nconnect_timeout_ms = {CONNECT_TIMEOUT_MS}\n\
          validation_workers = {workers}\nrevalidate_after_seconds = 60\n\
          retry_inactive_after_seconds = 2\n"
-    );
-    Config::parse(&text, "test.ini", None).expect("test config")
+    )
 }
 
 /// Revalidation after 60 s, retry after 2 s, leases long enough for a cycle.
@@ -231,28 +244,13 @@ fn connections_per_check(entry: &ManifestEntry) -> u64 {
     }
 }
 
-/// The reasons a correct checker may give for each dead behaviour.
-fn expected_reasons(entry: &ManifestEntry) -> &'static [&'static str] {
-    match entry.behaviour {
-        Behaviour::Dead => &["refused"],
-        Behaviour::BlackHole if entry.protocol.is_http() => &["timeout"],
-        // A SOCKS client may count the silent handshake as part of connecting.
-        Behaviour::BlackHole => &["timeout", "connect_timeout"],
-        Behaviour::Garbage | Behaviour::MalformedStatus => &["garbage"],
-        Behaviour::Hijack | Behaviour::InjectedJudge => &["not_judge"],
-        Behaviour::Trickle => &["timeout"],
-        Behaviour::EndlessBody | Behaviour::EndlessHeaders | Behaviour::HugeHeader => {
-            &["too_large"]
-        }
-        _ => &[],
-    }
-}
-
 /// Guards the heart of the validator: one cycle over one proxy of every
 /// behaviour (http, https, socks4, socks5, with and without credentials,
 /// elite, anonymous, transparent, dead, black hole, slow, flaky, garbage,
-/// hijack, auth-required and every hostile one) writes exactly the manifest's
-/// findings into each row, and the state's active set learns the alive ones.
+/// hijack, auth-required, http and socks5 proxies listed without their
+/// credentials or with wrong ones, and every hostile one) writes exactly the
+/// manifest's findings into each row, a dead one with one of the manifest's
+/// reasons, and the state's active set learns the alive ones.
 #[test]
 fn one_cycle_classifies_every_behaviour_as_the_manifest_says() {
     let rig = Rig::new(FarmSpec::every_behaviour());
@@ -306,8 +304,11 @@ fn one_cycle_classifies_every_behaviour_as_the_manifest_says() {
             }
         } else {
             let reason = row.last_dead_reason.as_deref().unwrap_or("<none>");
-            if !expected_reasons(entry).contains(&reason) {
-                problems.push(format!("{name}: dead for {reason:?}"));
+            if !entry.dead_reasons.contains(&reason) {
+                let expected = entry.dead_reasons;
+                problems.push(format!(
+                    "{name}: dead for {reason:?}, expected one of {expected:?}"
+                ));
             }
             if row.latency_ms.is_some() {
                 problems.push(format!("{name}: dead but has a latency"));
@@ -315,11 +316,192 @@ fn one_cycle_classifies_every_behaviour_as_the_manifest_says() {
         }
     }
     assert!(problems.is_empty(), "\n{}", problems.join("\n"));
+    assert_evidence(&rig);
     assert_eq!(summary.due, manifest.len() as u64);
     assert_eq!(summary.checked, manifest.len() as u64);
     assert_eq!(summary.alive, alive, "{}", summary.summary_line());
     assert_eq!(summary.dead(), manifest.len() as u64 - alive);
     assert_eq!(rig.state.active_count() as u64, alive);
+}
+
+/// The anonymity evidence, in the table and in what get-proxy hands out:
+/// the headers that gave each anonymous or transparent farm proxy away
+/// (both add `Via`; a transparent one also `X-Forwarded-For` naming us), and
+/// none for an elite one.
+fn assert_evidence(rig: &Rig) {
+    let evidence: HashMap<String, Option<String>> = rig
+        .db
+        .client()
+        .query(
+            "SELECT host(ip) || ':' || port, anonymity_evidence FROM proxies",
+            &[],
+        )
+        .expect("read evidence")
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    let mut served: HashMap<String, Option<String>> = HashMap::new();
+    let query = proxy_pool::state::PickQuery {
+        count: proxy_pool::state::MAX_COUNT,
+        ..Default::default()
+    };
+    for round in 0..20 {
+        let source = format!("evidence{round}");
+        for pick in rig
+            .state
+            .get_proxy(&source, &query, chrono::Utc::now())
+            .expect("picks")
+        {
+            served.insert(
+                format!("{}:{}", pick.ip, pick.port),
+                pick.anonymity_evidence.as_deref().map(str::to_string),
+            );
+        }
+    }
+    let mut checked = [0usize; 3];
+    for entry in rig.farm.manifest().iter().filter(|e| e.alive) {
+        let found = evidence[&entry.host_port()].as_deref();
+        let name = format!("{} ({})", entry.url(), entry.behaviour.name());
+        match entry.anonymity {
+            Some(Anonymity::Elite) => {
+                checked[0] += 1;
+                assert_eq!(found, None, "{name}");
+            }
+            Some(Anonymity::Anonymous) => {
+                checked[1] += 1;
+                let found = found.unwrap_or_else(|| panic!("{name}: no evidence"));
+                assert!(found.contains("Via: 1.1 farm-proxy"), "{name}: {found}");
+                assert!(!found.contains("X-Forwarded-For"), "{name}: {found}");
+            }
+            Some(Anonymity::Transparent) => {
+                checked[2] += 1;
+                let found = found.unwrap_or_else(|| panic!("{name}: no evidence"));
+                assert!(
+                    found.contains("X-Forwarded-For: 127.0.0.1"),
+                    "{name}: {found}"
+                );
+            }
+            None => {}
+        }
+        if let Some(shown) = served.get(&entry.host_port()) {
+            assert_eq!(
+                shown.as_deref(),
+                found,
+                "{name}: get-proxy shows other evidence"
+            );
+        }
+    }
+    assert!(checked.iter().all(|&n| n > 0), "grades covered {checked:?}");
+    assert!(!served.is_empty(), "get-proxy handed nothing out");
+}
+
+/// Guards the country column: with `[geoip] database` naming a Tor geoip
+/// file, a cycle writes each proxy's country as `get-proxy` then hands it out
+/// and filters on it. The validator looks up where the traffic leaves, the
+/// exit address the judge saw; a farm proxy's exit is its own address, and a
+/// dead proxy, having no exit, is looked up by its listed address.
+#[test]
+fn a_cycle_writes_the_country_that_get_proxy_serves() {
+    use Behaviour::*;
+    let spec = FarmSpec::new()
+        .group(ProxyGroup::new(Elite, 1))
+        .group(ProxyGroup::new(Socks5, 1))
+        .group(ProxyGroup::new(Anonymous, 1))
+        .group(ProxyGroup::new(Hijack, 1));
+    let rig = Rig::new(spec);
+    rig.list_all();
+    let manifest = rig.farm.manifest();
+    // Each proxy's address alone is a range; the anonymous one is in none.
+    let countries = [Some("DE"), Some("DE"), None, Some("FR")];
+    let mut lines = String::from("# INTFROM,INTTO,CC\n");
+    for (entry, country) in manifest.iter().zip(countries) {
+        let (IpAddr::V4(ip), Some(country)) = (entry.ip, country) else {
+            continue;
+        };
+        let ip = u32::from(ip);
+        lines.push_str(&format!("{ip},{ip},{}\n", country.to_lowercase()));
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let geoip_path = dir.path().join("geoip");
+    std::fs::write(&geoip_path, lines).expect("write geoip");
+    let geoip_line = format!("[geoip]\ndatabase = {}\n", geoip_path.display());
+    let config = Config::parse(
+        &format!("{}{geoip_line}", config_ini(&rig.db.url, &rig.farm, 4)),
+        "test.ini",
+        None,
+    )
+    .expect("config with geoip");
+    let geoip_path = config.geoip.database.as_ref().expect("[geoip] database");
+    let geoip = Geoip::open(geoip_path).expect("open the geoip file");
+    let validator = rig.validator_with_geoip(4, policy(), Some(geoip));
+    let summary = cycle(&validator);
+    assert_eq!(
+        (summary.checked, summary.alive),
+        (4, 3),
+        "{}",
+        summary.summary_line()
+    );
+
+    let found: HashMap<String, Option<String>> = rig
+        .db
+        .client()
+        .query("SELECT host(ip) || ':' || port, country FROM proxies", &[])
+        .expect("read countries")
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    for (entry, country) in manifest.iter().zip(countries) {
+        let name = format!("{} ({})", entry.url(), entry.behaviour.name());
+        assert_eq!(found[&entry.host_port()].as_deref(), country, "{name}");
+    }
+
+    // The service, started on this database with the same geoip file, loads
+    // the active set with the countries and serves them.
+    let mut service_config = TestConfig::new(&rig.db.url);
+    service_config.set("geoip", "database", &geoip_path.display().to_string());
+    let service = Service::start(&service_config.text());
+    // It loads the active set once the database answers, after it listens.
+    wait_for(
+        "the service to load 3 active proxies",
+        Duration::from_secs(30),
+        || support::get(&service.url("/health")).json()["active_proxies"] == 3,
+    );
+    let ask = |query: &str| support::get(&service.url(&format!("/get-proxy?source=geo&{query}")));
+    let answer = ask("count=100");
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let served: HashMap<String, serde_json::Value> = answer.json()["proxies"]
+        .as_array()
+        .expect("proxies")
+        .iter()
+        .map(|p| {
+            (
+                format!("{}:{}", p["ip"].as_str().unwrap_or(""), p["port"]),
+                p["country"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(served.len(), 3, "{}", answer.body);
+    for (entry, country) in manifest.iter().zip(countries).filter(|(e, _)| e.alive) {
+        assert_eq!(
+            served[&entry.host_port()],
+            serde_json::json!(country),
+            "{}",
+            entry.url()
+        );
+    }
+    let answer = ask("country=de&count=100");
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let german: Vec<String> = answer.json()["proxies"]
+        .as_array()
+        .expect("proxies")
+        .iter()
+        .map(|p| format!("{}", p["country"]))
+        .collect();
+    assert_eq!(german, ["\"DE\"", "\"DE\""], "{}", answer.body);
+    // The only FR proxy is dead, so no active proxy matches.
+    let answer = ask("country=FR");
+    assert_eq!(answer.status, 503, "{}", answer.body);
+    assert_eq!(answer.json()["reason"], "no_match");
 }
 
 /// Guards the due selection: after a cycle, nothing is checked again until
@@ -632,10 +814,25 @@ fn a_claimed_batch_never_written_is_checked_after_its_lease() {
         lease: Duration::from_secs(1),
         ..policy()
     };
-    let lost = rig.store.claim_due(&short, 4).expect("claim");
+    let lost = rig.store.claim_due(&short, 0, 4).expect("claim");
     assert_eq!(lost.len(), 4);
     let lost_ids: Vec<i64> = lost.iter().map(|d| d.id).collect();
     drop(lost);
+    // The keyset cursor: a claim takes only ids above the one it is given.
+    let above = rig
+        .store
+        .claim_due(&short, lost_ids[3] + 2, 100)
+        .expect("claim");
+    assert!(!above.is_empty());
+    assert!(above.iter().all(|d| d.id > lost_ids[3] + 2));
+    let above_ids: Vec<i64> = above.iter().map(|d| d.id).collect();
+    rig.db
+        .client()
+        .execute(
+            "UPDATE proxies SET lease_until = NULL WHERE id = ANY($1)",
+            &[&above_ids],
+        )
+        .expect("release");
 
     let first = rig.validator(4, short);
     let summary = cycle(&first);

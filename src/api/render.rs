@@ -19,7 +19,7 @@ pub fn time(at: Option<DateTime<Utc>>) -> Value {
 }
 
 pub fn pick(pick: &Pick, source: Option<&str>) -> Value {
-    let mut object = Map::with_capacity(10);
+    let mut object = Map::with_capacity(11);
     if let Some(source) = source {
         object.insert("source".into(), Value::String(source.to_string()));
     }
@@ -38,6 +38,10 @@ pub fn pick(pick: &Pick, source: Option<&str>) -> Value {
     object.insert("country".into(), json!(pick.country));
     object.insert("score".into(), json!(pick.score));
     object.insert("last_validated_at".into(), time(pick.last_validated_at));
+    object.insert(
+        "anonymity_evidence".into(),
+        json!(pick.anonymity_evidence.as_deref()),
+    );
     Value::Object(object)
 }
 
@@ -221,6 +225,7 @@ pub fn source_view(view: &SourceView) -> Value {
                 "is_banned": e.is_banned,
                 "banned_until": time(e.banned_until),
                 "last_used": time(Some(e.last_used)),
+                "anonymity_evidence": e.anonymity_evidence.as_deref(),
             })
         })
         .collect();

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 
 use serde_json::{json, Value};
 
-use super::spec::{Behaviour, Credentials};
+use super::spec::{Behaviour, Credentials, Listing};
 use crate::proxy::{Anonymity, Protocol, ProxyKey};
 
 /// One simulated proxy and the findings a correct validator reaches for it.
@@ -33,6 +33,11 @@ pub struct ManifestEntry {
     /// The address the judge sees a check come from (the proxy's own);
     /// None when not alive.
     pub exit_ip: Option<IpAddr>,
+    /// When not alive, the reasons a correct validator may give, as
+    /// `DeadReason::as_str` names them (more than one where clients differ).
+    /// Empty when alive, and for an http-only hostile behaviour listed as
+    /// socks, where what a client sees depends on the client.
+    pub dead_reasons: &'static [&'static str],
 }
 
 impl ManifestEntry {
@@ -64,7 +69,41 @@ impl ManifestEntry {
             anonymity: expected.anonymity,
             supports_https: expected.supports_https,
             exit_ip: expected.alive.then_some(ip),
+            dead_reasons: expected.dead_reasons,
         }
+    }
+
+    /// The entry as `listing` lists it: a proxy listed without the
+    /// credentials it requires, or with wrong ones, refuses every check.
+    pub(crate) fn listed(mut self, listing: Listing) -> ManifestEntry {
+        let Some(username) = self.username.take() else {
+            return self;
+        };
+        let (username, password) = match (listing, self.protocol) {
+            (Listing::AsRequired, _) => (Some(username), self.password.take()),
+            (Listing::WithoutCredentials, _) => (None, None),
+            (Listing::WithWrongCredentials, Protocol::Socks4) => {
+                (Some(format!("not-{username}")), None)
+            }
+            (Listing::WithWrongCredentials, _) => {
+                let password = self.password.take().unwrap_or_default();
+                (Some(username), Some(format!("not-{password}")))
+            }
+        };
+        self.username = username;
+        self.password = password;
+        if listing != Listing::AsRequired {
+            self.alive = false;
+            self.anonymity = None;
+            self.supports_https = None;
+            self.exit_ip = None;
+            self.dead_reasons = if self.protocol.is_http() {
+                &["proxy_auth_required"]
+            } else {
+                &["socks"]
+            };
+        }
+        self
     }
 
     /// The proxy as a list names it, credentials included.
@@ -109,6 +148,7 @@ impl ManifestEntry {
             "anonymity": self.anonymity.map(|a| a.as_str()),
             "supports_https": self.supports_https,
             "exit_ip": self.exit_ip.map(|ip| ip.to_string()),
+            "dead_reasons": self.dead_reasons,
         })
     }
 }
@@ -119,19 +159,23 @@ pub(crate) struct Expected {
     pub alive: bool,
     pub anonymity: Option<Anonymity>,
     pub supports_https: Option<bool>,
+    pub dead_reasons: &'static [&'static str],
 }
 
 /// The pure rule behind the manifest. `Slow` is alive for a validator whose
 /// timeout exceeds its delay; `Flaky(f)` is alive for `f < 1` (its first
 /// connection always works); `InjectedJudge` is dead because it never reaches
 /// the judge (a validator notices by sending a random query parameter and
-/// requiring it back in `args`).
+/// requiring it back in `args`). Credentials are assumed listed as required
+/// (see [`ManifestEntry::listed`]).
 pub(crate) fn expect(behaviour: Behaviour, protocol: Protocol, connect: bool) -> Expected {
-    let dead = Expected {
+    let dead = |dead_reasons| Expected {
         alive: false,
         anonymity: None,
         supports_https: None,
+        dead_reasons,
     };
+    let http = protocol.is_http();
     let anonymity = match behaviour {
         Behaviour::Elite
         | Behaviour::Socks4
@@ -141,17 +185,25 @@ pub(crate) fn expect(behaviour: Behaviour, protocol: Protocol, connect: bool) ->
         Behaviour::Flaky(fraction) if fraction < 1.0 => Anonymity::Elite,
         Behaviour::Anonymous => Anonymity::Anonymous,
         Behaviour::Transparent => Anonymity::Transparent,
-        _ => return dead,
+        Behaviour::Dead => return dead(&["refused"]),
+        Behaviour::BlackHole if http => return dead(&["timeout"]),
+        // A SOCKS client may count the silent handshake as part of connecting.
+        Behaviour::BlackHole => return dead(&["timeout", "connect_timeout"]),
+        _ if !http => return dead(&[]),
+        Behaviour::Flaky(_) => return dead(&["reset"]),
+        Behaviour::Garbage | Behaviour::MalformedStatus => return dead(&["garbage"]),
+        Behaviour::Hijack | Behaviour::InjectedJudge => return dead(&["not_judge"]),
+        Behaviour::Trickle => return dead(&["timeout"]),
+        Behaviour::EndlessBody | Behaviour::EndlessHeaders | Behaviour::HugeHeader => {
+            return dead(&["too_large"])
+        }
     };
-    let anonymity = if protocol.is_http() {
-        anonymity
-    } else {
-        Anonymity::Elite
-    };
+    let anonymity = if http { anonymity } else { Anonymity::Elite };
     Expected {
         alive: true,
         anonymity: Some(anonymity),
-        supports_https: Some(!protocol.is_http() || connect),
+        supports_https: Some(!http || connect),
+        dead_reasons: &[],
     }
 }
 
@@ -190,7 +242,79 @@ mod tests {
             assert!(!expected.alive, "{behaviour:?}");
             assert_eq!(expected.anonymity, None);
             assert_eq!(expected.supports_https, None);
+            assert!(!expected.dead_reasons.is_empty(), "{behaviour:?}");
         }
+        let alive = expect(Behaviour::Elite, Protocol::Http, false);
+        assert!(alive.alive && alive.dead_reasons.is_empty());
+    }
+
+    fn entry(protocol: Protocol, behaviour: Behaviour, listing: Listing) -> ManifestEntry {
+        let creds = Credentials::new("user", "pass");
+        let ip = "127.1.0.1".parse().unwrap();
+        ManifestEntry::new(0, protocol, ip, 1080, behaviour, false, Some(&creds)).listed(listing)
+    }
+
+    #[test]
+    fn proxies_listed_without_or_with_wrong_credentials_are_dead() {
+        use Listing::*;
+        let right = entry(Protocol::Socks5, Behaviour::Socks5, AsRequired);
+        assert!(right.alive);
+        assert_eq!(right.url(), "socks5://user:pass@127.1.0.1:1080");
+
+        let cases = [
+            (
+                Protocol::Http,
+                Behaviour::AuthRequired,
+                WithoutCredentials,
+                "http://127.1.0.1:1080",
+                "proxy_auth_required",
+            ),
+            (
+                Protocol::Http,
+                Behaviour::AuthRequired,
+                WithWrongCredentials,
+                "http://user:not-pass@127.1.0.1:1080",
+                "proxy_auth_required",
+            ),
+            (
+                Protocol::Socks5,
+                Behaviour::Socks5,
+                WithoutCredentials,
+                "socks5://127.1.0.1:1080",
+                "socks",
+            ),
+            (
+                Protocol::Socks5,
+                Behaviour::Socks5,
+                WithWrongCredentials,
+                "socks5://user:not-pass@127.1.0.1:1080",
+                "socks",
+            ),
+            (
+                Protocol::Socks4,
+                Behaviour::Socks4,
+                WithWrongCredentials,
+                "socks4://not-user@127.1.0.1:1080",
+                "socks",
+            ),
+        ];
+        for (protocol, behaviour, listing, url, reason) in cases {
+            let listed = entry(protocol, behaviour, listing);
+            assert_eq!(listed.url(), url);
+            assert!(!listed.alive, "{url}");
+            assert_eq!(
+                (listed.anonymity, listed.supports_https, listed.exit_ip),
+                (None, None, None)
+            );
+            assert_eq!(listed.dead_reasons, [reason], "{url}");
+            assert_eq!(listed.to_json()["dead_reasons"], json!([reason]));
+        }
+
+        // A proxy that requires nothing is listed without anything.
+        let ip = "127.1.0.2".parse().unwrap();
+        let open = ManifestEntry::new(1, Protocol::Http, ip, 80, Behaviour::Elite, false, None)
+            .listed(WithWrongCredentials);
+        assert!(open.alive && open.username.is_none());
     }
 
     #[test]

@@ -38,7 +38,7 @@ use socket2::{Domain, Socket, Type};
 pub use lists::BUILT_IN as BUILT_IN_LISTS;
 pub use manifest::ManifestEntry;
 pub use proxies::{INJECTED_ORIGIN, VIA};
-pub use spec::{Behaviour, Credentials, FarmSpec, Mix, ProxyGroup};
+pub use spec::{Behaviour, Credentials, FarmSpec, Listing, Mix, ProxyGroup};
 
 use proxies::ProxyConfig;
 use server::StaticList;
@@ -125,15 +125,18 @@ impl Farm {
                 listeners.push((index, listener));
                 port
             };
-            manifest.push(ManifestEntry::new(
-                index,
-                protocol,
-                ip,
-                port,
-                group.behaviour,
-                connect,
-                credentials.as_ref(),
-            ));
+            manifest.push(
+                ManifestEntry::new(
+                    index,
+                    protocol,
+                    ip,
+                    port,
+                    group.behaviour,
+                    connect,
+                    credentials.as_ref(),
+                )
+                .listed(group.listing),
+            );
             configs.push(Arc::new(ProxyConfig {
                 index,
                 ip,

@@ -106,6 +106,20 @@ impl Credentials {
     }
 }
 
+/// How a proxy that requires credentials is listed. A proxy that requires
+/// none is listed without any, whatever this says.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Listing {
+    /// With the credentials it requires.
+    #[default]
+    AsRequired,
+    /// Without credentials: the proxy refuses every check.
+    WithoutCredentials,
+    /// With its username and another password (socks4, which has no
+    /// password, with another user id): the proxy refuses every check.
+    WithWrongCredentials,
+}
+
 /// `count` proxies with the same behaviour, protocol and credentials.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ProxyGroup {
@@ -118,6 +132,8 @@ pub struct ProxyGroup {
     pub credentials: Option<Credentials>,
     /// Whether an http proxy tunnels CONNECT (true by default for `https`).
     pub connect: bool,
+    /// How the credentials appear in the lists and the manifest.
+    pub listing: Listing,
 }
 
 impl ProxyGroup {
@@ -128,6 +144,7 @@ impl ProxyGroup {
             count,
             credentials: None,
             connect: false,
+            listing: Listing::AsRequired,
         }
     }
 
@@ -147,6 +164,11 @@ impl ProxyGroup {
 
     pub fn connect(mut self, connect: bool) -> ProxyGroup {
         self.connect = connect;
+        self
+    }
+
+    pub fn listed(mut self, listing: Listing) -> ProxyGroup {
+        self.listing = listing;
         self
     }
 }
@@ -267,10 +289,13 @@ impl FarmSpec {
     }
 
     /// One proxy of every behaviour, over http, https (CONNECT), socks4 and
-    /// socks5, with and without credentials. `Slow` waits 200 ms; `Flaky(0.5)`
-    /// fails every second connection, starting with the second.
+    /// socks5, with and without credentials, and http and socks5 proxies
+    /// listed without the credentials they require or with wrong ones.
+    /// `Slow` waits 200 ms; `Flaky(0.5)` fails every second connection,
+    /// starting with the second.
     pub fn every_behaviour() -> FarmSpec {
         use Behaviour::*;
+        use Listing::*;
         let one = |behaviour| ProxyGroup::new(behaviour, 1);
         FarmSpec::new()
             .group(one(Elite))
@@ -288,6 +313,26 @@ impl FarmSpec {
                 one(AuthRequired)
                     .protocol(Protocol::Https)
                     .credentials("farmuser", "p@ss"),
+            )
+            .group(
+                one(AuthRequired)
+                    .credentials("farmuser", "farm pass")
+                    .listed(WithoutCredentials),
+            )
+            .group(
+                one(AuthRequired)
+                    .credentials("farmuser", "farm pass")
+                    .listed(WithWrongCredentials),
+            )
+            .group(
+                one(Socks5)
+                    .credentials("farmuser5", "s3cret:pass")
+                    .listed(WithoutCredentials),
+            )
+            .group(
+                one(Socks5)
+                    .credentials("farmuser5", "s3cret:pass")
+                    .listed(WithWrongCredentials),
             )
             .group(one(Dead))
             .group(one(Dead).protocol(Protocol::Socks5))

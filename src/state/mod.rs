@@ -99,6 +99,8 @@ pub struct Pick {
     /// This source's score for the proxy.
     pub score: i32,
     pub last_validated_at: Option<DateTime<Utc>>,
+    /// What gave the proxy away (see [`ActiveProxy::anonymity_evidence`]).
+    pub anonymity_evidence: Option<Arc<str>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -210,6 +212,8 @@ pub struct SourceEntry {
     pub is_banned: bool,
     pub banned_until: Option<DateTime<Utc>>,
     pub last_used: DateTime<Utc>,
+    /// What gave the proxy away, while it is active.
+    pub anonymity_evidence: Option<Arc<str>>,
 }
 
 /// What [`State::restore`] kept and dropped.
@@ -503,6 +507,7 @@ impl State {
                     country: proxy.country.clone(),
                     score,
                     last_validated_at: proxy.last_validated_at,
+                    anonymity_evidence: proxy.anonymity_evidence.clone(),
                 })
             })
             .collect();
@@ -668,6 +673,10 @@ impl State {
                     is_banned: stats.is_banned_at(now_ms),
                     banned_until: stats.banned_until.map(from_millis),
                     last_used: from_millis(stats.last_used),
+                    anonymity_evidence: entry
+                        .active
+                        .as_ref()
+                        .and_then(|record| record.proxy.anonymity_evidence.clone()),
                 })
             })
             .collect();

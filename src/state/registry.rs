@@ -461,6 +461,7 @@ mod tests {
             country: Some(country.into()),
             supports_https: None,
             last_validated_at: None,
+            anonymity_evidence: None,
         }
     }
 

@@ -43,6 +43,7 @@ fn proxy(id: i64) -> ActiveProxy {
         country: Some("US".into()),
         supports_https: Some(false),
         last_validated_at: Some(t0()),
+        anonymity_evidence: None,
     }
 }
 

@@ -35,18 +35,19 @@ const USER_AGENT: &str = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/201001
 const MAX_HEAD_BYTES: usize = 16 * 1024;
 /// The query argument carrying each check's nonce, which the judge echoes.
 const NONCE_ARG: &str = "pp_nonce";
-/// The CONNECT check gets at least this share of `timeout`, even when the
-/// first request used nearly all of it; a whole check therefore lasts at most
-/// `timeout * (1 + 1/CONNECT_MIN_SHARE)`, see [`Checker::max_check_duration`].
-const CONNECT_MIN_SHARE: u32 = 5;
+/// The share of `timeout` kept back for an http proxy's CONNECT check: its
+/// absolute-URI request must answer within the rest (4/5 of the timeout), so
+/// that the CONNECT check still has at least this share and the whole check
+/// ends within `timeout`.
+const CONNECT_SHARE: u32 = 5;
 
 /// What a check needs to know.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CheckConfig {
     /// An httpbin-compatible `/get` echo, `http://` only.
     pub judge_url: String,
-    /// The whole check's budget (see [`Checker::max_check_duration`] for the
-    /// CONNECT follow-up).
+    /// The whole check's budget, CONNECT follow-up included (see
+    /// [`Checker::max_check_duration`]).
     pub timeout: Duration,
     /// The TCP connect's budget; most listed proxies are dead.
     pub connect_timeout: Duration,
@@ -194,10 +195,10 @@ impl Checker {
         Ok(Checker { config, judge })
     }
 
-    /// The longest one [`Checker::check`] can take: the whole-check budget
-    /// plus the minimum share kept for the CONNECT follow-up.
+    /// The longest one [`Checker::check`] can take: the whole-check budget,
+    /// which the CONNECT follow-up shares.
     pub fn max_check_duration(&self) -> Duration {
-        self.config.timeout + self.config.timeout / CONNECT_MIN_SHARE
+        self.config.timeout
     }
 
     /// Our own public address, from one direct request to the judge.
@@ -217,7 +218,10 @@ impl Checker {
         let deadline = started + self.config.timeout;
         let (url, expect) = self.judge.fresh_url();
         let answer = match proxy.protocol {
-            Protocol::Http | Protocol::Https => self.absolute_uri_get(proxy, &url, deadline),
+            Protocol::Http | Protocol::Https => {
+                let answer_deadline = deadline - self.config.timeout / CONNECT_SHARE;
+                self.absolute_uri_get(proxy, &url, answer_deadline)
+            }
             Protocol::Socks4 => self.socks4_get(proxy, &url, deadline),
             Protocol::Socks5 => self.socks_get(proxy, &url),
         };
@@ -315,12 +319,12 @@ impl Checker {
     }
 
     /// Whether the proxy also tunnels CONNECT to the judge, within what is
-    /// left of the deadline but at least a share of the timeout.
+    /// left of the check's deadline (at least the share kept back for it).
     fn tunnels_connect(&self, proxy: &ProxyKey, deadline: Instant) -> bool {
-        let floor = self.config.timeout / CONNECT_MIN_SHARE;
-        let budget = deadline
-            .saturating_duration_since(Instant::now())
-            .max(floor);
+        let budget = deadline.saturating_duration_since(Instant::now());
+        if budget.is_zero() {
+            return false;
+        }
         let (url, expect) = self.judge.fresh_url();
         let answer = ureq_proxy(ProxyProtocol::Http, proxy).and_then(|ureq_proxy| {
             let agent = self.agent(Some(ureq_proxy), budget);
@@ -671,6 +675,50 @@ mod tests {
         assert!(outcome.alive, "{outcome:?}");
     }
 
+    /// An anonymous http proxy that answers a GET after `delay_ms` and
+    /// accepts CONNECT, then never says anything inside the tunnel.
+    fn slow_answer_hanging_tunnel(mut stream: TcpStream, delay_ms: u64) {
+        let head = read_head(&mut stream);
+        if head.starts_with("CONNECT") {
+            let _ = stream.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n");
+            let _ = stream.read(&mut [0u8; 4096]);
+            // The behaviour under test: a tunnel that never answers.
+            thread::sleep(Duration::from_secs(30));
+            return;
+        }
+        thread::sleep(Duration::from_millis(delay_ms));
+        let body = echo_body(&head, EXIT, &[("Via", "1.1 slow")]);
+        respond(&mut stream, "200 OK", &body);
+    }
+
+    /// Guards the whole-check bound: the CONNECT follow-up shares the
+    /// validation timeout instead of getting a share on top of it.
+    #[test]
+    fn a_check_with_a_hanging_tunnel_ends_within_the_timeout() {
+        let timeout = Duration::from_millis(1000);
+        // Answered quickly: alive, the tunnel's silence costs the rest.
+        let port = fake(|stream| slow_answer_hanging_tunnel(stream, 0));
+        let started = Instant::now();
+        let outcome = checker(9, 1000).check(&key(Protocol::Http, port), own());
+        let elapsed = started.elapsed();
+        assert!(outcome.alive, "{outcome:?}");
+        assert_eq!(outcome.supports_https, Some(false));
+        assert!(elapsed < timeout + timeout / 10, "{elapsed:?}");
+        // Answered after 9/10 of the timeout: no room is left for the
+        // CONNECT share, so the proxy is too slow, and the check still ends
+        // before the timeout (it used to last 1.1 times it).
+        let port = fake(|stream| slow_answer_hanging_tunnel(stream, 900));
+        let started = Instant::now();
+        let outcome = checker(9, 1000).check(&key(Protocol::Http, port), own());
+        let elapsed = started.elapsed();
+        assert_eq!(
+            outcome.dead_reason,
+            Some(DeadReason::Timeout),
+            "{outcome:?}"
+        );
+        assert!(elapsed < timeout, "{elapsed:?}");
+    }
+
     fn dead_reason_from(serve: fn(TcpStream), timeout_ms: u64) -> (DeadReason, Duration) {
         let port = fake(serve);
         let started = Instant::now();
@@ -781,6 +829,60 @@ mod tests {
         assert_eq!(outcome.dead_reason, Some(DeadReason::Refused));
         let outcome = checker(9, 3000).check(&key(Protocol::Socks5, port), own());
         assert_eq!(outcome.dead_reason, Some(DeadReason::Refused));
+    }
+
+    /// A loopback address whose connects are never answered, and what keeps
+    /// it so. A black hole accepts the connection, so it cannot exercise the
+    /// connect timeout; this listener never accepts instead. Linux queues at
+    /// most backlog + 1 finished handshakes for a listener and drops the SYNs
+    /// that come while that queue is full, so once filler connections fill
+    /// it a new connect hangs (the client retransmits its SYN into the same
+    /// full queue). The fillers are connected until one of them hangs.
+    fn unanswered_address() -> (SocketAddr, socket2::Socket, Vec<TcpStream>) {
+        use socket2::{Domain, Socket, Type};
+        let listener = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        let any_port = SocketAddr::from(([127, 0, 0, 1], 0));
+        listener.bind(&any_port.into()).unwrap();
+        listener.listen(0).unwrap();
+        let address = listener.local_addr().unwrap().as_socket().unwrap();
+        let mut fillers = Vec::new();
+        for _ in 0..64 {
+            match TcpStream::connect_timeout(&address, Duration::from_millis(200)) {
+                Ok(filler) => fillers.push(filler),
+                Err(error) if error.kind() == std::io::ErrorKind::TimedOut => {
+                    return (address, listener, fillers);
+                }
+                Err(error) => panic!("filling the accept queue: {error}"),
+            }
+        }
+        panic!("64 connects to a listener that never accepts all succeeded");
+    }
+
+    /// Guards `connect_timeout`: an unanswered connect fails as such, after
+    /// the connect budget and well before the whole check's, for the raw
+    /// http client, the socks4 one and ureq's socks5.
+    #[test]
+    fn an_unanswered_connect_ends_at_the_connect_timeout() {
+        let (address, _listener, _fillers) = unanswered_address();
+        let config = CheckConfig {
+            judge_url: "http://127.0.0.1:9/get".into(),
+            timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_millis(300),
+            max_body_bytes: 64 * 1024,
+        };
+        let checker = Checker::new(config.clone()).unwrap();
+        for protocol in [Protocol::Http, Protocol::Socks4, Protocol::Socks5] {
+            let started = Instant::now();
+            let outcome = checker.check(&key(protocol, address.port()), own());
+            let elapsed = started.elapsed();
+            assert_eq!(
+                outcome.dead_reason,
+                Some(DeadReason::ConnectTimeout),
+                "{protocol}: {outcome:?}"
+            );
+            assert!(elapsed >= config.connect_timeout, "{protocol}: {elapsed:?}");
+            assert!(elapsed < config.timeout, "{protocol}: {elapsed:?}");
+        }
     }
 
     /// A SOCKS5 proxy without authentication that plays the judge inside the

@@ -205,6 +205,7 @@ impl Validator {
         };
         let mut stop_reason = None;
         let mut claimed = 0u64;
+        let mut cursor = Cursor::default();
         let mut last_progress_log = Instant::now();
         'claiming: loop {
             if shutdown.is_triggered() {
@@ -215,10 +216,11 @@ impl Validator {
                 stop_reason = Some("judge became unreachable during the cycle".to_string());
                 break;
             }
-            let batch = match self
-                .store
-                .claim_due(&self.settings.policy, workers.max(100) as i64)
-            {
+            let batch = match self.store.claim_due(
+                &self.settings.policy,
+                cursor.after,
+                workers.max(100) as i64,
+            ) {
                 Ok(batch) => batch,
                 Err(err) => {
                     self.health.record_database(false, Some(&err));
@@ -226,8 +228,11 @@ impl Validator {
                     break;
                 }
             };
-            if batch.is_empty() {
+            if !cursor.advance(batch.last().map(|due| due.id)) {
                 break;
+            }
+            if batch.is_empty() {
+                continue;
             }
             // Proxies that became due after the count (a fetch just listed
             // them) are due all the same.
@@ -273,6 +278,37 @@ impl Validator {
         summary.write_time = written.write_time;
         summary.skipped = stop_reason;
         *self.running.lock() = None;
+    }
+}
+
+/// The keyset cursor of a cycle's claims. Claims go up the ids from the
+/// highest id claimed so far; when they find nothing above it, one more pass
+/// starts from the lowest id, for the rows that were leased when the cursor
+/// went past them (an instance that died holding them, its lease now over)
+/// and for rows that became due behind the cursor. The cycle ends when that
+/// pass, too, finds nothing.
+#[derive(Debug, Default)]
+struct Cursor {
+    after: i64,
+    rewound: bool,
+}
+
+impl Cursor {
+    /// Moves past a claim whose highest id was `last` (None: it found
+    /// nothing). Returns false when the cycle is over.
+    fn advance(&mut self, last: Option<i64>) -> bool {
+        match last {
+            Some(id) => {
+                self.after = self.after.max(id);
+                true
+            }
+            None if self.rewound || self.after == 0 => false,
+            None => {
+                self.rewound = true;
+                self.after = 0;
+                true
+            }
+        }
     }
 }
 
@@ -348,6 +384,7 @@ fn write_results(
                         country: record.country,
                         supports_https: outcome.supports_https,
                         last_validated_at: Some(Utc::now()),
+                        anonymity_evidence: record.evidence.as_deref().map(Arc::from),
                     });
                 } else {
                     let reason = outcome
@@ -401,5 +438,86 @@ fn record(due: &DueProxy, outcome: &CheckOutcome, geoip: Option<&Geoip>) -> Chec
         exit_ip: outcome.exit_ip,
         dead_reason: outcome.dead_reason.as_ref().map(|r| r.as_str().to_string()),
         evidence: (!outcome.evidence.is_empty()).then(|| outcome.evidence.join("; ")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::proxy::{Anonymity, Protocol, ProxyKey};
+    use crate::validator::judge_answer::DeadReason;
+
+    fn due(ip: &str) -> DueProxy {
+        DueProxy {
+            id: 7,
+            key: ProxyKey {
+                protocol: Protocol::Http,
+                ip: ip.parse().unwrap(),
+                port: 8080,
+                username: None,
+                password: None,
+            },
+        }
+    }
+
+    /// Guards where the country comes from: a proxy whose traffic leaves
+    /// from another address is placed where it leaves, and a dead one,
+    /// whose exit is unknown, where it is listed.
+    #[test]
+    fn the_country_is_where_the_traffic_leaves() {
+        // 198.51.100.0/24 is NL, 203.0.113.0/24 is JP (Tor's INTFROM,INTTO,CC).
+        let tor = "3325256704,3325256959,NL\n3405803776,3405804031,JP\n";
+        let geoip = Geoip::from_bytes(Path::new("geoip"), tor.as_bytes().to_vec()).unwrap();
+        let alive = CheckOutcome {
+            alive: true,
+            dead_reason: None,
+            latency_ms: Some(120),
+            anonymity: Some(Anonymity::Elite),
+            evidence: Vec::new(),
+            supports_https: Some(false),
+            exit_ip: Some("203.0.113.9".parse().unwrap()),
+        };
+        let listed_in_nl = due("198.51.100.20");
+        let found = record(&listed_in_nl, &alive, Some(&geoip));
+        assert_eq!(found.country.as_deref(), Some("JP"));
+        assert_eq!(found.exit_ip, alive.exit_ip);
+
+        let dead = CheckOutcome {
+            alive: false,
+            dead_reason: Some(DeadReason::Refused),
+            latency_ms: None,
+            anonymity: None,
+            evidence: Vec::new(),
+            supports_https: None,
+            exit_ip: None,
+        };
+        let found = record(&listed_in_nl, &dead, Some(&geoip));
+        assert_eq!(found.country.as_deref(), Some("NL"));
+        assert_eq!(found.dead_reason.as_deref(), Some("refused"));
+        assert_eq!(record(&listed_in_nl, &alive, None).country, None);
+    }
+
+    #[test]
+    fn the_cursor_climbs_then_rewinds_once_then_ends() {
+        let mut cursor = Cursor::default();
+        assert!(cursor.advance(Some(100)));
+        assert_eq!(cursor.after, 100);
+        assert!(cursor.advance(Some(250)));
+        assert_eq!(cursor.after, 250);
+        // Nothing above 250: one more pass from the start.
+        assert!(cursor.advance(None));
+        assert_eq!(cursor.after, 0);
+        // The second pass finds a row left behind, then nothing: the end.
+        assert!(cursor.advance(Some(7)));
+        assert_eq!(cursor.after, 7);
+        assert!(!cursor.advance(None));
+    }
+
+    #[test]
+    fn a_cycle_that_finds_nothing_at_all_does_not_rewind() {
+        let mut cursor = Cursor::default();
+        assert!(!cursor.advance(None));
     }
 }

@@ -269,6 +269,208 @@ mod tests {
         assert!(matches!(missing, GeoipError::Io { .. }));
     }
 
+    /// A minimal MaxMind DB writer (format 2.0, 24-bit records), so that the
+    /// reader is tested on a real database without shipping one: a binary
+    /// search tree over the address bits, the 16-byte separator, a data
+    /// section with one map per network, then the metadata marker and map.
+    mod mmdb {
+        use super::MMDB_METADATA_MARKER;
+
+        pub enum Value<'a> {
+            Str(&'a str),
+            U16(u16),
+            U32(u32),
+            U64(u64),
+            Map(Vec<(&'a str, Value<'a>)>),
+            Array(Vec<Value<'a>>),
+        }
+
+        /// A control byte: the type in the top 3 bits (extended types in a
+        /// second byte) and a size under 29 in the low 5.
+        fn control(out: &mut Vec<u8>, kind: u8, size: usize) {
+            let size = u8::try_from(size).ok().filter(|&size| size < 29);
+            let size = size.expect("the test writer encodes short values only");
+            if kind <= 7 {
+                out.push(kind << 5 | size);
+            } else {
+                out.extend_from_slice(&[size, kind - 7]);
+            }
+        }
+
+        /// An unsigned integer in as few big-endian bytes as it needs.
+        fn unsigned(out: &mut Vec<u8>, kind: u8, n: u64) {
+            let bytes = n.to_be_bytes();
+            let zeros = bytes.iter().take_while(|&&b| b == 0).count();
+            control(out, kind, bytes.len() - zeros);
+            out.extend_from_slice(&bytes[zeros..]);
+        }
+
+        pub fn encode(value: &Value, out: &mut Vec<u8>) {
+            match value {
+                Value::Str(text) => {
+                    control(out, 2, text.len());
+                    out.extend_from_slice(text.as_bytes());
+                }
+                Value::U16(n) => unsigned(out, 5, u64::from(*n)),
+                Value::U32(n) => unsigned(out, 6, u64::from(*n)),
+                Value::U64(n) => unsigned(out, 9, *n),
+                Value::Map(pairs) => {
+                    control(out, 7, pairs.len());
+                    for (key, value) in pairs {
+                        encode(&Value::Str(key), out);
+                        encode(value, out);
+                    }
+                }
+                Value::Array(items) => {
+                    control(out, 11, items.len());
+                    for item in items {
+                        encode(item, out);
+                    }
+                }
+            }
+        }
+
+        #[derive(Clone, Copy)]
+        enum Record {
+            Empty,
+            Node(usize),
+            Data(usize),
+        }
+
+        /// A database of `ip_version` 4 or 6 mapping each network
+        /// `(address as an integer, prefix length, data)` to its data. An
+        /// IPv4 network in a version 6 database is `::a.b.c.d/(96 + len)`, as
+        /// MaxMind writes them. Networks must not nest.
+        pub fn database(ip_version: u16, networks: &[(u128, u32, Value)]) -> Vec<u8> {
+            let bits: u32 = if ip_version == 4 { 32 } else { 128 };
+            let mut nodes = vec![[Record::Empty; 2]];
+            let mut data = Vec::new();
+            for (network, prefix_len, value) in networks {
+                let offset = data.len();
+                encode(value, &mut data);
+                let mut node = 0;
+                for depth in 0..*prefix_len {
+                    let bit = usize::from((network >> (bits - 1 - depth)) & 1 == 1);
+                    if depth + 1 == *prefix_len {
+                        nodes[node][bit] = Record::Data(offset);
+                        break;
+                    }
+                    node = match nodes[node][bit] {
+                        Record::Node(next) => next,
+                        _ => {
+                            nodes.push([Record::Empty; 2]);
+                            nodes[node][bit] = Record::Node(nodes.len() - 1);
+                            nodes.len() - 1
+                        }
+                    };
+                }
+            }
+            // A record is a node index, `node_count` for "no data", or
+            // `node_count + 16 + offset` into the data section.
+            let node_count = nodes.len();
+            let mut out = Vec::new();
+            for record in nodes.iter().flatten() {
+                let value = match *record {
+                    Record::Empty => node_count,
+                    Record::Node(next) => next,
+                    Record::Data(offset) => node_count + 16 + offset,
+                };
+                let value = u32::try_from(value).expect("a small tree");
+                out.extend_from_slice(&value.to_be_bytes()[1..]);
+            }
+            out.extend_from_slice(&[0; 16]);
+            out.extend_from_slice(&data);
+            out.extend_from_slice(MMDB_METADATA_MARKER);
+            let metadata = Value::Map(vec![
+                ("node_count", Value::U32(node_count as u32)),
+                ("record_size", Value::U16(24)),
+                ("ip_version", Value::U16(ip_version)),
+                ("database_type", Value::Str("Test-Country")),
+                ("languages", Value::Array(vec![Value::Str("en")])),
+                ("binary_format_major_version", Value::U16(2)),
+                ("binary_format_minor_version", Value::U16(0)),
+                ("build_epoch", Value::U64(1_700_000_000)),
+                (
+                    "description",
+                    Value::Map(vec![("en", Value::Str("proxy-pool test data"))]),
+                ),
+            ]);
+            encode(&metadata, &mut out);
+            out
+        }
+
+        /// `{"country": {"iso_code": code, "names": {"en": ...}}}`, the
+        /// shape of GeoIP2 and DB-IP country records.
+        pub fn country(code: &str) -> Value<'_> {
+            Value::Map(vec![(
+                "country",
+                Value::Map(vec![
+                    ("iso_code", Value::Str(code)),
+                    ("names", Value::Map(vec![("en", Value::Str("Somewhere"))])),
+                ]),
+            )])
+        }
+    }
+
+    fn open_bytes(bytes: &[u8]) -> Geoip {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        file.write_all(bytes).unwrap();
+        Geoip::open(file.path()).unwrap()
+    }
+
+    fn v4(text: &str) -> u128 {
+        u128::from(u32::from(text.parse::<std::net::Ipv4Addr>().unwrap()))
+    }
+
+    fn v6(text: &str) -> u128 {
+        u128::from(text.parse::<std::net::Ipv6Addr>().unwrap())
+    }
+
+    #[test]
+    fn an_ipv6_mmdb_finds_ipv4_and_ipv6_networks() {
+        use mmdb::{country, Value};
+        let no_country = Value::Map(vec![(
+            "continent",
+            Value::Map(vec![("code", Value::Str("EU"))]),
+        )]);
+        // Real GeoIP2 and DB-IP country databases are version 6, with the
+        // IPv4 space under ::/96.
+        let bytes = mmdb::database(
+            6,
+            &[
+                (v4("127.1.0.0"), 96 + 16, country("de")),
+                (v4("8.8.8.0"), 96 + 24, country("US")),
+                (v4("10.0.0.0"), 96 + 8, no_country),
+                (v4("192.0.2.0"), 96 + 24, country("XYZ")),
+                (v6("2001:db8::"), 32, country("FR")),
+            ],
+        );
+        let geoip = open_bytes(&bytes);
+        assert_eq!(format!("{geoip:?}"), "Geoip(mmdb)");
+        assert_eq!(geoip.lookup(ip("127.1.0.1")).as_deref(), Some("DE"));
+        assert_eq!(geoip.lookup(ip("127.1.255.254")).as_deref(), Some("DE"));
+        assert_eq!(geoip.lookup(ip("8.8.8.8")).as_deref(), Some("US"));
+        assert_eq!(geoip.lookup(ip("::ffff:8.8.8.8")).as_deref(), Some("US"));
+        assert_eq!(geoip.lookup(ip("2001:db8:5::1")).as_deref(), Some("FR"));
+        // Misses: outside every network, a record without a country, and a
+        // code that is not two letters.
+        assert_eq!(geoip.lookup(ip("127.2.0.1")), None);
+        assert_eq!(geoip.lookup(ip("8.8.9.8")), None);
+        assert_eq!(geoip.lookup(ip("2001:db9::1")), None);
+        assert_eq!(geoip.lookup(ip("10.1.2.3")), None);
+        assert_eq!(geoip.lookup(ip("192.0.2.1")), None);
+    }
+
+    #[test]
+    fn an_ipv4_mmdb_finds_its_networks_and_no_ipv6() {
+        let bytes = mmdb::database(4, &[(v4("127.1.0.0"), 24, mmdb::country("NL"))]);
+        let geoip = open_bytes(&bytes);
+        assert_eq!(geoip.lookup(ip("127.1.0.200")).as_deref(), Some("NL"));
+        assert_eq!(geoip.lookup(ip("::ffff:127.1.0.9")).as_deref(), Some("NL"));
+        assert_eq!(geoip.lookup(ip("127.1.1.0")), None);
+        assert_eq!(geoip.lookup(ip("2001:db8::1")), None);
+    }
+
     #[test]
     fn a_broken_mmdb_is_reported_as_such() {
         let mut bytes = vec![0u8; 64];
