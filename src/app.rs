@@ -294,7 +294,7 @@ pub fn due_policy(config: &Config) -> DuePolicy {
         revalidate_after: config.validator.revalidate_after,
         retry_inactive_after: config.validator.retry_inactive_after,
         // A claimed proxy waits behind at most two rounds of checks in
-        // flight, each within 1.2 × the timeout; after the lease, another
+        // flight, each within the timeout; after the lease, another
         // instance may take it over (its claimer died).
         lease: config.validator.timeout * 4 + Duration::from_secs(5),
     }

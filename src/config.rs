@@ -976,7 +976,7 @@ mod tests {
     }
 
     #[test]
-    fn defaults_follow_the_contract() {
+    fn defaults_are_the_documented_ones() {
         let config = parse(MINIMAL).unwrap();
         assert_eq!(config.database.pool_size, 8);
         assert_eq!(config.server.bind, "127.0.0.1:8080".parse().unwrap());

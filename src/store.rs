@@ -49,7 +49,7 @@ pub struct UpsertCounts {
     pub upserted: u64,
 }
 
-/// Which proxies a validation cycle checks (the contract's selection).
+/// Which proxies a validation cycle checks (the documented selection: never validated, active and stale, or re-listed after the retry delay).
 #[derive(Clone, Copy, Debug)]
 pub struct DuePolicy {
     pub revalidate_after: Duration,
@@ -399,7 +399,7 @@ impl Store {
     }
 }
 
-/// The contract's selection; $1 = revalidate_after seconds, $2 = retry seconds (0: never).
+/// The due selection; $1 = revalidate_after seconds, $2 = retry seconds (0: never).
 /// The casts matter: without them `$2 > 0` makes PostgreSQL infer an integer
 /// parameter, and the f64 seconds no longer bind.
 const DUE_PREDICATE: &str = "last_validated_at IS NULL

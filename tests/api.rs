@@ -1,5 +1,5 @@
 //! The HTTP API over real sockets, against the real binary and a real
-//! database: every endpoint and every error of the contract, bans and their
+//! database: every endpoint and every documented error, bans and their
 //! recovery, the API token, and that no credentials leak into the figures.
 //! Proxies are inserted as active rows before the service starts (it loads
 //! them at start), so no validation cycle is needed.
@@ -78,7 +78,7 @@ fn urls(rows: &[Row], indexes: &[usize]) -> HashSet<String> {
 }
 
 #[test]
-fn get_proxy_answers_the_contract_shape_and_honours_every_filter() {
+fn get_proxy_answers_the_documented_shape_and_honours_every_filter() {
     let rows = varied_rows();
     let (_db, service) = start_with(&rows, |_| {});
 
@@ -834,7 +834,7 @@ fn figures_never_show_proxy_or_list_passwords() {
             "socks5://suser:***@127.0.0.71:1080"
         ])
     );
-    // The contract promises this for proxy passwords (list URLs are the
+    // The README promises this for proxy passwords (list URLs are the
     // operator's own configuration).
     let log = service.log_text();
     for secret in ["Pr0xyS3cret", "S0cksS3cret"] {

@@ -393,7 +393,7 @@ fn check_answer(request: &Fuzzed, answer: &RawAnswer) -> Result<(), String> {
     Ok(())
 }
 
-/// Guards the contract "never a 500 for bad input" against anything a client
+/// Guards the promise "never a 500 for bad input" against anything a client
 /// can send: every answer is a 2xx where the request was valid, otherwise a
 /// 4xx (or the 503 of an empty pool) with `{"error": ...}`, within 10 s; and
 /// the service is healthy afterwards.

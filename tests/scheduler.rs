@@ -1,4 +1,4 @@
-//! The metronome's acceptance tests from the "Scheduler and validator" issue,
+//! The metronome's acceptance tests,
 //! in real time: a metronome thread feeding a worker thread through the
 //! bounded(1) channel `serve` uses. The two tests take about 20 s and 11 s and
 //! run concurrently (the test harness runs them on separate threads).

@@ -84,7 +84,7 @@ impl Default for PickQuery {
     }
 }
 
-/// One proxy handed to a client, with what the contract's JSON shows.
+/// One proxy handed to a client, with what the get-proxy JSON shows.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Pick {
     pub id: i64,

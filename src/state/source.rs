@@ -100,7 +100,7 @@ impl SourceState {
     /// Unbans every proxy whose cooldown has passed, its score reset. An
     /// expired ban of an inactive proxy is lifted too: the proxy is not
     /// served while inactive anyway, and if it comes back it starts from
-    /// the reset score exactly as the contract asks. Lifting them here keeps
+    /// the reset score, as documented. Lifting them here keeps
     /// this O(expired bans) instead of rechecking them on every request.
     pub fn lift_expired_bans(&mut self, now: i64, rules: &Rules) {
         while let Some(&(until, slot)) = self.bans.first() {

@@ -396,6 +396,10 @@ fn write_results(
                     deactivated.push(due.id);
                 }
             }
+            // Applied even when the write failed: while the database is
+            // down, memory is the only place serving can learn that a proxy
+            // died. The unwritten rows stay due (their leases expire), so
+            // they are checked and written again once the database is back.
             state.apply_changes(activated, deactivated);
             last_write = Instant::now();
         }
