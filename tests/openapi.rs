@@ -21,6 +21,8 @@ use support::*;
 
 const TOKEN: &str = "openapi-t0ken";
 const MAX_BODY: usize = 1024;
+/// Sources the service keeps: the test fills them up at its end.
+const MAX_SOURCES: usize = 50;
 
 fn spec() -> Value {
     let text = include_str!("../src/api/openapi.json");
@@ -429,7 +431,9 @@ fn routed_paths() -> BTreeSet<String> {
 fn every_endpoint_answers_as_the_openapi_spec_says() {
     let spec = spec();
     assert_eq!(spec["openapi"], "3.0.3");
-    let pool = populated_service(&format!("api_token = {TOKEN}\nmax_body_bytes = {MAX_BODY}"));
+    let pool = populated_service(&format!(
+        "api_token = {TOKEN}\nmax_body_bytes = {MAX_BODY}\n[state]\nmax_sources = {MAX_SOURCES}"
+    ));
     let service = &pool.service;
     let mut ex = Exerciser {
         validator: Validator { spec: &spec },
@@ -491,9 +495,10 @@ fn every_endpoint_answers_as_the_openapi_spec_says() {
         ex.expect(Call::post("/feedback", &bad.to_string()), 400);
     }
     ex.expect(Call::post("/feedback", "{not json"), 400);
+    // /feedback takes the larger of max_body_bytes and 700,000 bytes.
     let huge = format!(
         r#"{{"source":"openapi","proxy":"{proxy}","success":true,"pad":"{}"}}"#,
-        "x".repeat(MAX_BODY)
+        "x".repeat(MAX_BODY.max(700_000))
     );
     ex.expect(Call::post("/feedback", &huge), 413);
 
@@ -610,6 +615,28 @@ fn every_endpoint_answers_as_the_openapi_spec_says() {
         ex.expect_unknown("GET", path);
     }
     ex.expect_unknown("POST", "/admin/");
+
+    // New sources past max_sources: 503 on get-proxy and on feedback.
+    let mut refused = None;
+    for i in 0..=MAX_SOURCES {
+        let path = format!("/get-proxy?source=filler{i}");
+        let answer = send(&ex.base, &Call::get(&path).template("/get-proxy"));
+        if answer.status == 503 {
+            refused = Some(i);
+            break;
+        }
+    }
+    let refused = refused.expect("a new source past max_sources is refused");
+    let path = format!("/get-proxy?source=filler{refused}");
+    let answer = ex.expect(Call::get(&path).template("/get-proxy"), 503);
+    assert_eq!(
+        answer.json()["reason"],
+        "too_many_sources",
+        "{}",
+        answer.body
+    );
+    let body = format!(r#"{{"source":"filler{refused}","proxy":"{proxy}","success":true}}"#);
+    ex.expect(Call::post("/feedback", &body), 503);
 
     // The router's paths and the spec's are the same set.
     let documented: BTreeSet<String> = paths.iter().map(|(p, _)| p.clone()).collect();
