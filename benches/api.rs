@@ -409,6 +409,7 @@ fn make_stats(proxies: &[ActiveProxy]) -> SnapshotData {
         taken_at_ms: now_ms,
         urls: proxies.iter().map(|p| p.key.url()).collect(),
         sources,
+        active: Vec::new(),
     }
 }
 

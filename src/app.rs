@@ -9,6 +9,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand};
 
 use crate::api::{ApiContext, ApiServer};
@@ -21,7 +22,7 @@ use crate::persist::Snapshotter;
 use crate::proxy::Protocol;
 use crate::scheduler::{next_tick, start_metronome};
 use crate::shutdown::{Shutdown, ShutdownSignal};
-use crate::state::State;
+use crate::state::{active_snapshot_max_age, RestoreReport, State};
 use crate::store::{DuePolicy, Store};
 use crate::validator::check::{CheckConfig, Checker};
 use crate::validator::cycle::{Validator, ValidatorSettings};
@@ -316,9 +317,28 @@ fn validate_once(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What the service serves while it waits for the database at start-up, for
+/// the log: the snapshot's active set, with its age, or nothing but memory.
+fn serving_while_waiting(restored: Option<&RestoreReport>, now: DateTime<Utc>) -> String {
+    match restored {
+        Some(report) if report.active > 0 => format!(
+            "serving the {} active proxies of the snapshot taken {} s ago until it answers",
+            report.active,
+            (now - report.taken_at).num_seconds().max(0)
+        ),
+        _ => "serving from memory".into(),
+    }
+}
+
 /// Waits for the database and migrates it, retrying with capped exponential
-/// backoff. Returns false when shutdown came first.
-fn wait_for_database(store: &Store, health: &Health, shutdown: &ShutdownSignal) -> bool {
+/// backoff; `serving` says what is served meanwhile, for the one log line.
+/// Returns false when shutdown came first.
+fn wait_for_database(
+    store: &Store,
+    health: &Health,
+    shutdown: &ShutdownSignal,
+    serving: &str,
+) -> bool {
     let mut backoff = Duration::from_millis(500);
     let mut logged = false;
     loop {
@@ -329,9 +349,7 @@ fn wait_for_database(store: &Store, health: &Health, shutdown: &ShutdownSignal) 
             }
             Err(err) => {
                 if !logged {
-                    log::warn!(
-                        "database not ready ({err}); serving from memory and retrying with backoff"
-                    );
+                    log::warn!("database not ready ({err}); {serving}, retrying with backoff");
                     logged = true;
                 }
             }
@@ -396,7 +414,13 @@ fn serve(config: Config) -> anyhow::Result<()> {
     let config = Arc::new(config);
     let health = Arc::new(Health::new());
     let metrics = Arc::new(Metrics::new());
-    let state = Arc::new(State::new(&config.scoring).with_max_sources(config.state.max_sources));
+    let state = Arc::new(
+        State::new(&config.scoring)
+            .with_max_sources(config.state.max_sources)
+            .with_active_snapshot_max_age(active_snapshot_max_age(
+                config.validator.revalidate_after,
+            )),
+    );
     let snapshotter = Arc::new(
         Snapshotter::new(
             config.state.snapshot_path.clone(),
@@ -405,7 +429,10 @@ fn serve(config: Config) -> anyhow::Result<()> {
         )
         .context("cannot start the snapshot writer")?,
     );
-    snapshotter.restore();
+    // The snapshot's active set is served until the database's replaces it,
+    // so that a start during an outage still has proxies to hand out.
+    let restored = snapshotter.restore();
+    health.record_pool_size(state.active_count());
 
     let store = Store::connect(&config.database)?;
     let (validate_tx, validate_rx) = crossbeam_channel::bounded::<()>(1);
@@ -457,13 +484,20 @@ fn serve(config: Config) -> anyhow::Result<()> {
         }
     })?);
 
-    if wait_for_database(&store, &health, &signal) {
+    let serving = serving_while_waiting(restored.as_ref(), Utc::now());
+    if wait_for_database(&store, &health, &signal, &serving) {
         log::info!("database ready, schema applied");
         let started = Instant::now();
         sync_active(&store, &state, &health);
         health.record_pool_size(state.active_count());
+        let replaced = match &restored {
+            Some(report) if report.active > 0 => {
+                format!(", replacing the snapshot's {}", report.active)
+            }
+            _ => String::new(),
+        };
         log::info!(
-            "{} active proxies loaded in {} ms",
+            "{} active proxies loaded in {} ms{replaced}",
             state.active_count(),
             started.elapsed().as_millis()
         );

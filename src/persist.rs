@@ -1,7 +1,7 @@
-//! Moves the state manager's scores to and from the snapshot file: the
-//! restore at start, and writes (periodic, on request, on shutdown) one at a
-//! time, each from a copy taken quickly so that requests never wait for the
-//! encoding or the disk.
+//! Moves the state manager's scores and active set to and from the snapshot
+//! file: the restore at start, and writes (periodic, on request, on
+//! shutdown) one at a time, each from a copy taken quickly so that requests
+//! never wait for the encoding or the disk.
 //!
 //! Every write runs on one dedicated thread, whoever asks for it. A write
 //! allocates about 100 MB for a million entries (the copy and its
@@ -21,7 +21,7 @@ use crossbeam_channel::{Receiver, Sender};
 
 use crate::health::Health;
 use crate::snapshot::{self, Loaded, SnapshotError, SnapshotInfo};
-use crate::state::State;
+use crate::state::{RestoreReport, State};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PersistError {
@@ -119,8 +119,9 @@ impl Snapshotter {
     pub fn write_logged(&self) {
         match self.write() {
             Ok(info) => log::info!(
-                "snapshot written: {} entries, {} bytes in {} ms",
+                "snapshot written: {} entries, {} active proxies, {} bytes in {} ms",
                 info.entries,
+                info.active,
                 info.bytes,
                 info.duration.as_millis()
             ),
@@ -128,9 +129,11 @@ impl Snapshotter {
         }
     }
 
-    /// Loads the snapshot into the state at start. A missing file means empty
-    /// stats; an unreadable one has been moved aside by `snapshot::load`.
-    pub fn restore(&self) {
+    /// Loads the snapshot into the state at start and says what it kept
+    /// (`None` when nothing was loaded). A missing file means empty stats
+    /// and no active set; an unreadable one has been moved aside by
+    /// `snapshot::load`.
+    pub fn restore(&self) -> Option<RestoreReport> {
         let path = self.path.display();
         let stale = snapshot::remove_stale_temps(&self.path);
         if stale > 0 {
@@ -141,19 +144,33 @@ impl Snapshotter {
                 let report = self.state.restore(data, Utc::now());
                 self.health.record_snapshot_now();
                 log::info!(
-                    "snapshot {path} loaded: {} sources, {} stats entries ({} aged out, {} invalid)",
+                    "snapshot {path} loaded: {} sources, {} stats entries ({} aged out, {} invalid), \
+                     {} active proxies ({} checked too long ago or invalid), taken at {}",
                     report.sources,
                     report.entries,
                     report.aged_out,
-                    report.invalid
+                    report.invalid,
+                    report.active,
+                    report.active_stale,
+                    report.taken_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
                 );
+                Some(report)
             }
-            Ok(Loaded::Missing) => log::info!("no snapshot at {path}: starting with empty stats"),
-            Ok(Loaded::Corrupt { moved_to, reason }) => log::error!(
-                "snapshot {path} is unreadable ({reason}); moved aside to {}, starting with empty stats",
-                moved_to.display()
-            ),
-            Err(err) => log::error!("{err}; starting with empty stats"),
+            Ok(Loaded::Missing) => {
+                log::info!("no snapshot at {path}: starting with empty stats");
+                None
+            }
+            Ok(Loaded::Corrupt { moved_to, reason }) => {
+                log::error!(
+                    "snapshot {path} is unreadable ({reason}); moved aside to {}, starting with empty stats",
+                    moved_to.display()
+                );
+                None
+            }
+            Err(err) => {
+                log::error!("{err}; starting with empty stats");
+                None
+            }
         }
     }
 }

@@ -1,12 +1,18 @@
 //! The stats snapshot file: every source's per-proxy stats, so that a restart
-//! does not forget which proxies work for whom. Only file I/O lives here; the
-//! state manager makes the [`SnapshotData`] copy and restores from it.
+//! does not forget which proxies work for whom, and the active set, so that a
+//! restart while the database is down still has proxies to serve. Only file
+//! I/O lives here; the state manager makes the [`SnapshotData`] copy and
+//! restores from it.
 //!
 //! Layout: a 28-byte header (magic `PPSNAP\0\x01`, format version u32 LE,
 //! payload length u64 LE, FNV-1a 64 checksum of the payload u64 LE), then the
 //! bincode 2 (standard config) encoding of [`SnapshotData`]. A file is
 //! replaced atomically: written to a temporary file in the same directory,
 //! fsynced, renamed over the old one, and the directory fsynced.
+//!
+//! Versions: 1 held the stats only; 2 adds the active set. Both are read (a
+//! version 1 file gives an empty active set); only the current one is
+//! written.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
@@ -17,23 +23,48 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 pub const MAGIC: [u8; 8] = *b"PPSNAP\0\x01";
-/// Bumped whenever [`SnapshotData`]'s encoding changes; an older or newer
-/// file is treated as unreadable (moved aside), never misread.
-pub const FORMAT_VERSION: u32 = 1;
+/// Bumped whenever [`SnapshotData`]'s encoding changes. Files of this
+/// version and of [`OLDEST_READABLE_VERSION`] onwards are read, each with
+/// its own layout; any other is treated as unreadable (moved aside), never
+/// misread.
+pub const FORMAT_VERSION: u32 = 2;
+/// The first version, stats only ([`SnapshotDataV1`]).
+pub const OLDEST_READABLE_VERSION: u32 = 1;
 const HEADER_LEN: usize = 28;
-/// Far above any real snapshot (a million entries take about 40 MB); a
-/// larger file is not one of ours.
+/// Far above any real snapshot (a million entries and 100,000 active proxies
+/// take about 25 MB); a larger file is not one of ours.
 const MAX_PAYLOAD_BYTES: u64 = 1 << 32;
 
-/// Everything a snapshot holds. Entries name their proxy by an index into
-/// `urls`, so each URL (the proxy's stable identity across restarts and
-/// database changes) is stored once.
+/// Everything a snapshot holds. Entries and active proxies name their proxy
+/// by an index into `urls`, so each URL (the proxy's stable identity across
+/// restarts and database changes, credentials included) is stored once.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct SnapshotData {
     /// When the copy was taken, unix milliseconds.
     pub taken_at_ms: i64,
     pub urls: Vec<String>,
     pub sources: Vec<SourceSnapshot>,
+    /// The active set as it was served when the copy was taken.
+    pub active: Vec<ActiveSnapshot>,
+}
+
+/// A version 1 payload: [`SnapshotData`] without the active set.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotDataV1 {
+    pub taken_at_ms: i64,
+    pub urls: Vec<String>,
+    pub sources: Vec<SourceSnapshot>,
+}
+
+impl From<SnapshotDataV1> for SnapshotData {
+    fn from(v1: SnapshotDataV1) -> SnapshotData {
+        SnapshotData {
+            taken_at_ms: v1.taken_at_ms,
+            urls: v1.urls,
+            sources: v1.sources,
+            active: Vec::new(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -57,6 +88,24 @@ pub struct EntrySnapshot {
     pub last_used_ms: i64,
 }
 
+/// One active proxy: what get-proxy answers with, as its last successful
+/// check found it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ActiveSnapshot {
+    /// The database row's id.
+    pub id: i64,
+    /// Index into [`SnapshotData::urls`]: protocol, address and credentials.
+    pub url: u32,
+    pub latency_ms: Option<u32>,
+    /// `elite`, `anonymous` or `transparent`.
+    pub anonymity: Option<String>,
+    /// ISO 3166 alpha-2.
+    pub country: Option<String>,
+    pub supports_https: Option<bool>,
+    /// Unix milliseconds.
+    pub last_validated_ms: Option<i64>,
+}
+
 impl SnapshotData {
     pub fn entry_count(&self) -> usize {
         self.sources.iter().map(|source| source.entries.len()).sum()
@@ -68,6 +117,7 @@ impl SnapshotData {
 pub struct SnapshotInfo {
     pub bytes: u64,
     pub entries: usize,
+    pub active: usize,
     pub duration: Duration,
 }
 
@@ -124,6 +174,7 @@ pub fn write_atomic(path: &Path, data: &SnapshotData) -> Result<SnapshotInfo, Sn
     Ok(SnapshotInfo {
         bytes,
         entries: data.entry_count(),
+        active: data.active.len(),
         duration: started.elapsed(),
     })
 }
@@ -288,9 +339,9 @@ fn read_snapshot(file: File) -> Result<SnapshotData, ReadFailure> {
         u64::from_le_bytes(bytes)
     };
     let version = field(8..12);
-    if version != u64::from(FORMAT_VERSION) {
+    if !(u64::from(OLDEST_READABLE_VERSION)..=u64::from(FORMAT_VERSION)).contains(&version) {
         return Err(ReadFailure::Invalid(format!(
-            "expected format version {FORMAT_VERSION}, found {version}"
+            "expected format version {OLDEST_READABLE_VERSION} to {FORMAT_VERSION}, found {version}"
         )));
     }
     let payload_len = field(12..20);
@@ -302,9 +353,14 @@ fn read_snapshot(file: File) -> Result<SnapshotData, ReadFailure> {
         )));
     }
     let mut hashing = Hashing::new(reader.take(payload_len));
-    let data: SnapshotData =
+    let decoded = if version == 1 {
+        bincode::serde::decode_from_std_read::<SnapshotDataV1, _, _>(&mut hashing, bincode_config())
+            .map(SnapshotData::from)
+    } else {
         bincode::serde::decode_from_std_read(&mut hashing, bincode_config())
-            .map_err(|err| ReadFailure::Invalid(format!("cannot decode the payload: {err}")))?;
+    };
+    let data =
+        decoded.map_err(|err| ReadFailure::Invalid(format!("cannot decode the payload: {err}")))?;
     if hashing.len != payload_len {
         return Err(ReadFailure::Invalid(format!(
             "payload decoded from {} of its {payload_len} bytes",
@@ -398,6 +454,7 @@ mod tests {
             urls: vec![
                 "http://1.2.3.4:8080".into(),
                 "socks5://u:p@5.6.7.8:1080".into(),
+                "https://9.9.9.9:443".into(),
             ],
             sources: vec![SourceSnapshot {
                 name: "my_app".into(),
@@ -424,6 +481,26 @@ mod tests {
                     },
                 ],
             }],
+            active: vec![
+                ActiveSnapshot {
+                    id: 41,
+                    url: 1,
+                    latency_ms: Some(150),
+                    anonymity: Some("elite".into()),
+                    country: Some("DE".into()),
+                    supports_https: None,
+                    last_validated_ms: Some(1_699_999_990_000),
+                },
+                ActiveSnapshot {
+                    id: 42,
+                    url: 2,
+                    latency_ms: None,
+                    anonymity: None,
+                    country: None,
+                    supports_https: Some(true),
+                    last_validated_ms: None,
+                },
+            ],
         }
     }
 
@@ -441,6 +518,7 @@ mod tests {
         let path = dir.path().join("stats.bin");
         let info = write_atomic(&path, &sample()).unwrap();
         assert_eq!(info.entries, 2);
+        assert_eq!(info.active, 2);
         assert_eq!(info.bytes, fs::metadata(&path).unwrap().len());
         #[cfg(unix)]
         {
@@ -501,9 +579,44 @@ mod tests {
 
     #[test]
     fn other_format_version_is_moved_aside() {
+        for version in [0, FORMAT_VERSION + 1, 9] {
+            let mut bytes = valid_bytes();
+            bytes[8..12].copy_from_slice(&version.to_le_bytes());
+            assert_moved_aside(&bytes, "version");
+        }
+    }
+
+    /// Guards the upgrade: a file written by a version 1 binary (this one
+    /// was, from the stats of `sample`) keeps its stats, with no active set.
+    #[test]
+    fn a_version_1_file_loads_with_an_empty_active_set() {
+        let bytes = include_bytes!("../tests/fixtures/snapshot-v1.bin");
+        assert_eq!(bytes[8..12], 1u32.to_le_bytes());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stats.bin");
+        fs::write(&path, bytes).unwrap();
+        let expected = SnapshotData {
+            urls: sample().urls[..2].to_vec(),
+            active: Vec::new(),
+            ..sample()
+        };
+        match load(&path).unwrap() {
+            Loaded::Loaded(data) => assert_eq!(data, expected),
+            other => panic!("expected the version 1 snapshot, got {other:?}"),
+        }
+        assert!(corrupt_files(dir.path()).is_empty());
+        assert_eq!(
+            fs::read(&path).unwrap(),
+            bytes,
+            "a load leaves the file as it is"
+        );
+    }
+
+    #[test]
+    fn a_current_payload_under_a_version_1_header_is_moved_aside() {
         let mut bytes = valid_bytes();
-        bytes[8] = 9;
-        assert_moved_aside(&bytes, "version");
+        bytes[8..12].copy_from_slice(&1u32.to_le_bytes());
+        assert_moved_aside(&bytes, "payload");
     }
 
     #[test]

@@ -164,6 +164,7 @@ fn sigterm_with_200k_stats_entries_writes_them_and_exits_0_within_the_bound() {
                 entries: entries(1),
             })
             .collect(),
+        active: Vec::new(),
     };
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("stats.bin");
@@ -221,6 +222,31 @@ fn admin_snapshot_writes_a_private_file_now() {
         .filter(|n| n.contains("stats.bin"))
         .collect();
     assert_eq!(names, ["stats.bin"]);
+    // The active set is in it as get-proxy serves it, credentials included.
+    let snapshot::Loaded::Loaded(written) = snapshot::load(&path).expect("read") else {
+        panic!("the snapshot is not readable");
+    };
+    let mut active: Vec<_> = written
+        .active
+        .iter()
+        .map(|proxy| {
+            (
+                written.urls[proxy.url as usize].clone(),
+                proxy.latency_ms,
+                proxy.anonymity.clone(),
+                proxy.country.clone(),
+            )
+        })
+        .collect();
+    active.sort();
+    let elite_us = |url: String| (url, Some(100), Some("elite".into()), Some("US".into()));
+    let mut expected: Vec<_> = rows.iter().map(|row| elite_us(row.url())).collect();
+    expected.sort();
+    assert_eq!(active, expected);
+    assert!(written
+        .active
+        .iter()
+        .all(|proxy| proxy.last_validated_ms.is_some()));
 }
 
 #[test]

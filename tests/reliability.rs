@@ -158,12 +158,38 @@ fn count(client: &mut postgres::Client, query: &str) -> i64 {
 // ---------------------------------------------------------------------------
 // 1. PostgreSQL outages
 
-/// Guards start-up without a database: the service listens at once, answers
-/// /health "degraded" (200), logs the wait once, retries with backoff
-/// without spinning (little CPU), and once PostgreSQL is up migrates, goes
-/// "ok", fetches and validates by itself.
+/// Every proxy get-proxy hands `source` (the whole pool, when under 100).
+fn served(service: &Service, source: &str) -> BTreeSet<String> {
+    let answer = get(&service.url(&format!("/get-proxy?source={source}&count=100")));
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    answer.json()["proxies"]
+        .as_array()
+        .expect("a proxies array")
+        .iter()
+        .map(|proxy| proxy["proxy"].as_str().expect("a proxy URL").to_string())
+        .collect()
+}
+
+/// The URLs of the active rows, as get-proxy writes them.
+fn active_in_database(client: &mut postgres::Client) -> BTreeSet<String> {
+    client
+        .query(
+            "SELECT protocol || '://' || host(ip) || ':' || port FROM proxies WHERE is_active",
+            &[],
+        )
+        .expect("active rows")
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
+/// Guards start-up without a database: the service listens at once, serves
+/// the active set of its last snapshot (get-proxy 200) while /health says
+/// "degraded", logs the wait once, retries with backoff without spinning
+/// (little CPU), and once PostgreSQL is up migrates, goes "ok" and serves
+/// the database's active set in place of the snapshot's.
 #[test]
-fn a_database_down_at_start_up_is_waited_for_without_spinning() {
+fn a_database_down_at_start_up_is_waited_for_serving_the_snapshot() {
     let _guard = shared();
     let cluster = PgCluster::start();
     let farm = Farm::start(
@@ -172,13 +198,67 @@ fn a_database_down_at_start_up_is_waited_for_without_spinning() {
             .group(ProxyGroup::new(Behaviour::Elite, 4)),
     )
     .expect("farm");
+    let list = farm.list_url("plain");
+
+    // A first run validates the farm's proxies and snapshots them.
+    let mut first = Service::start(&service_config(&cluster.url(), &farm, &list, ""));
+    wait_for(
+        "the farm's proxies fetched and validated",
+        Duration::from_secs(60),
+        || health(&first)["active_proxies"] == 4,
+    );
+    let snapshotted = served(&first, "first");
+    assert_eq!(snapshotted.len(), 4, "{snapshotted:?}");
+    assert_eq!(first.terminate(), 0, "{}", first.log_text());
+    assert!(
+        first.log_contains("entries, 4 active proxies"),
+        "the shutdown snapshot holds the active set:\n{}",
+        first.log_text()
+    );
+    let dir = first.take_dir();
+
+    // While the service is stopped, the database changes: one proxy is
+    // deactivated, another appears. Then it goes down.
+    let gone = snapshotted.first().unwrap().clone();
+    let added = "http://127.11.0.250:8080".to_string();
+    {
+        let mut client = cluster.client();
+        // The cluster commits asynchronously and stops as a crash would:
+        // these changes must be in the WAL before it stops.
+        client.batch_execute("SET synchronous_commit = on").unwrap();
+        let (ip, port) = gone.trim_start_matches("http://").rsplit_once(':').unwrap();
+        let updated = client
+            .execute(
+                "UPDATE proxies SET is_active = false
+                 WHERE protocol = 'http' AND host(ip) = $1 AND port = $2",
+                &[&ip, &port.parse::<i32>().unwrap()],
+            )
+            .unwrap();
+        assert_eq!(updated, 1);
+        client
+            .execute(
+                "INSERT INTO proxies (protocol, ip, port, is_active, latency_ms, anonymity,
+                    last_validated_at, check_count, alive_count)
+                 VALUES ('http', '127.11.0.250', 8080, true, 100, 'elite', now(), 1, 1)",
+                &[],
+            )
+            .unwrap();
+        assert_ne!(active_in_database(&mut client), snapshotted);
+    }
     cluster.stop();
-    let mut service = Service::start(&service_config(
-        &cluster.url(),
-        &farm,
-        &farm.list_url("plain"),
-        "",
-    ));
+
+    // Nothing is due again soon, so what is active once the database is back
+    // is what the table said, not a new finding of the validator.
+    let config = service_config(&cluster.url(), &farm, &list, "")
+        .replace(
+            "revalidate_after_seconds = 1\n",
+            "revalidate_after_seconds = 3600\n",
+        )
+        .replace(
+            "retry_inactive_after_seconds = 1\n",
+            "retry_inactive_after_seconds = 0\n",
+        );
+    let mut service = Service::start_in(dir, &config);
     let pid = service.child.id();
     let cpu_before = procfs::cpu_ticks(pid);
     let outage = Instant::now();
@@ -186,6 +266,14 @@ fn a_database_down_at_start_up_is_waited_for_without_spinning() {
         let health = health(&service);
         assert_eq!(health["status"], "degraded", "{health}");
         assert_eq!(health["database"], "down", "{health}");
+        assert_eq!(health["active_proxies"], 4, "{health}");
+        let answer = get(&service.url("/get-proxy?source=outage"));
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        let proxy = answer.json()["proxy"].as_str().unwrap().to_string();
+        assert!(
+            snapshotted.contains(&proxy),
+            "{proxy} is not a snapshotted proxy"
+        );
         thread::sleep(Duration::from_millis(250));
     }
     let cpu_ticks = procfs::cpu_ticks(pid) - cpu_before;
@@ -198,14 +286,18 @@ fn a_database_down_at_start_up_is_waited_for_without_spinning() {
         service.child.try_wait().unwrap().is_none(),
         "the service exited"
     );
-    let warnings = service
-        .log
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|l| l.contains("database not ready"))
-        .count();
-    assert_eq!(warnings, 1, "{}", service.log_text());
+    assert_eq!(served(&service, "outage"), snapshotted);
+    assert_eq!(
+        service.log_count("database not ready"),
+        1,
+        "{}",
+        service.log_text()
+    );
+    assert!(
+        service.log_contains("serving the 4 active proxies of the snapshot taken"),
+        "{}",
+        service.log_text()
+    );
 
     cluster.restart();
     wait_for(
@@ -213,12 +305,18 @@ fn a_database_down_at_start_up_is_waited_for_without_spinning() {
         Duration::from_secs(30),
         || health(&service)["status"] == "ok",
     );
-    wait_for(
-        "the farm's proxies fetched and validated",
-        Duration::from_secs(30),
-        || health(&service)["active_proxies"] == 4,
+    let expected = active_in_database(&mut cluster.client());
+    assert!(
+        expected.contains(&added) && !expected.contains(&gone),
+        "{expected:?}"
     );
-    assert_eq!(get(&service.url("/get-proxy?source=late")).status, 200);
+    wait_for(
+        "the database's active set served",
+        Duration::from_secs(30),
+        || served(&service, "after") == expected,
+    );
+    assert_eq!(health(&service)["active_proxies"], 4);
+    assert!(service.log_contains("replacing the snapshot's 4"));
     assert!(inconsistent_rows(&mut cluster.client()).is_empty());
 }
 

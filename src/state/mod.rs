@@ -5,7 +5,8 @@
 //!
 //! Locks, and the order in which they may be taken (never the other way
 //! round, which could deadlock behind a queued writer):
-//! 0. `sync_base` (Mutex): the last sync's load, taken by the sync alone.
+//! 0. `sync_base` (Mutex): the last sync's load, taken by the sync and by
+//!    the restore of a snapshot's active set.
 //! 1. `registry` (RwLock): known proxies and the active set. Readers are
 //!    get-proxy, feedback (URL lookup only) and introspection; writers are
 //!    the database sync (in short rounds that apply a diff computed
@@ -29,7 +30,7 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::config::ScoringConfig;
 use crate::proxy::{ActiveProxy, Anonymity, Protocol, ProxyKey};
-use crate::snapshot::{EntrySnapshot, SnapshotData, SourceSnapshot};
+use crate::snapshot::{ActiveSnapshot, EntrySnapshot, SnapshotData, SourceSnapshot};
 
 use registry::{country_code, BucketKey, Filter, IntMap, IntSet, Registry, Slot};
 use source::{Rules, SourceState, Stats};
@@ -45,6 +46,11 @@ pub const MAX_COUNT: usize = 100;
 /// its ban count when it plausibly matters.
 pub const STATS_MAX_IDLE: Duration = Duration::from_secs(7 * 24 * 3600);
 
+/// How long after its last check a proxy of a snapshot's active set may
+/// still be served, unless configured otherwise (see
+/// [`active_snapshot_max_age`]).
+pub const ACTIVE_SNAPSHOT_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+
 /// Sources kept at once unless configured otherwise (`[state] max_sources`).
 pub const DEFAULT_MAX_SOURCES: usize = 10_000;
 
@@ -55,6 +61,25 @@ const UNSCORED_SCAN_LIMIT: usize = 2048;
 /// Activations or deactivations a sync applies per write lock: short enough
 /// that get-proxy waits well under a millisecond behind one round.
 const SYNC_ROUND: usize = 1024;
+/// Slots a snapshot copies the active records of per read lock.
+const SNAPSHOT_ROUND: usize = 4096;
+
+/// The bound on a snapshot's active set, for a service that revalidates
+/// active proxies every `revalidate_after`: a proxy is served from a
+/// snapshot only if its last check is more recent than this.
+///
+/// The snapshot's active set is served only when the service starts while
+/// the database is down, and nothing can be checked until it is back. A day
+/// covers a night's outage and a restart in it; public proxies churn within
+/// hours to days, so past a day most of such a set is dead, and 503
+/// `no_active` tells clients the truth better than a list of corpses. The
+/// bound is on each proxy's last check, not on the file's age: a snapshot
+/// rewritten during an outage keeps the old checks, so restarts cannot
+/// stretch it. It is at least twice `revalidate_after`, because a running
+/// service itself serves proxies up to that long after their check.
+pub fn active_snapshot_max_age(revalidate_after: Duration) -> Duration {
+    ACTIVE_SNAPSHOT_MAX_AGE.max(revalidate_after.saturating_mul(2))
+}
 
 /// What a get-proxy asks for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -219,12 +244,22 @@ pub struct SourceEntry {
 /// What [`State::restore`] kept and dropped.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RestoreReport {
+    /// When the snapshot was taken.
+    pub taken_at: DateTime<Utc>,
     pub sources: usize,
     pub entries: usize,
     /// Idle for longer than [`STATS_MAX_IDLE`].
     pub aged_out: usize,
     /// Naming a URL that is not a proxy URL, or no URL at all.
     pub invalid: usize,
+    /// Proxies of the snapshot's active set made active.
+    pub active: usize,
+    /// Active proxies left out: checked longer ago than the bound (see
+    /// [`active_snapshot_max_age`]), or with a URL that is not a proxy URL.
+    pub active_stale: usize,
+    /// Active proxies left out because the database's active set was
+    /// loaded already: a snapshot never overrides it.
+    pub active_superseded: usize,
 }
 
 /// Where the validator's change sequence stood when a memory sync began
@@ -248,10 +283,11 @@ pub struct SyncReport {
 pub struct State {
     rules: Rules,
     registry: RwLock<Registry>,
-    /// Each proxy of the last sync's load, by id, as a [`fingerprint`]: the
-    /// next sync diffs against it without any registry lock. Only the sync
-    /// takes this lock.
-    sync_base: Mutex<IntMap<i64, u64>>,
+    /// What the active set was last loaded from; the next sync diffs
+    /// against it without any registry lock.
+    sync_base: Mutex<SyncBase>,
+    /// A snapshot's active proxies checked longer ago are not restored.
+    active_snapshot_max_age: Duration,
     sources: RwLock<HashMap<String, Arc<Mutex<SourceState>>>>,
     /// New sources are refused once this many exist.
     max_sources: usize,
@@ -274,7 +310,8 @@ impl State {
         State {
             rules: Rules::new(config),
             registry: RwLock::new(Registry::default()),
-            sync_base: Mutex::new(IntMap::default()),
+            sync_base: Mutex::new(SyncBase::default()),
+            active_snapshot_max_age: ACTIVE_SNAPSHOT_MAX_AGE,
             sources: RwLock::new(HashMap::new()),
             max_sources: DEFAULT_MAX_SOURCES,
             requests: AtomicU64::new(0),
@@ -285,6 +322,13 @@ impl State {
     /// Bounds the number of sources (the default is [`DEFAULT_MAX_SOURCES`]).
     pub fn with_max_sources(mut self, max_sources: usize) -> State {
         self.max_sources = max_sources.max(1);
+        self
+    }
+
+    /// Bounds how long after its last check a snapshot's active proxy is
+    /// still restored (the default is [`ACTIVE_SNAPSHOT_MAX_AGE`]).
+    pub fn with_active_snapshot_max_age(mut self, max_age: Duration) -> State {
+        self.active_snapshot_max_age = max_age;
         self
     }
 
@@ -323,7 +367,8 @@ impl State {
         let mut activate: Vec<(ActiveProxy, String)> = Vec::new();
         for proxy in proxies {
             let print = fingerprint(&proxy);
-            let unchanged = base.get(&proxy.id) == Some(&print) && !touched.contains(&proxy.id);
+            let unchanged =
+                base.prints.get(&proxy.id) == Some(&print) && !touched.contains(&proxy.id);
             loaded.insert(proxy.id, print);
             if !unchanged {
                 let url = proxy.key.url();
@@ -331,6 +376,7 @@ impl State {
             }
         }
         let deactivate: Vec<i64> = base
+            .prints
             .keys()
             .chain(touched.iter())
             .filter(|id| !loaded.contains_key(id))
@@ -363,7 +409,8 @@ impl State {
             }
         }
         self.registry.write().forget_changes_until(mark.0);
-        *base = loaded;
+        base.prints = loaded;
+        base.from_database = true;
         report
     }
 
@@ -689,9 +736,10 @@ impl State {
         })
     }
 
-    /// Copies every source's stats for the snapshot. Each source is locked
-    /// only while its entries are copied; the URLs are looked up after, and
-    /// encoding and writing are the caller's, without any lock.
+    /// Copies every source's stats and the active set for the snapshot.
+    /// Each source is locked only while its entries are copied, the registry
+    /// only for a round of slots at a time; the URLs are looked up after,
+    /// and encoding and writing are the caller's, without any lock.
     pub fn snapshot_data(&self, now: DateTime<Utc>) -> SnapshotData {
         let handles: Vec<(String, Arc<Mutex<SourceState>>)> = self
             .sources
@@ -716,10 +764,9 @@ impl State {
                 }
             })
             .collect();
-        let mut urls = Vec::new();
-        let mut url_index: Vec<u32> = Vec::new();
-        let registry = self.registry.read();
-        url_index.resize(registry.known_count(), u32::MAX);
+        // After the sources: every slot their entries name exists by now.
+        let registry = self.copy_registry();
+        let mut urls = UrlTable::new(&registry.urls);
         let sources = copies
             .into_iter()
             .map(|copy| SourceSnapshot {
@@ -730,13 +777,8 @@ impl State {
                     .entries
                     .into_iter()
                     .filter_map(|(slot, stats)| {
-                        let index = url_index.get_mut(slot as usize)?;
-                        if *index == u32::MAX {
-                            *index = urls.len() as u32;
-                            urls.push(registry.entry(slot)?.url.to_string());
-                        }
                         Some(EntrySnapshot {
-                            url: *index,
+                            url: urls.index(slot)?,
                             score: stats.score,
                             success_count: stats.success_count,
                             failure_count: stats.failure_count,
@@ -748,10 +790,53 @@ impl State {
                     .collect(),
             })
             .collect();
+        let active = registry
+            .active
+            .into_iter()
+            .filter_map(|(slot, proxy)| {
+                Some(ActiveSnapshot {
+                    id: proxy.id,
+                    url: urls.index(slot)?,
+                    latency_ms: proxy.latency_ms,
+                    anonymity: proxy.anonymity.map(|level| level.as_str().to_string()),
+                    country: proxy.country,
+                    supports_https: proxy.supports_https,
+                    last_validated_ms: proxy.last_validated_at.map(millis),
+                })
+            })
+            .collect();
         SnapshotData {
             taken_at_ms: millis(now),
-            urls,
+            urls: urls.into_urls(),
             sources,
+            active,
+        }
+    }
+
+    /// Every slot's URL and every active record, copied a round of slots
+    /// per read lock, so that a writer (the sync, the validator) and the
+    /// get-proxy calls queued behind it never wait for the whole copy. A
+    /// proxy that moves to another slot meanwhile (its password changed)
+    /// may be copied twice under its id; the restore keeps the last.
+    fn copy_registry(&self) -> RegistryCopy {
+        let mut copy = RegistryCopy::default();
+        loop {
+            let registry = self.registry.read();
+            let start = copy.urls.len();
+            for (i, entry) in registry
+                .entries_from(start, SNAPSHOT_ROUND)
+                .iter()
+                .enumerate()
+            {
+                copy.urls.push(Arc::clone(&entry.url));
+                if let Some(record) = &entry.active {
+                    copy.active
+                        .push(((start + i) as Slot, record.proxy.clone()));
+                }
+            }
+            if copy.urls.len() >= registry.known_count() {
+                return copy;
+            }
         }
     }
 
@@ -759,7 +844,7 @@ impl State {
     /// uptime does not keep the history of every proxy that ever died (call
     /// it now and then, e.g. with the snapshot). Returns how many went.
     pub fn drop_idle(&self, now: DateTime<Utc>) -> usize {
-        let cutoff = millis(now).saturating_sub(STATS_MAX_IDLE.as_millis() as i64);
+        let cutoff = millis(now).saturating_sub(duration_ms(STATS_MAX_IDLE));
         let handles: Vec<Arc<Mutex<SourceState>>> = self.sources.read().values().cloned().collect();
         let dropped = handles
             .iter()
@@ -779,12 +864,19 @@ impl State {
         dropped
     }
 
-    /// Loads a snapshot's stats (normally at start-up, before serving). Its
-    /// proxies become known, active or not, so their feedback is accepted;
-    /// entries idle for longer than [`STATS_MAX_IDLE`] are dropped.
+    /// Loads a snapshot's stats and active set (normally at start-up, before
+    /// serving). Its proxies become known, active or not, so their feedback
+    /// is accepted; entries idle for longer than [`STATS_MAX_IDLE`] are
+    /// dropped. Its active set becomes the active set, but only until the
+    /// database's is loaded, which replaces it whole; once that happened it
+    /// is ignored. Active proxies checked longer ago than the bound set with
+    /// [`State::with_active_snapshot_max_age`] are left out.
     pub fn restore(&self, data: SnapshotData, now: DateTime<Utc>) -> RestoreReport {
-        let cutoff = millis(now).saturating_sub(STATS_MAX_IDLE.as_millis() as i64);
-        let mut report = RestoreReport::default();
+        let cutoff = millis(now).saturating_sub(duration_ms(STATS_MAX_IDLE));
+        let mut report = RestoreReport {
+            taken_at: from_millis(data.taken_at_ms),
+            ..RestoreReport::default()
+        };
         let parsed: Vec<Option<ProxyKey>> = data
             .urls
             .iter()
@@ -847,8 +939,116 @@ impl State {
             }
             report.sources += 1;
         }
+        self.restore_active(data.active, &data.urls, &parsed, now, &mut report);
         report
     }
+
+    /// Makes a snapshot's active proxies active, and records them as the
+    /// last load, so that the first database load deactivates those it does
+    /// not hold. Under the sync's lock: a database load is either applied
+    /// before (and this does nothing) or after (and replaces this).
+    fn restore_active(
+        &self,
+        active: Vec<ActiveSnapshot>,
+        urls: &[String],
+        keys: &[Option<ProxyKey>],
+        now: DateTime<Utc>,
+        report: &mut RestoreReport,
+    ) {
+        if active.is_empty() {
+            return;
+        }
+        let mut base = self.sync_base.lock();
+        if base.from_database {
+            report.active_superseded = active.len();
+            return;
+        }
+        let cutoff = millis(now).saturating_sub(duration_ms(self.active_snapshot_max_age));
+        let mut fresh: Vec<(ActiveProxy, &str)> = Vec::with_capacity(active.len());
+        for snapshot in active {
+            let index = snapshot.url as usize;
+            let key = keys.get(index).cloned().flatten();
+            let (Some(key), Some(checked)) = (key, snapshot.last_validated_ms) else {
+                report.active_stale += 1;
+                continue;
+            };
+            if checked < cutoff {
+                report.active_stale += 1;
+                continue;
+            }
+            let proxy = ActiveProxy {
+                id: snapshot.id,
+                key,
+                latency_ms: snapshot.latency_ms,
+                anonymity: snapshot.anonymity.as_deref().and_then(Anonymity::parse),
+                country: snapshot.country,
+                supports_https: snapshot.supports_https,
+                last_validated_at: Some(from_millis(checked)),
+            };
+            fresh.push((proxy, &urls[index]));
+        }
+        let mut fresh = fresh.into_iter().peekable();
+        while fresh.peek().is_some() {
+            let mut registry = self.registry.write();
+            for (proxy, url) in fresh.by_ref().take(SYNC_ROUND) {
+                base.prints.insert(proxy.id, fingerprint(&proxy));
+                registry.activate(proxy, url);
+                report.active += 1;
+            }
+        }
+    }
+}
+
+/// What the active set was last loaded from: each proxy of that load, by
+/// id, as a [`fingerprint`], and whether that load was the database's.
+#[derive(Debug, Default)]
+struct SyncBase {
+    prints: IntMap<i64, u64>,
+    /// A database load was applied: a snapshot's active set is ignored
+    /// from then on.
+    from_database: bool,
+}
+
+/// What [`State::copy_registry`] copies: `urls[slot]` is the slot's URL.
+#[derive(Default)]
+struct RegistryCopy {
+    urls: Vec<Arc<str>>,
+    active: Vec<(Slot, ActiveProxy)>,
+}
+
+/// The snapshot's URL table, built as entries name their slots: each URL
+/// once, in the order first named.
+struct UrlTable<'a> {
+    slot_urls: &'a [Arc<str>],
+    index_of_slot: Vec<u32>,
+    urls: Vec<String>,
+}
+
+impl UrlTable<'_> {
+    fn new(slot_urls: &[Arc<str>]) -> UrlTable<'_> {
+        UrlTable {
+            slot_urls,
+            index_of_slot: vec![u32::MAX; slot_urls.len()],
+            urls: Vec::new(),
+        }
+    }
+
+    fn index(&mut self, slot: Slot) -> Option<u32> {
+        let index = self.index_of_slot.get_mut(slot as usize)?;
+        if *index == u32::MAX {
+            *index = self.urls.len() as u32;
+            self.urls.push(self.slot_urls[slot as usize].to_string());
+        }
+        Some(*index)
+    }
+
+    fn into_urls(self) -> Vec<String> {
+        self.urls
+    }
+}
+
+fn duration_ms(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// One source's stats as copied under its lock for a snapshot.

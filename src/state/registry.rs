@@ -228,6 +228,13 @@ impl Registry {
         self.slots.get(slot as usize)
     }
 
+    /// Up to `n` slots' entries from slot `start` on.
+    pub fn entries_from(&self, start: usize, n: usize) -> &[SlotEntry] {
+        let start = start.min(self.slots.len());
+        let end = start.saturating_add(n).min(self.slots.len());
+        &self.slots[start..end]
+    }
+
     /// The filter facts of `slot` when it is active.
     #[inline]
     pub fn meta(&self, slot: Slot) -> Option<&Meta> {

@@ -638,7 +638,12 @@ fn snapshot_roundtrip_restores_stats_and_known_proxies() {
     raise(&state, "other", 3, 1);
     let data = state.snapshot_data(t0());
     assert_eq!(data.entry_count(), 3);
-    assert_eq!(data.urls.len(), 2, "each URL stored once");
+    assert_eq!(data.active.len(), 20);
+    assert_eq!(
+        data.urls.len(),
+        20,
+        "each URL stored once, shared by the stats and the active set"
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("stats.bin");
@@ -647,13 +652,14 @@ fn snapshot_roundtrip_restores_stats_and_known_proxies() {
         panic!("expected a snapshot");
     };
 
-    // A fresh process with no active proxy yet.
+    // A fresh process, before the database answers.
     let restored = State::new(&scoring());
     let report = restored.restore(loaded, t0());
     assert_eq!(report.entries, 3);
     assert_eq!(report.sources, 2);
+    assert_eq!((report.active, report.active_stale), (20, 0));
     let view = restored.source_view("app", 10, t0()).unwrap();
-    assert!(view.entries.iter().all(|entry| !entry.active));
+    assert!(view.entries.iter().all(|entry| entry.active));
     restored.replace_active((0..20).map(proxy).collect());
     assert_eq!(
         restored.source_view("app", 10, t0()),
@@ -683,7 +689,9 @@ fn restore_ages_out_idle_entries() {
     state
         .feedback("app", &url(2), true, t0() - chrono::Duration::days(6))
         .unwrap();
-    let data = state.snapshot_data(t0());
+    let mut data = state.snapshot_data(t0());
+    // The stats alone: the active set would make its proxies known anyway.
+    data.active.clear();
     let restored = State::new(&scoring());
     let report = restored.restore(data, t0());
     assert_eq!((report.entries, report.aged_out), (1, 1));
@@ -943,4 +951,160 @@ fn sources_without_stats_go_after_a_week_without_requests() {
     // Its stats aged out too: then it goes as well.
     state.drop_idle(later + week + chrono::Duration::days(1));
     assert!(source_names(&state).is_empty());
+}
+
+/// A proxy with everything get-proxy shows set, credentials included.
+fn detailed_proxy(id: i64) -> ActiveProxy {
+    let mut key = ProxyKey::new(Protocol::Socks5, "192.0.2.7".parse().unwrap(), 1080);
+    key.username = Some("us er".into());
+    key.password = Some("p@ss".into());
+    ActiveProxy {
+        id,
+        key,
+        latency_ms: Some(321),
+        anonymity: Some(Anonymity::Anonymous),
+        country: Some("DE".into()),
+        supports_https: Some(true),
+        last_validated_at: Some(t0() - chrono::Duration::minutes(10)),
+    }
+}
+
+fn through_the_file(data: &SnapshotData) -> SnapshotData {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("stats.bin");
+    snapshot::write_atomic(&path, data).unwrap();
+    match snapshot::load(&path).unwrap() {
+        Loaded::Loaded(loaded) => loaded,
+        other => panic!("expected a snapshot, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_snapshots_active_set_is_served_as_it_was() {
+    let state = state_with(scoring(), 3);
+    state.apply_changes(vec![detailed_proxy(7)], vec![0]);
+    let query = PickQuery {
+        protocol: Some(Protocol::Socks5),
+        https_only: true,
+        country: Some("de".into()),
+        anonymity: Some(Anonymity::Anonymous),
+        max_latency_ms: Some(400),
+        ..PickQuery::default()
+    };
+    let before = pick_one(&state, "app", &query);
+    let data = through_the_file(&state.snapshot_data(t0()));
+
+    let restored = State::new(&scoring());
+    let report = restored.restore(data, t0() + chrono::Duration::minutes(5));
+    assert_eq!(report.active, 3);
+    assert_eq!(report.taken_at, t0());
+    assert_eq!(restored.active_count(), 3);
+    assert_eq!(
+        restored.registry.read().active_proxies(),
+        state.registry.read().active_proxies()
+    );
+    restored.registry.read().assert_consistent();
+    assert_eq!(pick_one(&restored, "app", &query), before);
+    assert_eq!(before.url, "socks5://us%20er:p%40ss@192.0.2.7:1080");
+    // Served proxies take feedback.
+    assert!(restored.feedback("app", &before.url, true, t0()).is_ok());
+}
+
+#[test]
+fn a_snapshots_active_proxies_checked_too_long_ago_are_left_out() {
+    let state = State::new(&scoring());
+    let checked = |id: i64, ago: chrono::Duration| ActiveProxy {
+        last_validated_at: Some(t0() - ago),
+        ..proxy(id)
+    };
+    state.replace_active(vec![
+        checked(1, chrono::Duration::hours(23)),
+        checked(2, chrono::Duration::hours(25)),
+        ActiveProxy {
+            last_validated_at: None,
+            ..proxy(3)
+        },
+    ]);
+    let data = state.snapshot_data(t0());
+
+    let restored = State::new(&scoring());
+    let report = restored.restore(data.clone(), t0());
+    assert_eq!((report.active, report.active_stale), (1, 2));
+    assert_eq!(pick_one(&restored, "app", &PickQuery::default()).id, 1);
+
+    let longer =
+        State::new(&scoring()).with_active_snapshot_max_age(Duration::from_secs(26 * 3600));
+    assert_eq!(longer.restore(data, t0()).active, 2);
+}
+
+#[test]
+fn the_bound_on_a_snapshots_active_set_is_a_day_or_two_revalidations() {
+    let day = Duration::from_secs(24 * 3600);
+    assert_eq!(active_snapshot_max_age(Duration::from_secs(1800)), day);
+    assert_eq!(active_snapshot_max_age(day), 2 * day);
+    assert_eq!(active_snapshot_max_age(Duration::MAX), Duration::MAX);
+}
+
+#[test]
+fn the_databases_first_load_replaces_a_snapshots_active_set() {
+    let state = state_with(scoring(), 4);
+    let data = state.snapshot_data(t0());
+    let restored = State::new(&scoring());
+    assert_eq!(restored.restore(data, t0()).active, 4);
+
+    // The database holds 2 (changed) and 3 of them, and 9 the snapshot lacks.
+    let moved = ActiveProxy {
+        country: Some("JP".into()),
+        ..proxy(2)
+    };
+    let mark = restored.sync_mark();
+    let report = restored.sync_active(vec![moved.clone(), proxy(3), proxy(9)], mark);
+    assert_eq!(report.deactivated, 2);
+    assert_eq!(
+        restored.registry.read().active_proxies(),
+        vec![moved, proxy(3), proxy(9)]
+    );
+    restored.registry.read().assert_consistent();
+}
+
+#[test]
+fn a_snapshots_active_set_never_overrides_a_database_load() {
+    let data = state_with(scoring(), 4).snapshot_data(t0());
+    let state = State::new(&scoring());
+    let mark = state.sync_mark();
+    state.sync_active(vec![proxy(9)], mark);
+    let report = state.restore(data, t0());
+    assert_eq!((report.active, report.active_superseded), (0, 4));
+    assert_eq!(state.registry.read().active_proxies(), vec![proxy(9)]);
+}
+
+#[test]
+fn a_database_load_of_nothing_empties_a_snapshots_active_set() {
+    let data = state_with(scoring(), 4).snapshot_data(t0());
+    let state = State::new(&scoring());
+    state.restore(data, t0());
+    let mark = state.sync_mark();
+    state.sync_active(Vec::new(), mark);
+    assert_eq!(state.active_count(), 0);
+    assert_eq!(
+        state.get_proxy("app", &PickQuery::default(), t0()),
+        Err(NoProxy {
+            reason: NoProxyReason::NoActive,
+            retry_after: None
+        })
+    );
+}
+
+#[test]
+fn a_stats_only_snapshot_restores_no_active_proxy() {
+    let state = state_with(scoring(), 4);
+    raise(&state, "app", 1, 2);
+    let mut data = state.snapshot_data(t0());
+    data.active.clear();
+    let restored = State::new(&scoring());
+    let report = restored.restore(through_the_file(&data), t0());
+    assert_eq!((report.entries, report.active), (1, 0));
+    assert_eq!(restored.active_count(), 0);
+    let view = restored.source_view("app", 10, t0()).unwrap();
+    assert!(!view.entries[0].active);
 }
