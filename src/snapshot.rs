@@ -104,6 +104,8 @@ pub struct ActiveSnapshot {
     pub supports_https: Option<bool>,
     /// Unix milliseconds.
     pub last_validated_ms: Option<i64>,
+    /// Which headers gave the proxy away (none for elite proxies).
+    pub anonymity_evidence: Option<String>,
 }
 
 impl SnapshotData {
@@ -490,6 +492,7 @@ mod tests {
                     country: Some("DE".into()),
                     supports_https: None,
                     last_validated_ms: Some(1_699_999_990_000),
+                    anonymity_evidence: None,
                 },
                 ActiveSnapshot {
                     id: 42,
@@ -499,6 +502,7 @@ mod tests {
                     country: None,
                     supports_https: Some(true),
                     last_validated_ms: None,
+                    anonymity_evidence: Some("Via: 1.1 squid".into()),
                 },
             ],
         }

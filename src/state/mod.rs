@@ -802,6 +802,7 @@ impl State {
                     country: proxy.country,
                     supports_https: proxy.supports_https,
                     last_validated_ms: proxy.last_validated_at.map(millis),
+                    anonymity_evidence: proxy.anonymity_evidence.as_deref().map(str::to_string),
                 })
             })
             .collect();
@@ -984,6 +985,7 @@ impl State {
                 country: snapshot.country,
                 supports_https: snapshot.supports_https,
                 last_validated_at: Some(from_millis(checked)),
+                anonymity_evidence: snapshot.anonymity_evidence.map(Arc::from),
             };
             fresh.push((proxy, &urls[index]));
         }
@@ -1073,6 +1075,7 @@ fn fingerprint(proxy: &ActiveProxy) -> u64 {
     proxy.country.hash(&mut hasher);
     proxy.supports_https.hash(&mut hasher);
     proxy.last_validated_at.hash(&mut hasher);
+    proxy.anonymity_evidence.hash(&mut hasher);
     hasher.finish()
 }
 

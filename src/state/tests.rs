@@ -966,6 +966,7 @@ fn detailed_proxy(id: i64) -> ActiveProxy {
         country: Some("DE".into()),
         supports_https: Some(true),
         last_validated_at: Some(t0() - chrono::Duration::minutes(10)),
+        anonymity_evidence: Some("Via: 1.1 squid".into()),
     }
 }
 
