@@ -98,11 +98,16 @@ fn get_proxy_answers_the_documented_shape_and_honours_every_filter() {
     assert_eq!(json["anonymity"], "anonymous");
     assert_eq!(json["country"], "DE");
     assert_eq!(json["score"], 0);
+    // The row leaves it undetermined; an https=true pick below shows true.
+    assert_eq!(json["supports_https"], serde_json::Value::Null);
     let validated = json["last_validated_at"].as_str().expect("a time");
     assert!(
         chrono::DateTime::parse_from_rfc3339(validated).is_ok() && validated.ends_with('Z'),
         "RFC 3339 UTC: {validated}"
     );
+
+    let tunnel = get(&service.url("/get-proxy?source=my_app&protocol=http&https=true")).json();
+    assert_eq!(tunnel["supports_https"], true, "{tunnel}");
 
     let cases: &[(&str, &[usize])] = &[
         ("source=a", &[0, 1, 2, 3]),

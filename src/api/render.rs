@@ -19,7 +19,7 @@ pub fn time(at: Option<DateTime<Utc>>) -> Value {
 }
 
 pub fn pick(pick: &Pick, source: Option<&str>) -> Value {
-    let mut object = Map::with_capacity(11);
+    let mut object = Map::with_capacity(13);
     if let Some(source) = source {
         object.insert("source".into(), Value::String(source.to_string()));
     }
@@ -42,6 +42,7 @@ pub fn pick(pick: &Pick, source: Option<&str>) -> Value {
         "anonymity_evidence".into(),
         json!(pick.anonymity_evidence.as_deref()),
     );
+    object.insert("supports_https".into(), json!(pick.supports_https));
     Value::Object(object)
 }
 

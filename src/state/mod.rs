@@ -126,6 +126,8 @@ pub struct Pick {
     pub last_validated_at: Option<DateTime<Utc>>,
     /// What gave the proxy away (see [`ActiveProxy::anonymity_evidence`]).
     pub anonymity_evidence: Option<Arc<str>>,
+    /// An http proxy that also tunnels CONNECT; `None` when not checked.
+    pub supports_https: Option<bool>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -555,6 +557,7 @@ impl State {
                     score,
                     last_validated_at: proxy.last_validated_at,
                     anonymity_evidence: proxy.anonymity_evidence.clone(),
+                    supports_https: proxy.supports_https,
                 })
             })
             .collect();
