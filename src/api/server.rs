@@ -17,16 +17,15 @@
 //! `workers`) is held only while the handler runs, never while waiting for a
 //! slow client, so slow clients cost a thread each but cannot stall others.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::thread::{self, JoinHandle};
+use std::thread::{self, JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender};
 use parking_lot::Mutex;
 use rouille::{Request, Response};
 
@@ -73,8 +72,8 @@ struct Shared {
     open: AtomicUsize,
     /// Open connections per client address (entries removed at zero).
     open_by_ip: Mutex<HashMap<IpAddr, usize>>,
-    /// Worker permits: a token is taken to run the handler and given back.
-    permits: (Sender<()>, Receiver<()>),
+    /// Worker permits: one is taken to run the handler and given back.
+    permits: Permits,
 }
 
 /// A running server; [`HttpServer::stop`] stops accepting.
@@ -95,10 +94,7 @@ impl HttpServer {
         let listener = TcpListener::bind(bind)?;
         let local_addr = listener.local_addr()?;
         let workers = limits.workers.max(1);
-        let permits = crossbeam_channel::bounded(workers);
-        for _ in 0..workers {
-            let _ = permits.0.send(());
-        }
+        let permits = Permits::new(workers);
         let shared = Arc::new(Shared {
             handler,
             body_limit,
@@ -318,7 +314,7 @@ fn serve_connection(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
         let is_head = head.method == "HEAD";
         let request = Request::fake_http_from(peer, head.method, head.target, head.headers, body);
         let (status, headers, data) = {
-            let _permit = Permit::take(&shared.permits);
+            let _permit = shared.permits.take();
             run_handler(&shared.handler, &request)
         };
         let answer = encode_answer(status, &headers, &data, close, is_head);
@@ -330,19 +326,80 @@ fn serve_connection(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
 }
 
 /// A worker permit, given back on drop.
-struct Permit<'a>(&'a Sender<()>);
+/// The `workers` permits, handed out first come, first served.
+///
+/// A channel of tokens (or a plain counting semaphore) lets a thread that
+/// arrives just as a permit is released take it ahead of the thread that was
+/// woken for it, which then queues again at the back: under saturation a few
+/// requests wait for many others and the latency's tail grows to tens of
+/// milliseconds. Here a released permit goes straight to the longest waiter.
+struct Permits {
+    state: Mutex<PermitState>,
+}
 
-impl<'a> Permit<'a> {
-    fn take(permits: &'a (Sender<()>, Receiver<()>)) -> Permit<'a> {
-        // The channel lives as long as the server: recv cannot fail.
-        let _ = permits.1.recv();
-        Permit(&permits.0)
+struct PermitState {
+    free: usize,
+    waiting: VecDeque<Arc<Waiter>>,
+}
+
+struct Waiter {
+    thread: Thread,
+    granted: AtomicBool,
+}
+
+impl Permits {
+    fn new(count: usize) -> Permits {
+        Permits {
+            state: Mutex::new(PermitState {
+                free: count,
+                waiting: VecDeque::new(),
+            }),
+        }
+    }
+
+    fn take(&self) -> Permit<'_> {
+        let waiter = {
+            let mut state = self.state.lock();
+            if state.free > 0 && state.waiting.is_empty() {
+                state.free -= 1;
+                return Permit(self);
+            }
+            let waiter = Arc::new(Waiter {
+                thread: thread::current(),
+                granted: AtomicBool::new(false),
+            });
+            state.waiting.push_back(Arc::clone(&waiter));
+            waiter
+        };
+        // park() may return spuriously; the flag says when it is ours.
+        while !waiter.granted.load(Ordering::Acquire) {
+            thread::park();
+        }
+        Permit(self)
+    }
+
+    fn release(&self) {
+        let next = {
+            let mut state = self.state.lock();
+            let next = state.waiting.pop_front();
+            if next.is_none() {
+                state.free += 1;
+            }
+            next
+        };
+        if let Some(waiter) = next {
+            waiter.granted.store(true, Ordering::Release);
+            waiter.thread.unpark();
+        }
     }
 }
 
+/// One of the `workers` permits, given back when dropped.
+struct Permit<'a>(&'a Permits);
+
 impl Drop for Permit<'_> {
     fn drop(&mut self) {
-        let _ = self.0.send(());
+        self.0.release();
     }
 }
 
