@@ -828,6 +828,40 @@ mod tests {
         parse_head(&mut text.as_bytes().to_vec())
     }
 
+    /// Regression guard: a released permit goes to the longest waiter, not
+    /// to whoever asks next (the token channel it replaced let newcomers
+    /// barge in, which stretched the latency's tail under load).
+    #[test]
+    fn permits_go_to_waiters_in_arrival_order() {
+        let permits = Arc::new(Permits::new(1));
+        let held = permits.take();
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut waiters = Vec::new();
+        for id in 0..4 {
+            let (shared, order) = (Arc::clone(&permits), Arc::clone(&order));
+            waiters.push(thread::spawn(move || {
+                let _permit = shared.take();
+                order.lock().push(id);
+            }));
+            // Each waiter queues before the next one starts.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while permits.state.lock().waiting.len() < id + 1 {
+                assert!(Instant::now() < deadline, "waiter {id} never queued");
+                thread::yield_now();
+            }
+        }
+        // A newcomer while the queue is full waits behind it.
+        assert_eq!(permits.state.lock().free, 0);
+        drop(held);
+        for waiter in waiters {
+            waiter.join().unwrap();
+        }
+        assert_eq!(*order.lock(), vec![0, 1, 2, 3]);
+        assert_eq!(permits.state.lock().free, 1);
+        drop(permits.take());
+        assert_eq!(permits.state.lock().free, 1);
+    }
+
     #[test]
     fn heads_parse_and_keep_their_rest() {
         let mut pending = b"GET /health?x=1 HTTP/1.1\r\nHost: a\r\n\r\nGET /next".to_vec();
