@@ -10,12 +10,17 @@
 
 mod support;
 
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Debug;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::str::FromStr;
 use std::sync::OnceLock;
 use std::thread;
 use std::time::{Duration, Instant};
+
+use serde_json::Value;
 
 use support::*;
 
@@ -204,26 +209,135 @@ fn element<'a>(dom: &'a str, id: &str, end_tag: &str) -> &'a str {
     &dom[at..end]
 }
 
+/// An element's attributes by name.
+type Attrs = BTreeMap<String, String>;
+
+/// Undoes the escaping Chromium's serialiser applies to attribute values.
+fn unescape(value: &str) -> String {
+    value
+        .replace("&quot;", "\"")
+        .replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&nbsp;", "\u{a0}")
+        .replace("&amp;", "&")
+}
+
+/// The attributes of every `<tag ...>` in `markup`, in document order.
+/// Chromium writes every value in double quotes, which is all this reads.
+fn tags(markup: &str, tag: &str) -> Vec<Attrs> {
+    let open = format!("<{tag}");
+    let mut found = Vec::new();
+    let mut rest = markup;
+    while let Some(at) = rest.find(&open) {
+        rest = &rest[at + open.len()..];
+        if !rest.starts_with([' ', '>']) {
+            continue; // a longer tag name (`<tbody` when looking for `<tb`)
+        }
+        let mut attrs = Attrs::new();
+        loop {
+            rest = rest.trim_start();
+            let name_end = rest
+                .find(|c: char| c == '=' || c == '>' || c.is_whitespace())
+                .unwrap_or(rest.len());
+            if name_end == 0 {
+                break;
+            }
+            let name = rest[..name_end].to_string();
+            rest = &rest[name_end..];
+            let mut value = String::new();
+            if let Some(quoted) = rest.strip_prefix("=\"") {
+                let end = quoted.find('"').expect("a closing quote");
+                value = unescape(&quoted[..end]);
+                rest = &quoted[end + 1..];
+            }
+            attrs.insert(name, value);
+        }
+        found.push(attrs);
+    }
+    found
+}
+
+/// The attributes of the element with `id`.
+fn attrs_of(dom: &str, id: &str) -> Attrs {
+    let Some(at) = dom.find(&format!(" id=\"{id}\"")) else {
+        panic!("no element #{id} in the page:\n{dom}");
+    };
+    let start = dom[..at].rfind('<').expect("an opening tag");
+    let name = &dom[start + 1..at];
+    let name = name.split_whitespace().next().unwrap_or(name);
+    tags(&dom[start..], name).swap_remove(0)
+}
+
+/// The attributes of each row in the body of the table with `id`.
+fn body_rows(dom: &str, id: &str) -> Vec<Attrs> {
+    let table = element(dom, id, "</table>");
+    tags(
+        table.split_once("<tbody").map_or("", |(_, body)| body),
+        "tr",
+    )
+}
+
+fn attr<'a>(attrs: &'a Attrs, name: &str) -> &'a str {
+    attrs
+        .get(name)
+        .unwrap_or_else(|| panic!("no {name} in {attrs:?}"))
+}
+
+fn number<T: FromStr>(attrs: &Attrs, name: &str) -> T {
+    let value = attr(attrs, name);
+    value
+        .parse()
+        .unwrap_or_else(|_| panic!("{name}={value:?} is not a number in {attrs:?}"))
+}
+
+/// Asserts that the page shows what the API gave: `expected` of the answer
+/// taken before the browser ran or of the one taken after it. The page read
+/// the API in between, so a figure that moved meanwhile matches one of them.
+fn assert_shown<T: PartialEq + Debug>(
+    what: &str,
+    shown: &T,
+    answers: &[Value; 2],
+    expected: impl Fn(&Value) -> T,
+) {
+    let before = expected(&answers[0]);
+    let after = expected(&answers[1]);
+    assert!(
+        *shown == before || *shown == after,
+        "{what}: the page shows {shown:?}, the API gave {before:?} before and {after:?} after"
+    );
+}
+
+fn u64_of(value: &Value) -> u64 {
+    value
+        .as_u64()
+        .unwrap_or_else(|| panic!("expected a count, found {value}"))
+}
+
+fn str_of(value: &Value) -> String {
+    value.as_str().unwrap_or_default().to_string()
+}
+
+fn items(value: &Value) -> &[Value] {
+    value
+        .as_array()
+        .unwrap_or_else(|| panic!("expected an array, found {value}"))
+}
+
 /// `data-key` → `data-count` of a bar chart's bars.
 fn bars(dom: &str, id: &str) -> Vec<(String, u64)> {
-    let chart = element(dom, id, "</section>");
-    chart
-        .split("data-key=\"")
-        .skip(1)
-        .filter_map(|rest| {
-            let key = rest.split('"').next()?;
-            let count = rest.split("data-count=\"").nth(1)?.split('"').next()?;
-            Some((key.to_string(), count.parse().ok()?))
-        })
+    tags(element(dom, id, "</section>"), "div")
+        .iter()
+        .filter(|bar| bar.contains_key("data-key"))
+        .map(|bar| (attr(bar, "data-key").to_string(), number(bar, "data-count")))
         .collect()
 }
 
-fn sorted(mut pairs: Vec<(String, u64)>) -> Vec<(String, u64)> {
-    pairs.sort();
-    pairs
+fn sorted<T: Ord>(mut items: Vec<T>) -> Vec<T> {
+    items.sort();
+    items
 }
 
-fn counts(value: &serde_json::Value) -> Vec<(String, u64)> {
+fn counts(value: &Value) -> Vec<(String, u64)> {
     sorted(
         value
             .as_object()
@@ -248,27 +362,131 @@ fn page_errors<'a>(stderr: &'a str, origin: &str) -> Vec<&'a str> {
         .collect()
 }
 
+/// A latency bucket as the page marks it: its bound in ms, or `above` for
+/// the last, open-ended one.
+fn latency_bucket(bucket: &Value) -> (String, u64) {
+    let bound = match bucket["le_ms"].as_u64() {
+        Some(le_ms) => le_ms.to_string(),
+        None => "above".to_string(),
+    };
+    (bound, u64_of(&bucket["count"]))
+}
+
+/// Which data-* attribute of a row holds which field of the API's item.
+type Fields = [(&'static str, &'static str)];
+
+const LIST_FIELDS: &Fields = &[
+    ("data-name", "name"),
+    ("data-last-started-at", "last_started_at"),
+    ("data-parsed", "parsed"),
+    ("data-new", "new"),
+    ("data-rejected", "rejected"),
+    ("data-error", "last_error"),
+];
+
+const SOURCE_FIELDS: &Fields = &[
+    ("data-name", "name"),
+    ("data-pool-size", "pool_size"),
+    ("data-banned", "banned"),
+    ("data-entries", "entries"),
+    ("data-requests", "requests"),
+    ("data-feedbacks", "feedbacks"),
+];
+
+const PROXY_FIELDS: &Fields = &[
+    ("data-proxy", "proxy"),
+    ("data-active", "active"),
+    ("data-score", "score"),
+    ("data-success-count", "success_count"),
+    ("data-failure-count", "failure_count"),
+    ("data-banned", "is_banned"),
+];
+
+/// The `fields` of each row as the page wrote them.
+fn shown_rows(rows: &[Attrs], fields: &Fields) -> Vec<Vec<String>> {
+    rows.iter()
+        .map(|row| {
+            fields
+                .iter()
+                .map(|(name, _)| attr(row, name).to_string())
+                .collect()
+        })
+        .collect()
+}
+
+/// The `fields` of each API item as the page writes them: numbers and
+/// booleans as text, null as nothing.
+fn api_rows(items: &[Value], fields: &Fields) -> Vec<Vec<String>> {
+    items
+        .iter()
+        .map(|item| {
+            fields
+                .iter()
+                .map(|(_, key)| match &item[*key] {
+                    Value::String(text) => text.clone(),
+                    Value::Null => String::new(),
+                    other => other.to_string(),
+                })
+                .collect()
+        })
+        .collect()
+}
+
 #[test]
-fn dashboard_renders_the_live_pool_without_script_errors() {
+fn dashboard_shows_what_the_api_gives_in_every_panel() {
     let browser = match chromium() {
         Ok(browser) => browser,
         Err(why) => {
-            eprintln!("SKIPPED dashboard_renders_the_live_pool_without_script_errors: {why}");
+            eprintln!("SKIPPED dashboard_shows_what_the_api_gives_in_every_panel: {why}");
             return;
         }
     };
     let pool = populated_service("");
     let service = &pool.service;
-    // A source with traffic, so the sources table has a row to show.
-    let pick = get(&service.url("/get-proxy?source=dash-test"));
-    assert_eq!(pick.status, 200, "{}", pick.body);
-    let proxy = pick.json()["proxy"].as_str().unwrap().to_string();
-    let body = format!(r#"{{"source":"dash-test","proxy":"{proxy}","success":true}}"#);
-    assert_eq!(post(&service.url("/feedback"), &body).status, 200);
+    // A source with traffic: one proxy that worked and one banned after four
+    // failures, so its row has a non-zero banned count and its drill-down a
+    // success rate of 1 in 5.
+    let pick = || {
+        let answer = get(&service.url("/get-proxy?source=dash-test"));
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        str_of(&answer.json()["proxy"])
+    };
+    let feedback = |proxy: &str, success: bool| {
+        let body = format!(r#"{{"source":"dash-test","proxy":"{proxy}","success":{success}}}"#);
+        let answer = post(&service.url("/feedback"), &body);
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        answer.json()
+    };
+    let good = pick();
+    feedback(&good, true);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut bad = pick();
+    while bad == good {
+        assert!(Instant::now() < deadline, "only {good} is ever picked");
+        bad = pick();
+    }
+    for _ in 0..3 {
+        feedback(&bad, false);
+    }
+    let last = feedback(&bad, false);
+    assert_eq!(last["is_banned"], true, "four failures ban: {last}");
+
+    // The sync thread samples the pool size at load and then every 30 s; a
+    // second sample gives the pool-size chart a line.
+    let stats_url = service.url("/stats");
+    wait_for("two pool-size samples", Duration::from_secs(60), || {
+        items(&get(&stats_url).json()["pool_history"]).len() >= 2
+    });
 
     let origin = format!("http://{}", service.addr);
-    let page = format!("{origin}/");
+    // The address opens the drill-down of the source.
+    let page = format!("{origin}/#source=dash-test");
+    let view_url = service.url("/sources/dash-test?limit=20");
+    let stats_before = get(&stats_url).json();
+    let view_before = get(&view_url).json();
     let (dom, stderr) = headless(&browser, &page, &["--dump-dom".to_string()]);
+    let stats = [stats_before, get(&stats_url).json()];
+    let views = [view_before, get(&view_url).json()];
 
     assert!(
         dom.contains("<body data-state=\"ok\""),
@@ -282,53 +500,170 @@ fn dashboard_renders_the_live_pool_without_script_errors() {
     assert_eq!(text_of(&dom, "status").as_deref(), Some("ok"));
     assert_eq!(text_of(&dom, "db-status").as_deref(), Some("up"));
 
-    // The pool is settled (every alive farm proxy active), but read /stats
-    // again if it moved while the browser ran.
     let shown: u64 = text_of(&dom, "active-proxies")
         .and_then(|t| t.parse().ok())
         .unwrap_or_else(|| panic!("#active-proxies is not a number:\n{dom}"));
-    let stats = get(&service.url("/stats")).json();
-    let active = stats["active_proxies"].as_u64().unwrap();
-    if shown != active {
-        let again = get(&service.url("/stats")).json()["active_proxies"]
-            .as_u64()
-            .unwrap();
-        assert_eq!(shown, again, "#active-proxies disagrees with /stats");
-    }
+    assert_shown("#active-proxies", &shown, &stats, |s| {
+        u64_of(&s["active_proxies"])
+    });
     assert_eq!(shown as usize, pool.alive);
 
-    assert_eq!(
-        sorted(bars(&dom, "by-protocol")),
-        counts(&stats["by_protocol"])
+    assert_shown(
+        "by protocol",
+        &sorted(bars(&dom, "by-protocol")),
+        &stats,
+        |s| counts(&s["by_protocol"]),
     );
-    assert_eq!(
-        sorted(bars(&dom, "by-anonymity")),
-        counts(&stats["by_anonymity"])
+    assert_shown(
+        "by anonymity",
+        &sorted(bars(&dom, "by-anonymity")),
+        &stats,
+        |s| counts(&s["by_anonymity"]),
     );
     assert!(
         element(&dom, "by-country", "</section>").contains("no country known"),
         "without a geoip database no country is known"
     );
 
-    let lists = element(&dom, "lists-table", "</table>");
-    for list in stats["lists"].as_array().unwrap() {
-        let name = list["name"].as_str().unwrap();
+    assert!(
+        !attrs_of(&dom, "latency-card").contains_key("hidden"),
+        "the latency histogram is hidden"
+    );
+    let latency: Vec<(String, u64)> = tags(element(&dom, "latency-histogram", "</section>"), "div")
+        .iter()
+        .filter(|bar| bar.contains_key("data-le-ms"))
+        .map(|bar| {
+            (
+                attr(bar, "data-le-ms").to_string(),
+                number(bar, "data-count"),
+            )
+        })
+        .collect();
+    assert_shown("latency histogram", &latency, &stats, |s| {
+        items(&s["latency_histogram"])
+            .iter()
+            .map(latency_bucket)
+            .collect()
+    });
+    let in_buckets: u64 = latency.iter().map(|(_, count)| count).sum();
+    assert_eq!(in_buckets as usize, pool.alive, "{latency:?}");
+
+    let history = attrs_of(&dom, "pool-history");
+    let shown_history = (
+        number::<usize>(&history, "data-samples"),
+        attr(&history, "data-active").to_string(),
+        attr(&history, "data-first-at").to_string(),
+        attr(&history, "data-last-at").to_string(),
+    );
+    assert_shown("pool history", &shown_history, &stats, |s| {
+        let samples = items(&s["pool_history"]);
+        let active: Vec<String> = samples
+            .iter()
+            .map(|x| u64_of(&x["active"]).to_string())
+            .collect();
+        (
+            samples.len(),
+            active.join(","),
+            samples
+                .first()
+                .map(|x| str_of(&x["at"]))
+                .unwrap_or_default(),
+            samples.last().map(|x| str_of(&x["at"])).unwrap_or_default(),
+        )
+    });
+    let line = tags(element(&dom, "pool-history", "</section>"), "polyline");
+    let vertices = line.first().map_or(0, |polyline| {
+        attr(polyline, "points").split_whitespace().count()
+    });
+    assert_eq!(vertices, shown_history.0, "one vertex per sample");
+
+    let lists = shown_rows(&body_rows(&dom, "lists-table"), LIST_FIELDS);
+    assert!(!lists.is_empty(), "no list row");
+    assert_shown("list rows", &lists, &stats, |s| {
+        api_rows(items(&s["lists"]), LIST_FIELDS)
+    });
+
+    // A cycle ends every 2 s and the ring keeps the last 20, so rows may
+    // come and go while the browser runs: each row must be a cycle of either
+    // answer, with its figures, and every cycle in both answers was in the
+    // ring when the page read it, so it must be on the page.
+    let ring = |s: &Value| -> HashMap<(String, u64), (u64, u64)> {
+        items(&s["validation"]["recent_cycles"])
+            .iter()
+            .map(|c| {
+                let key = (str_of(&c["started_at"]), u64_of(&c["duration_ms"]));
+                (key, (u64_of(&c["checked"]), u64_of(&c["alive"])))
+            })
+            .collect()
+    };
+    let (ring_before, ring_after) = (ring(&stats[0]), ring(&stats[1]));
+    let mut shown_cycles = HashMap::new();
+    for row in body_rows(&dom, "cycles-table") {
+        let key = (
+            attr(&row, "data-started-at").to_string(),
+            number::<u64>(&row, "data-duration-ms"),
+        );
+        let shown = (number(&row, "data-checked"), number(&row, "data-alive"));
+        let Some(api) = ring_before.get(&key).or_else(|| ring_after.get(&key)) else {
+            panic!("the page shows a cycle {key:?} the API never gave: {ring_after:?}");
+        };
+        assert_eq!(shown, *api, "checked and alive of the cycle {key:?}");
+        shown_cycles.insert(key, shown);
+    }
+    let in_both: Vec<_> = ring_before
+        .keys()
+        .filter(|key| ring_after.contains_key(*key))
+        .collect();
+    assert!(
+        !in_both.is_empty(),
+        "no cycle lasted across the browser run"
+    );
+    for key in in_both {
         assert!(
-            lists.contains(&format!("data-name=\"{name}\"")),
-            "no row for list {name}:\n{lists}"
+            shown_cycles.contains_key(key),
+            "the cycle {key:?} is missing from the page: {shown_cycles:?}"
         );
     }
-    assert!(!stats["lists"].as_array().unwrap().is_empty());
-    let sources = element(&dom, "sources-table", "</table>");
+
+    let sources = shown_rows(&body_rows(&dom, "sources-table"), SOURCE_FIELDS);
+    assert_shown("source rows", &sources, &stats, |s| {
+        api_rows(items(&s["sources"]), SOURCE_FIELDS)
+    });
     assert!(
-        sources.contains("data-name=\"dash-test\""),
-        "no row for the source:\n{sources}"
+        sources
+            .iter()
+            .any(|row| row[0] == "dash-test" && row[1] != "0" && row[2] == "1"),
+        "dash-test should have a pool and one banned proxy: {sources:?}"
     );
-    let cycles = element(&dom, "cycles-table", "</table>");
+
     assert!(
-        cycles.matches("<tr").count() >= 2,
-        "no validation cycle row:\n{cycles}"
+        !attrs_of(&dom, "source-detail").contains_key("hidden"),
+        "#source=dash-test did not open the drill-down"
     );
+    assert_eq!(text_of(&dom, "source-name").as_deref(), Some("dash-test"));
+    let proxies = shown_rows(&body_rows(&dom, "source-proxies"), PROXY_FIELDS);
+    assert_shown("drill-down rows", &proxies, &views, |view| {
+        api_rows(items(&view["proxies"]), PROXY_FIELDS)
+    });
+    let summary = attrs_of(&dom, "source-summary");
+    assert_eq!(attr(&summary, "data-source"), "dash-test");
+    let shown_rate = (
+        number::<u64>(&summary, "data-successes"),
+        number::<u64>(&summary, "data-failures"),
+        attr(&summary, "data-success-rate").to_string(),
+    );
+    assert_shown("drill-down success rate", &shown_rate, &views, |view| {
+        let total = |key: &str| -> u64 {
+            items(&view["proxies"])
+                .iter()
+                .map(|p| u64_of(&p[key]))
+                .sum()
+        };
+        let (successes, failures) = (total("success_count"), total("failure_count"));
+        let rate = 100.0 * successes as f64 / (successes + failures) as f64;
+        (successes, failures, format!("{rate:.1}"))
+    });
+    assert_eq!(shown_rate.2, "20.0", "one success and four failures");
 
     // A picture for people; its size shows the page rendered something.
     let dir = output_dir();
@@ -339,6 +674,11 @@ fn dashboard_renders_the_live_pool_without_script_errors() {
         &browser,
         &page,
         &[format!("--screenshot={}", png.display())],
+    );
+    assert_eq!(
+        page_errors(&stderr, &origin),
+        Vec::<&str>::new(),
+        "the page logged errors while the screenshot was taken"
     );
     let size = std::fs::metadata(&png)
         .unwrap_or_else(|err| panic!("no screenshot at {} ({err}): {stderr}", png.display()))
