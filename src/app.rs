@@ -543,6 +543,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
         let _ = validate_tx.try_send(());
         handles.push(spawn("validate", {
             let (validator, signal) = (validator.clone(), signal.clone());
+            let (state, health) = (state.clone(), health.clone());
             move || loop {
                 crossbeam_channel::select! {
                     recv(signal.receiver()) -> _ => return,
@@ -551,6 +552,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
                             return;
                         }
                         validator.run_cycle(&signal);
+                        health.record_pool_size(state.active_count());
                     }
                 }
             }

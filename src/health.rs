@@ -10,6 +10,7 @@ use parking_lot::Mutex;
 
 /// Pool-size samples kept for the dashboard: 12 hours at one every 30 s.
 const POOL_HISTORY_LEN: usize = 1440;
+const POOL_SAMPLE_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 
 #[derive(Debug, Default)]
 pub struct Health {
@@ -54,16 +55,51 @@ impl Health {
         (at > 0).then(|| (Utc::now().timestamp() - at).max(0))
     }
 
-    /// Records the pool size now (called by the sync thread).
+    /// Records the pool size now (after each sync and validation cycle). The
+    /// newest sample stands for the period under way: it is replaced until
+    /// it is [`POOL_SAMPLE_EVERY`] after the one before it, so the ring keeps
+    /// one sample per period and its newest is always current.
     pub fn record_pool_size(&self, active: usize) {
+        self.record_pool_size_at(Utc::now(), active);
+    }
+
+    fn record_pool_size_at(&self, now: DateTime<Utc>, active: usize) {
         let mut history = self.pool_history.lock();
+        let period = chrono::Duration::from_std(POOL_SAMPLE_EVERY).unwrap_or_default();
+        let len = history.len();
+        if len >= 2 && history[len - 1].0 - history[len - 2].0 < period {
+            history[len - 1] = (now, active);
+            return;
+        }
         if history.len() == POOL_HISTORY_LEN {
             history.pop_front();
         }
-        history.push_back((Utc::now(), active));
+        history.push_back((now, active));
     }
 
     pub fn pool_history(&self) -> Vec<(DateTime<Utc>, usize)> {
         self.pool_history.lock().iter().copied().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_samples_are_a_period_apart_and_the_newest_is_current() {
+        let health = Health::new();
+        let t0 = Utc::now();
+        for (i, active) in [0, 3, 5, 8, 9, 10, 12, 14, 15].into_iter().enumerate() {
+            let at = t0 + chrono::Duration::seconds(10 * i as i64);
+            health.record_pool_size_at(at, active);
+        }
+        let seconds: Vec<(i64, usize)> = health
+            .pool_history()
+            .into_iter()
+            .map(|(at, active)| ((at - t0).num_seconds(), active))
+            .collect();
+        // Kept: one per 30 s, then the newest call.
+        assert_eq!(seconds, vec![(0, 0), (30, 8), (60, 12), (80, 15)]);
     }
 }

@@ -391,6 +391,8 @@ const SOURCE_FIELDS: &Fields = &[
     ("data-entries", "entries"),
     ("data-requests", "requests"),
     ("data-feedbacks", "feedbacks"),
+    ("data-successes", "successes"),
+    ("data-failures", "failures"),
 ];
 
 const PROXY_FIELDS: &Fields = &[
@@ -635,6 +637,23 @@ fn dashboard_shows_what_the_api_gives_in_every_panel() {
             .any(|row| row[0] == "dash-test" && row[1] != "0" && row[2] == "1"),
         "dash-test should have a pool and one banned proxy: {sources:?}"
     );
+    // The row's success rate, as the page computes it from those counts.
+    let row_rate = element(&dom, "sources-table", "</table>")
+        .split("<tr")
+        .find(|row| row.contains("data-name=\"dash-test\""))
+        .and_then(|row| row.split("data-success-rate=\"").nth(1))
+        .and_then(|rest| rest.split('"').next())
+        .map(str::to_string);
+    assert_eq!(
+        row_rate.as_deref(),
+        Some("20.0"),
+        "one success, four failures"
+    );
+    let api_rate = items(&stats[1]["sources"])
+        .iter()
+        .find(|s| s["name"] == "dash-test")
+        .map(|s| s["success_rate"].clone());
+    assert_eq!(api_rate, Some(serde_json::json!(0.2)));
 
     assert!(
         !attrs_of(&dom, "source-detail").contains_key("hidden"),

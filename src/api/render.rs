@@ -115,6 +115,9 @@ pub fn stats(context: &ApiContext, now: DateTime<Utc>) -> Value {
                 "entries": s.entries,
                 "requests": s.requests,
                 "feedbacks": s.feedbacks,
+                "successes": s.successes,
+                "failures": s.failures,
+                "success_rate": success_rate(s.successes, s.failures),
             })
         })
         .collect();
@@ -301,4 +304,13 @@ pub fn metrics(context: &ApiContext) -> String {
         .database_up
         .set(i64::from(context.health.database_up()));
     metrics.render()
+}
+
+/// The share of feedbacks that reported a success, `null` before any.
+fn success_rate(successes: u64, failures: u64) -> Value {
+    let total = successes.saturating_add(failures);
+    if total == 0 {
+        return Value::Null;
+    }
+    json!(successes as f64 / total as f64)
 }

@@ -215,6 +215,9 @@ pub struct SourceSummary {
     pub entries: usize,
     pub requests: u64,
     pub feedbacks: u64,
+    /// Feedbacks that reported a success, and a failure.
+    pub successes: u64,
+    pub failures: u64,
 }
 
 /// One source's stats, best first, for /sources/NAME.
@@ -664,6 +667,8 @@ impl State {
                     entries: source.entries.len(),
                     requests: source.requests,
                     feedbacks: source.feedbacks,
+                    successes: source.successes,
+                    failures: source.failures,
                 }
             })
             .collect();
@@ -926,6 +931,8 @@ impl State {
                     report.invalid += 1;
                     continue;
                 };
+                source.successes = source.successes.saturating_add(entry.success_count);
+                source.failures = source.failures.saturating_add(entry.failure_count);
                 source.insert(
                     slot,
                     Stats {

@@ -92,6 +92,10 @@ pub(crate) struct SourceState {
     pub bans: BTreeSet<(i64, Slot)>,
     pub requests: u64,
     pub feedbacks: u64,
+    /// Feedbacks that reported a success, and a failure (restored sources
+    /// start from the sums of their restored entries).
+    pub successes: u64,
+    pub failures: u64,
     /// The last get-proxy or feedback for this source, unix milliseconds.
     pub last_request: i64,
 }
@@ -127,6 +131,11 @@ impl SourceState {
             last_used: now,
         });
         self.feedbacks += 1;
+        if success {
+            self.successes += 1;
+        } else {
+            self.failures += 1;
+        }
         // Take the entry out of its index, update it, put it back.
         match stats.banned_until {
             Some(until) if until <= now => {
