@@ -1,13 +1,17 @@
-//! Ingest benchmark: parse and upsert a 1,000,000-line list (20% duplicates,
-//! 5% junk) into an empty table, then again into the full table. Needs
-//! DATABASE_URL (`scripts/with-postgres.sh -- cargo bench --bench ingest`
-//! provides it). Each figure is the median of
+//! Ingest benchmark: parse and upsert a 1,000,000-line list (750,000 distinct
+//! proxies each written once, 200,000 duplicates of lines written earlier,
+//! 50,000 junk lines, shuffled with a fixed seed) into an empty table, then
+//! again into the full table as a real re-listing an hour later would: every
+//! row's last_seen_at is backdated and the table vacuumed first, so that the
+//! second run updates every row. Needs DATABASE_URL (`scripts/with-postgres.sh
+//! -- cargo bench --bench ingest` provides it). Each figure is the median of
 //! three runs, beside a baseline measured in the same run: COPY of the same
 //! rows into an unindexed table, the floor of what PostgreSQL can ingest.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::{IpAddr, Ipv4Addr};
@@ -19,35 +23,70 @@ use proxy_pool::proxy::Protocol;
 use proxy_pool::store::Store;
 
 const LINES: usize = 1_000_000;
+const DISTINCT: usize = 750_000;
+const DUPLICATES: usize = 200_000;
+const JUNK: usize = 50_000;
 const RUNS: usize = 3;
 
+#[derive(Clone, Copy)]
+enum Slot {
+    Distinct,
+    Duplicate,
+    Junk,
+}
+
+/// The list: every distinct proxy written once, duplicates drawn from the
+/// lines already written, junk in between, in a fixed pseudo-random order.
 fn make_list(rng: &mut fastrand::Rng) -> String {
-    let unique = LINES * 75 / 100;
-    let mut proxies: Vec<String> = Vec::with_capacity(unique);
-    while proxies.len() < unique {
+    const { assert!(DISTINCT + DUPLICATES + JUNK == LINES) };
+    // Distinct identities (protocol, address, port): a bare line and one with
+    // trailing fields name the same http proxy.
+    let mut identities: HashSet<(bool, u32, u16)> = HashSet::with_capacity(DISTINCT);
+    let mut proxies: Vec<String> = Vec::with_capacity(DISTINCT);
+    while proxies.len() < DISTINCT {
         let ip = Ipv4Addr::from(rng.u32(..));
         if !is_public(IpAddr::V4(ip)) {
             continue;
         }
         let port = rng.u16(1..);
-        proxies.push(match rng.u8(..4) {
+        let kind = rng.u8(..4);
+        if !identities.insert((kind == 0, u32::from(ip), port)) {
+            continue;
+        }
+        proxies.push(match kind {
             0 => format!("socks5://{ip}:{port}"),
             1 => format!("{ip}:{port}\tUS elite"),
             _ => format!("{ip}:{port}"),
         });
     }
+    drop(identities);
+    let mut slots: Vec<Slot> = std::iter::repeat_n(Slot::Distinct, DISTINCT)
+        .chain(std::iter::repeat_n(Slot::Duplicate, DUPLICATES))
+        .chain(std::iter::repeat_n(Slot::Junk, JUNK))
+        .collect();
+    rng.shuffle(&mut slots);
+    // A duplicate needs a line before it.
+    if let Some(first) = slots.iter().position(|s| matches!(s, Slot::Distinct)) {
+        slots.swap(0, first);
+    }
     let mut text = String::with_capacity(LINES * 24);
-    for i in 0..LINES {
-        match i % 20 {
-            // 5% junk.
-            0 => text.push_str("not a proxy <td>\n"),
-            // 20% duplicates of earlier lines.
-            1..=4 if i > 100 => {
-                let j = rng.usize(..proxies.len().min(i));
-                let _ = writeln!(text, "{}", proxies[j]);
+    let mut written = 0;
+    for (i, slot) in slots.iter().enumerate() {
+        match slot {
+            Slot::Distinct => {
+                let _ = writeln!(text, "{}", proxies[written]);
+                written += 1;
             }
-            _ => {
-                let _ = writeln!(text, "{}", proxies[i % proxies.len()]);
+            Slot::Duplicate => {
+                let _ = writeln!(text, "{}", proxies[rng.usize(..written)]);
+            }
+            Slot::Junk => {
+                let _ = match i % 4 {
+                    0 => writeln!(text, "not a proxy <td>"),
+                    1 => writeln!(text, "999.{}.1.1:8080", i % 200),
+                    2 => writeln!(text, "10.{}.{}.1:3128", i % 250, i % 199),
+                    _ => writeln!(text, "proxy{i}.example.com:8080"),
+                };
             }
         }
     }
@@ -70,6 +109,10 @@ fn peak_rss_mb() -> f64 {
         .unwrap_or(0.0)
 }
 
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
 fn main() {
     if std::env::var_os("DATABASE_URL").is_none() {
         eprintln!("ingest benchmark skipped: DATABASE_URL is not set (run it under scripts/with-postgres.sh)");
@@ -81,10 +124,16 @@ fn main() {
         default_protocol: Protocol::Http,
         allow_private_addresses: false,
     };
+    {
+        let check = parse_list(&text, &options);
+        assert_eq!(check.lines, LINES);
+        assert_eq!(check.proxies.len(), DISTINCT, "distinct proxies");
+        assert_eq!(check.duplicates, DUPLICATES, "duplicates");
+        assert_eq!(check.rejected, JUNK, "junk lines");
+    }
     let (mut parse_times, mut empty_times, mut full_times, mut copy_times) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut counts = (0, 0, 0);
-    for _ in 0..RUNS {
+    for run in 0..RUNS {
         let db = support::TestDb::new();
         let store = Store::connect(&DatabaseConfig {
             url: db.url.clone(),
@@ -93,27 +142,46 @@ fn main() {
         })
         .expect("store");
         store.migrate().expect("migrate");
+        let mut client = db.client();
 
         let started = Instant::now();
         let parsed = parse_list(&text, &options);
-        parse_times.push(started.elapsed());
-
-        let started = Instant::now();
+        let parse = started.elapsed();
         let first = store
             .upsert_listed("bench", &parsed.proxies)
             .expect("upsert");
-        empty_times.push(started.elapsed() + parse_times[parse_times.len() - 1]);
+        let empty = started.elapsed();
+        assert_eq!(
+            (first.new, first.upserted),
+            (DISTINCT as u64, DISTINCT as u64)
+        );
+        drop(parsed);
 
+        // An hour later: every row is due for a new last_seen_at.
+        for sql in [
+            "UPDATE proxies SET last_seen_at = now() - interval '1 hour'",
+            "VACUUM ANALYZE proxies",
+            "VACUUM ANALYZE proxy_sources",
+        ] {
+            client.batch_execute(sql).expect(sql);
+        }
         let started = Instant::now();
-        let parsed_again = parse_list(&text, &options);
+        let parsed = parse_list(&text, &options);
         let second = store
-            .upsert_listed("bench", &parsed_again.proxies)
+            .upsert_listed("bench", &parsed.proxies)
             .expect("upsert");
-        full_times.push(started.elapsed());
-        counts = (parsed.proxies.len(), first.new, second.new);
+        let full = started.elapsed();
+        assert_eq!((second.new, second.upserted), (0, DISTINCT as u64));
+        let stale: i64 = client
+            .query_one(
+                "SELECT count(*) FROM proxies WHERE last_seen_at < now() - interval '30 minutes'",
+                &[],
+            )
+            .expect("count")
+            .get(0);
+        assert_eq!(stale, 0, "every re-listed row has a new last_seen_at");
 
         // Baseline: COPY the same rows into a table without indexes.
-        let mut client = db.client();
         client
             .batch_execute("CREATE TABLE copy_baseline (protocol text, ip inet, port int, username text, password text)")
             .unwrap();
@@ -133,7 +201,20 @@ fn main() {
         }
         writer.write_all(buffer.as_bytes()).unwrap();
         writer.finish().unwrap();
-        copy_times.push(started.elapsed());
+        let copy = started.elapsed();
+        drop(parsed);
+        eprintln!(
+            "run {}: parse {:.0} ms, empty {:.0} ms, full {:.0} ms, COPY {:.0} ms",
+            run + 1,
+            ms(parse),
+            ms(empty),
+            ms(full),
+            ms(copy)
+        );
+        parse_times.push(parse);
+        empty_times.push(empty);
+        full_times.push(full);
+        copy_times.push(copy);
     }
     let (parse, empty, full, copy) = (
         median(parse_times),
@@ -141,24 +222,21 @@ fn main() {
         median(full_times),
         median(copy_times),
     );
-    println!("ingest of {LINES} lines ({} distinct proxies; first run {} new, second run {} new), median of {RUNS}:", counts.0, counts.1, counts.2);
-    println!(
-        "  parse only                 {:>8.0} ms",
-        parse.as_secs_f64() * 1000.0
-    );
+    println!("ingest of {LINES} lines ({DISTINCT} distinct proxies, {DUPLICATES} duplicates, {JUNK} junk), median of {RUNS}:");
+    println!("  parse only                 {:>8.0} ms", ms(parse));
     println!(
         "  parse + upsert, empty table {:>7.0} ms  ({:.2}x the COPY baseline)",
-        empty.as_secs_f64() * 1000.0,
+        ms(empty),
         empty.as_secs_f64() / copy.as_secs_f64()
     );
     println!(
         "  parse + upsert, full table  {:>7.0} ms  ({:.2}x the COPY baseline)",
-        full.as_secs_f64() * 1000.0,
+        ms(full),
         full.as_secs_f64() / copy.as_secs_f64()
     );
     println!(
         "  baseline: COPY into an unindexed table {:>6.0} ms",
-        copy.as_secs_f64() * 1000.0
+        ms(copy)
     );
     println!("  peak RSS {:.0} MB", peak_rss_mb());
 }

@@ -172,29 +172,26 @@ impl Store {
 
     /// Inserts or refreshes the proxies a list gave, one statement per batch:
     /// `last_seen_at` moves, validation results stay, nothing is deleted, and
-    /// the list is recorded as a giver of each proxy.
+    /// the list is recorded as a giver of each proxy. A list of several
+    /// batches runs them on two connections when the pool has one to spare
+    /// (a backend is CPU bound: two use two cores).
     pub fn upsert_listed(
         &self,
         source: &str,
         proxies: &[ProxyKey],
     ) -> Result<UpsertCounts, StoreError> {
-        let mut counts = UpsertCounts::default();
-        if proxies.is_empty() {
-            return Ok(counts);
-        }
-        let mut conn = self.conn()?;
-        // In identity order: index pages are visited in sequence rather than
-        // at random, and every writer locks rows in the same order, so two
-        // lists naming the same proxies cannot deadlock. A row may be touched
-        // once per statement: keys that differ only by password are folded
-        // (the stable sort keeps the first listed).
-        let mut keys: Vec<&ProxyKey> = proxies.iter().collect();
-        keys.sort_by(|a, b| identity(a).cmp(&identity(b)));
-        keys.dedup_by(|a, b| identity(a) == identity(b));
-        // Each batch: COPY into a temporary table (the cheapest way in), then
-        // one INSERT ... ON CONFLICT statement, in a transaction of its own so
-        // that row locks are held only for one batch.
-        for batch in keys.chunks(UPSERT_BATCH) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+
+        type Conn = r2d2::PooledConnection<PostgresConnectionManager<NoTls>>;
+
+        /// One batch: COPY into a temporary table (the cheapest way in), then
+        /// one INSERT ... ON CONFLICT statement, in a transaction of its own
+        /// so that row locks are held only for one batch.
+        fn upsert_batch(
+            conn: &mut Conn,
+            source: &str,
+            batch: &[&ProxyKey],
+        ) -> Result<UpsertCounts, StoreError> {
             let mut tx = conn.transaction()?;
             tx.batch_execute(
                 "CREATE TEMPORARY TABLE listed (
@@ -218,6 +215,11 @@ impl Store {
                 ])?;
             }
             writer.finish()?;
+            // A proxy created by this statement has a new id, which no link
+            // can name yet (ids are never reused: rows are never deleted), so
+            // its link is a plain insert; only a re-listed proxy's link needs
+            // the conflict check. Re-listings touch no indexed column, so
+            // with the table's fillfactor they are HOT updates.
             let row = tx.query_one(
                 "WITH upserted AS (
                      INSERT INTO proxies AS p (protocol, ip, port, username, password)
@@ -225,17 +227,82 @@ impl Store {
                      ON CONFLICT (protocol, ip, port, (coalesce(username, ''))) DO UPDATE
                          SET last_seen_at = now(), password = EXCLUDED.password
                      RETURNING p.id, (p.xmax = 0) AS inserted
+                 ), linked_new AS (
+                     INSERT INTO proxy_sources (source, proxy_id)
+                     SELECT $1, id FROM upserted WHERE inserted
                  ), linked AS (
                      INSERT INTO proxy_sources (source, proxy_id)
-                     SELECT $1, id FROM upserted
+                     SELECT $1, id FROM upserted WHERE NOT inserted
                      ON CONFLICT (source, proxy_id) DO NOTHING
                  )
                  SELECT count(*) FILTER (WHERE inserted), count(*) FROM upserted",
                 &[&source],
             )?;
             tx.commit()?;
-            counts.new += row.get::<_, i64>(0) as u64;
-            counts.upserted += row.get::<_, i64>(1) as u64;
+            Ok(UpsertCounts {
+                new: row.get::<_, i64>(0) as u64,
+                upserted: row.get::<_, i64>(1) as u64,
+            })
+        }
+
+        let mut counts = UpsertCounts::default();
+        if proxies.is_empty() {
+            return Ok(counts);
+        }
+        let mut first = self.conn()?;
+        // In identity order: index pages are visited in sequence rather than
+        // at random, and every writer locks rows in the same order, so two
+        // lists naming the same proxies cannot deadlock (nor can this list's
+        // own batches, which are disjoint). A row may be touched once per
+        // statement: keys that differ only by password are folded (the
+        // stable sort keeps the first listed).
+        let mut keys: Vec<&ProxyKey> = proxies.iter().collect();
+        keys.sort_by(|a, b| identity(a).cmp(&identity(b)));
+        keys.dedup_by(|a, b| identity(a) == identity(b));
+        let batches: Vec<&[&ProxyKey]> = keys.chunks(UPSERT_BATCH).collect();
+        // A second connection only if one comes at once: a busy pool means
+        // other work needs it more than this list does.
+        let second = if batches.len() > 1 && self.pool.max_size() >= 2 {
+            self.pool
+                .get_timeout(self.pool.connection_timeout().min(Duration::from_secs(1)))
+                .ok()
+        } else {
+            None
+        };
+        let next = AtomicUsize::new(0);
+        let run = |conn: &mut Conn| -> Result<UpsertCounts, StoreError> {
+            let mut done = UpsertCounts::default();
+            loop {
+                let index = next.fetch_add(1, Ordering::Relaxed);
+                let Some(batch) = batches.get(index) else {
+                    return Ok(done);
+                };
+                match upsert_batch(conn, source, batch) {
+                    Ok(batch_counts) => {
+                        done.new += batch_counts.new;
+                        done.upserted += batch_counts.upserted;
+                    }
+                    Err(err) => {
+                        // The other connection stops after its batch.
+                        next.store(batches.len(), Ordering::Relaxed);
+                        return Err(err);
+                    }
+                }
+            }
+        };
+        let results = std::thread::scope(|scope| {
+            let helper = second.map(|mut conn| scope.spawn(move || run(&mut conn)));
+            let mine = run(&mut first);
+            let theirs = helper.map(|handle| match handle.join() {
+                Ok(result) => result,
+                Err(panic) => std::panic::resume_unwind(panic),
+            });
+            [Some(mine), theirs]
+        });
+        for result in results.into_iter().flatten() {
+            let done = result?;
+            counts.new += done.new;
+            counts.upserted += done.upserted;
         }
         Ok(counts)
     }
@@ -396,6 +463,18 @@ impl Store {
             &[&source, &instance],
         )?;
         Ok(())
+    }
+
+    /// Which instance last fetched `source`, and when (None: never, or its
+    /// claim was given back after a failure).
+    pub fn fetch_lease(&self, source: &str) -> Result<Option<(String, DateTime<Utc>)>, StoreError> {
+        let mut conn = self.conn()?;
+        let row = conn.query_opt(
+            "SELECT fetched_by, fetched_at FROM fetch_leases
+             WHERE source = $1 AND fetched_at > '-infinity'",
+            &[&source],
+        )?;
+        Ok(row.map(|row| (row.get(0), row.get(1))))
     }
 }
 

@@ -49,11 +49,16 @@ impl World {
     /// `[source.NAME]` sections; `{farm}` in either stands for the list
     /// server's address.
     fn config(&self, fetcher: &str, sources: &str) -> Config {
+        self.config_allowing(true, fetcher, sources)
+    }
+
+    /// [`World::config`] with `allow_private_addresses` as given.
+    fn config_allowing(&self, allow_private: bool, fetcher: &str, sources: &str) -> Config {
         let farm = self.farm.server_addr().to_string();
         let text = format!(
             "[database]\nurl = {}\npool_size = 4\n\
              [server]\nbind = 127.0.0.1:0\n\
-             [fetcher]\nallow_private_addresses = true\n{}\n{}\n",
+             [fetcher]\nallow_private_addresses = {allow_private}\n{}\n{}\n",
             self.db.url,
             fetcher.replace("{farm}", &farm),
             sources.replace("{farm}", &farm)
@@ -267,6 +272,7 @@ fn a_huge_list_is_stored_whole_and_cut_at_max_bytes_when_small() {
     let whole = fetch(&world.one_list("huge", "huge", "", "http"));
     assert_ok(&whole);
     assert!(!whole.truncated);
+    assert!(whole.summary_line().contains("not truncated"));
     assert_eq!((whole.parsed, whole.new), (20_000, 20_000));
     assert_eq!(world.count("SELECT count(*) FROM proxies"), 20_000);
 
@@ -275,7 +281,7 @@ fn a_huge_list_is_stored_whole_and_cut_at_max_bytes_when_small() {
     assert_ok(&cut);
     assert!(cut.truncated, "{}", cut.summary_line());
     assert!(cut.bytes <= 50_000 && cut.bytes > 45_000, "{}", cut.bytes);
-    assert!(cut.summary_line().contains("truncated"));
+    assert!(cut.summary_line().contains("truncated at max_bytes"));
     // Only whole lines are kept: every one of them is a stored proxy.
     assert_eq!(cut.rejected, 0);
     assert_eq!(cut.parsed, cut.lines);
@@ -329,7 +335,12 @@ fn a_hanging_list_fails_with_a_timeout_within_timeout_ms() {
     assert!(elapsed >= Duration::from_millis(750), "{elapsed:?}");
     assert!(elapsed < Duration::from_millis(800 + 700), "{elapsed:?}");
     assert_eq!(status.consecutive_failures, 1);
-    assert!(status.summary_line().starts_with("hang: error after"));
+    let line = status.summary_line();
+    assert!(line.starts_with("hang: started "), "{line}");
+    assert!(
+        line.contains("- bytes, - lines, - parsed, - new, - rejected, - duplicates, - truncated, error: timed out"),
+        "{line}"
+    );
     assert_eq!(world.count("SELECT count(*) FROM proxies"), 0);
 }
 
@@ -339,7 +350,9 @@ fn failing_lists_record_why() {
     let cases = [
         ("error500", "http status 500"),
         ("html", "not a proxy list: the body is an HTML page"),
+        ("json-error", "not a proxy list: the body is JSON"),
         ("ratelimit", "http status 429"),
+        ("unavailable", "http status 503"),
         ("redirect-loop", "redirect"),
         ("binary", "not a proxy list"),
         ("no-such-list", "http status 404"),
@@ -350,8 +363,17 @@ fn failing_lists_record_why() {
         let error = status.last_error.clone().unwrap_or_default();
         assert!(error.contains(expected), "{list}: {error:?}");
         assert!(status.last_success_at.is_none(), "{list}");
-        let expected_wait = (list == "ratelimit").then_some(Duration::from_secs(2));
-        assert_eq!(retry_after, expected_wait, "{list}");
+        match list {
+            "ratelimit" => assert_eq!(retry_after, Some(Duration::from_secs(2))),
+            // Retry-After as an HTTP-date 3 s ahead, in whole seconds.
+            "unavailable" => assert!(
+                retry_after.is_some_and(
+                    |wait| wait >= Duration::from_secs(1) && wait <= Duration::from_secs(3)
+                ),
+                "{retry_after:?}"
+            ),
+            _ => assert_eq!(retry_after, None, "{list}"),
+        }
     }
     assert_eq!(world.count("SELECT count(*) FROM proxies"), 0);
 }
@@ -687,12 +709,13 @@ fn an_unchanged_list_is_not_fetched_again_and_a_changed_one_is() {
     let second = fetch(&fetcher);
     assert_ok(&second);
     assert!(second.not_modified, "{}", second.summary_line());
-    assert_eq!(
-        second.summary_line(),
-        format!(
-            "etag: not modified ({} ms)",
-            second.last_duration.unwrap().as_millis()
-        )
+    // The counts are the unchanged list's, with nothing new.
+    assert!(
+        second
+            .summary_line()
+            .contains(" ms, not modified, 28 bytes, 2 lines, 2 parsed, 0 new, 0 rejected"),
+        "{}",
+        second.summary_line()
     );
     assert_eq!(world.farm.list_hits("etag"), 2);
     // Nothing was parsed or written.
@@ -824,8 +847,18 @@ fn passwords_never_appear_in_fetch_output_or_logs() {
         "{stdout}"
     );
     assert!(lines[2].contains("timed out"), "{stdout}");
-    assert!(lines[3].starts_with("named: error"), "{stdout}");
-    assert!(stderr.contains("rejected"), "{stderr}");
+    assert!(
+        lines[3].starts_with("named: started ") && lines[3].contains("error: "),
+        "{stdout}"
+    );
+    // Rejected lines are logged with their numbers (5: 999.36.0.5, 6: port 0, 7: ftp).
+    for needle in [
+        "line 5 rejected (invalid_ip)",
+        "line 6 rejected (invalid_port)",
+        "line 7 rejected (unknown_scheme)",
+    ] {
+        assert!(stderr.contains(needle), "{needle}:\n{stderr}");
+    }
     for text in [&stdout, &stderr] {
         assert!(!text.contains("hunter2"), "a password leaked:\n{text}");
     }
@@ -887,4 +920,358 @@ fn import_prints_counts_and_hides_passwords() {
         .into_iter()
         .collect()
     );
+}
+
+// ---------------------------------------------------------------------------
+// 7. Private addresses, counts per fetch, the fetch command's lines, logs
+
+/// The library's log records (targets `proxy_pool::*`, down to debug),
+/// captured in memory for every test of this binary; each test looks only
+/// at lines naming its own sources.
+mod captured_log {
+    use std::sync::{Mutex, Once};
+
+    static LINES: Mutex<Vec<(log::Level, String)>> = Mutex::new(Vec::new());
+
+    struct Capture;
+
+    impl log::Log for Capture {
+        fn enabled(&self, metadata: &log::Metadata) -> bool {
+            metadata.target().starts_with("proxy_pool")
+        }
+
+        fn log(&self, record: &log::Record) {
+            if self.enabled(record.metadata()) {
+                let line = record.args().to_string();
+                LINES.lock().unwrap().push((record.level(), line));
+            }
+        }
+
+        fn flush(&self) {}
+    }
+
+    pub fn install() {
+        static ONCE: Once = Once::new();
+        ONCE.call_once(|| {
+            log::set_logger(&Capture).expect("no other logger");
+            log::set_max_level(log::LevelFilter::Debug);
+        });
+    }
+
+    /// Captured lines containing `needle`, in order.
+    pub fn lines(needle: &str) -> Vec<(log::Level, String)> {
+        LINES
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, line)| line.contains(needle))
+            .cloned()
+            .collect()
+    }
+}
+
+#[test]
+fn private_addresses_are_rejected_end_to_end_unless_allowed() {
+    let world = World::new(every_behaviour([127, 25, 0, 1]));
+    let farm_lines: String = world
+        .farm
+        .manifest()
+        .iter()
+        .map(|entry| format!("{}\n", entry.host_port()))
+        .collect();
+    world.farm.set_list(
+        "mixed",
+        format!("{farm_lines}8.8.8.8:3128\n10.1.2.3:8080\n[2a00:1450::1]:8080\n[::1]:8080\n"),
+    );
+    let config = world.config_allowing(
+        false,
+        "",
+        "[source.mixed]\nurl = http://{farm}/lists/mixed\n",
+    );
+    let status = fetch(&world.fetcher(&config, "test"));
+    assert_ok(&status);
+    let private = world.farm.manifest().len() + 2;
+    assert_eq!(
+        (status.parsed, status.new, status.rejected),
+        (2, 2, private as u64),
+        "{}",
+        status.summary_line()
+    );
+    let expected: HashSet<ProxyKey> = [
+        key(Protocol::Http, "8.8.8.8", 3128, None),
+        key(Protocol::Http, "2a00:1450::1", 8080, None),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(world.rows(), expected);
+    assert_eq!(
+        world.count("SELECT count(*) FROM proxies WHERE ip << '127.0.0.0/8' OR ip = '::1'"),
+        0
+    );
+
+    // An IPv6 list whose every line is refused is a list that gave nothing,
+    // not a JSON body.
+    world
+        .farm
+        .set_list("v6", "[2001:db8::1]:80\n[2001:db8::2]:8080\n".to_string());
+    let config = world.config_allowing(false, "", "[source.v6]\nurl = http://{farm}/lists/v6\n");
+    let status = fetch(&world.fetcher(&config, "test"));
+    assert_ok(&status);
+    assert_eq!((status.parsed, status.rejected), (0, 2));
+}
+
+#[test]
+fn the_counts_are_those_of_the_last_fetch_and_say_which_apply() {
+    let world = World::new(FarmSpec::new());
+    let fetcher = world.one_list("counted", "counted", "", "http");
+    use proxy_pool::fetcher::{FetchStage, ListCounts};
+
+    // No list yet: nothing counted.
+    let missing = fetch(&fetcher);
+    assert_eq!(missing.stage, FetchStage::NoBody);
+    assert_eq!((missing.bytes, missing.lines, missing.parsed), (0, 0, 0));
+    assert_eq!(missing.last_stored, None);
+    assert!(missing
+        .summary_line()
+        .contains("- bytes, - lines, - parsed, - new"));
+
+    let body = "127.39.0.1:80\n127.39.0.2:80\nnot a proxy\n";
+    world.farm.set_list("counted", body.to_string());
+    let stored = fetch(&fetcher);
+    assert_ok(&stored);
+    let counts = ListCounts {
+        bytes: body.len() as u64,
+        lines: 3,
+        parsed: 2,
+        new: 2,
+        rejected: 1,
+        duplicates: 0,
+        truncated: false,
+    };
+    assert_eq!(stored.stage, FetchStage::Stored);
+    assert_eq!(stored.last_stored, Some(counts));
+
+    // A failure after a success: its own counts, not the success's.
+    let page = "<html><body>maintenance</body></html>\n";
+    world.farm.set_list("counted", page.to_string());
+    let failed = fetch(&fetcher);
+    assert_eq!(failed.stage, FetchStage::NotAList);
+    assert_eq!(
+        (
+            failed.bytes,
+            failed.lines,
+            failed.parsed,
+            failed.new,
+            failed.rejected
+        ),
+        (page.len() as u64, 1, 0, 0, 1)
+    );
+    assert_eq!(failed.last_stored, Some(counts));
+    assert!(failed.last_success_at.is_some());
+    let line = failed.summary_line();
+    assert!(
+        line.contains(&format!(
+            "{} bytes, 1 lines, 0 parsed, - new, 1 rejected, 0 duplicates, not truncated, \
+             error: not a proxy list: the body is an HTML page",
+            page.len()
+        )),
+        "{line}"
+    );
+
+    // The stored list again: 304, with the stored list's counts.
+    world.farm.set_list("counted", body.to_string());
+    let unchanged = fetch(&fetcher);
+    assert_ok(&unchanged);
+    assert_eq!(unchanged.stage, FetchStage::NotModified);
+    assert_eq!(
+        (unchanged.bytes, unchanged.parsed, unchanged.new),
+        (body.len() as u64, 2, 0)
+    );
+    assert_eq!(unchanged.fetches, 4);
+}
+
+#[test]
+fn the_fetch_command_prints_every_count_error_and_yield_per_list() {
+    let world = World::new(FarmSpec::new());
+    world.farm.set_list(
+        "good",
+        "127.39.1.1:80\n127.39.1.2:80\n127.39.1.3:80\nnot a proxy\n".to_string(),
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let farm = world.farm.server_addr();
+    let path = dir.path().join("config.ini");
+    std::fs::write(
+        &path,
+        format!(
+            "[database]\nurl = {}\n[fetcher]\nallow_private_addresses = true\ntimeout_ms = 2000\n\
+             [source.good]\nurl = http://{farm}/lists/good\n\
+             [source.page]\nurl = http://{farm}/lists/html\n\
+             [source.down]\nurl = http://{farm}/lists/error500\n",
+            world.db.url
+        ),
+    )
+    .expect("config");
+    let run = || {
+        let output = Command::new(support::binary())
+            .arg("--config")
+            .arg(&path)
+            .arg("fetch")
+            .env_remove("DATABASE_URL")
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run proxy-pool fetch");
+        let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+        assert!(output.status.success(), "{stdout}");
+        stdout
+    };
+    let started = r"started \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ, \d+ ms";
+    let html = r"\d+ bytes, \d+ lines, 0 parsed, - new, \d+ rejected, 0 duplicates, not truncated";
+    let expect = |stdout: &str, good: &str| {
+        let lines: Vec<&str> = stdout.lines().collect();
+        assert_eq!(lines.len(), 3, "{stdout}");
+        let patterns = [
+            format!("^good: {started}, 54 bytes, 4 lines, 3 parsed, {good}$"),
+            format!(
+                "^page: {started}, {html}, error: not a proxy list: the body is an HTML page, \
+                 yield 0 active now / 0 ever active$"
+            ),
+            format!(
+                "^down: {started}, - bytes, - lines, - parsed, - new, - rejected, - duplicates, \
+                 - truncated, error: http status 500, yield 0 active now / 0 ever active$"
+            ),
+        ];
+        for (line, pattern) in lines.iter().zip(&patterns) {
+            let regex = regex::Regex::new(pattern).expect("regex");
+            assert!(regex.is_match(line), "{line}\ndoes not match\n{pattern}");
+        }
+    };
+    expect(
+        &run(),
+        "3 new, 1 rejected, 0 duplicates, not truncated, no error, yield 0 active now / 0 ever active",
+    );
+    // One works now and two did once: the yield is read after the fetch.
+    world
+        .db
+        .client()
+        .batch_execute(
+            "UPDATE proxies SET is_active = true, alive_count = 3 WHERE ip = '127.39.1.1';
+             UPDATE proxies SET alive_count = 1 WHERE ip = '127.39.1.2';",
+        )
+        .expect("mark");
+    expect(
+        &run(),
+        "0 new, 1 rejected, 0 duplicates, not truncated, no error, yield 1 active now / 2 ever active",
+    );
+}
+
+#[test]
+fn rejected_lines_are_logged_with_their_numbers() {
+    captured_log::install();
+    let world = World::new(FarmSpec::new());
+    world.farm.set_list(
+        "numbered",
+        "# header\n127.39.2.1:80\n999.1.1.1:80\n127.39.2.2:80\nftp://127.39.2.3:21\n".to_string(),
+    );
+    let status = fetch(&world.one_list("numbered-list", "numbered", "", "http"));
+    assert_ok(&status);
+    let lines = captured_log::lines("numbered-list: line ");
+    let texts: Vec<&str> = lines.iter().map(|(_, line)| line.as_str()).collect();
+    assert_eq!(
+        texts,
+        vec![
+            "numbered-list: line 3 rejected (invalid_ip): 999.1.1.1:80",
+            "numbered-list: line 5 rejected (unknown_scheme): ftp://127.39.2.3:21",
+        ]
+    );
+}
+
+#[test]
+fn a_failing_list_warns_once_and_every_fetch_logs_a_summary() {
+    captured_log::install();
+    let world = World::new(FarmSpec::new());
+    let config = world.config(
+        "",
+        "[source.failing-once]\nurl = http://{farm}/lists/error500\ninterval_seconds = 1\n",
+    );
+    let fetcher = world.fetcher(&config, "test");
+    let shutdown = Shutdown::new();
+    let handles = fetcher.start(shutdown.signal()).expect("start");
+    // The backoff is capped at the one-second grid: a retry every second.
+    wait_for("four attempts", Duration::from_secs(8), || {
+        world.farm.list_hits("error500") >= 4
+    });
+    shutdown.trigger();
+    for handle in handles {
+        handle.join().expect("fetch thread");
+    }
+    let fetches = fetcher.statuses()[0].fetches as usize;
+    let summaries = captured_log::lines("fetch failing-once: started ");
+    assert_eq!(summaries.len(), fetches, "{summaries:#?}");
+    assert!(fetches >= 4);
+    for (_, line) in &summaries {
+        assert!(line.contains("error: http status 500"), "{line}");
+    }
+    let warnings: Vec<_> = summaries
+        .iter()
+        .filter(|(level, _)| *level <= log::Level::Warn)
+        .collect();
+    assert_eq!(warnings.len(), 1, "{summaries:#?}");
+    assert_eq!(summaries[0].0, log::Level::Warn);
+    assert!(summaries[1..]
+        .iter()
+        .all(|(level, line)| *level == log::Level::Debug && line.contains("in a row")));
+}
+
+#[test]
+fn a_start_up_fetch_skipped_for_the_fleet_is_logged_at_info() {
+    captured_log::install();
+    let world = World::new(FarmSpec::new());
+    world.farm.set_list("fleet", "127.39.3.1:80\n".to_string());
+    let config = world.config(
+        "",
+        "[source.fleet-list]\nurl = http://{farm}/lists/fleet\ninterval_seconds = 60\n",
+    );
+    let first = world.fetcher(&config, "instance-a");
+    assert_ok(&first.fetch_source(0, FetchKind::Scheduled).0);
+    // Instance b starts (or a restarts) within the interval.
+    let second = world.fetcher(&config, "instance-b");
+    let shutdown = Shutdown::new();
+    let handles = second.start(shutdown.signal()).expect("start");
+    wait_for("the skip to be logged", Duration::from_secs(5), || {
+        !captured_log::lines("fleet-list: fetched by instance-a at ").is_empty()
+    });
+    shutdown.trigger();
+    for handle in handles {
+        handle.join().expect("fetch thread");
+    }
+    let (level, line) = captured_log::lines("fleet-list: fetched by instance-a at ")[0].clone();
+    assert_eq!(level, log::Level::Info);
+    assert!(
+        line.contains("next fetch is at the next tick, in 60 s"),
+        "{line}"
+    );
+    assert_eq!(world.farm.list_hits("fleet"), 1);
+    assert!(second.statuses()[0].skipped);
+}
+
+#[test]
+fn post_admin_fetch_fetches_the_lists_now() {
+    let world = World::new(FarmSpec::new());
+    world.farm.set_list("admin", "127.39.4.1:80\n".to_string());
+    let mut config = support::TestConfig::new(&world.db.url);
+    config
+        .set("fetcher", "source_urls", &world.farm.list_url("admin"))
+        .set("fetcher", "interval_seconds", "3600");
+    let service = support::Service::start(&config.text());
+    wait_for("the start-up fetch", Duration::from_secs(20), || {
+        world.farm.list_hits("admin") >= 1
+    });
+    // Its next scheduled fetch is an hour away: a second fetch is the one asked for.
+    assert_eq!(world.farm.list_hits("admin"), 1);
+    let answer = support::post(&service.url("/admin/fetch"), "");
+    assert_eq!(answer.status, 202, "{}", answer.body);
+    wait_for("the fetch asked for", Duration::from_secs(10), || {
+        world.farm.list_hits("admin") >= 2
+    });
 }

@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use super::manifest::ManifestEntry;
 
 /// Every built-in list name, in the order the binary prints them.
-pub const BUILT_IN: [&str; 13] = [
+pub const BUILT_IN: [&str; 15] = [
     "plain",
     "schemes",
     "junk",
@@ -16,7 +16,9 @@ pub const BUILT_IN: [&str; 13] = [
     "hang",
     "error500",
     "html",
+    "json-error",
     "ratelimit",
+    "unavailable",
     "redirect-loop",
     "endless",
     "longline",
@@ -115,6 +117,16 @@ pub fn html_page() -> &'static str {
      <body><h1>Free proxies</h1><p>Please enable JavaScript to see the list.</p>\n\
      <table><tr><td>127.9.9.9</td><td>8080</td></tr></table></body></html>\n"
 }
+
+/// The `json-error` list: a 200 answer that is an API's JSON error, not a list.
+pub fn json_error_page() -> &'static str {
+    "{\"error\": \"rate limit exceeded\", \"code\": 429, \"proxies\": []}\n"
+}
+
+/// How long the `unavailable` list (503) asks clients to wait, as an
+/// HTTP-date this far ahead (whole seconds, so the wait a client computes is
+/// between this less one second and this).
+pub const UNAVAILABLE_RETRY_AFTER_SECONDS: u64 = 3;
 
 /// The `binary` list: reproducible random bytes.
 pub fn binary(seed: u64) -> Vec<u8> {

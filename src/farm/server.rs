@@ -159,6 +159,20 @@ fn serve_list(
             let body = lists::html_page().as_bytes();
             wire::write_response(stream, 200, "OK", &headers, body, bound)
         }
+        "json-error" => {
+            let headers = [("Content-Type", "application/json".to_owned())];
+            let body = lists::json_error_page().as_bytes();
+            wire::write_response(stream, 200, "OK", &headers, body, bound)
+        }
+        "unavailable" => {
+            let wait = Duration::from_secs(lists::UNAVAILABLE_RETRY_AFTER_SECONDS);
+            let headers = [(
+                "Retry-After",
+                (Utc::now() + wait).format(HTTP_DATE).to_string(),
+            )];
+            let body = b"down for maintenance\n";
+            wire::write_response(stream, 503, "Service Unavailable", &headers, body, bound)
+        }
         "ratelimit" => {
             let headers = [("Retry-After", "2".to_owned())];
             wire::write_response(

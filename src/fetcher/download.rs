@@ -92,7 +92,7 @@ pub fn download(
     }
     if status != 200 {
         let retry_after = if status == 429 || status == 503 {
-            header(RETRY_AFTER).and_then(|v| parse_retry_after(&v))
+            header(RETRY_AFTER).and_then(|v| parse_retry_after(&v, chrono::Utc::now()))
         } else {
             None
         };
@@ -130,13 +130,30 @@ pub fn download(
     })
 }
 
-/// Retry-After as seconds (the HTTP-date form is rare for lists; ignored).
-pub fn parse_retry_after(value: &str) -> Option<Duration> {
-    value
-        .trim()
-        .parse::<u64>()
+/// The longest wait a Retry-After may ask for; beyond it the list's own
+/// schedule (and backoff) applies again.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(86_400);
+
+/// Retry-After as a wait from `now`: delay-seconds (`120`) or an HTTP-date
+/// (`Wed, 21 Oct 2015 07:28:00 GMT`, and the obsolete RFC 850 and asctime
+/// forms RFC 9110 asks recipients to accept). A date in the past means no
+/// wait; anything unreadable is ignored.
+pub fn parse_retry_after(value: &str, now: chrono::DateTime<chrono::Utc>) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds).min(MAX_RETRY_AFTER));
+    }
+    let date = chrono::DateTime::parse_from_rfc2822(value)
+        .map(|d| d.with_timezone(&chrono::Utc))
         .ok()
-        .map(|s| Duration::from_secs(s.min(86_400)))
+        .or_else(|| {
+            ["%A, %d-%b-%y %H:%M:%S GMT", "%a %b %e %H:%M:%S %Y"]
+                .iter()
+                .find_map(|format| chrono::NaiveDateTime::parse_from_str(value, format).ok())
+                .map(|naive| naive.and_utc())
+        })?;
+    let wait = (date - now).to_std().unwrap_or(Duration::ZERO);
+    Some(wait.min(MAX_RETRY_AFTER))
 }
 
 fn transport_error(err: ureq::Error, timeout: Duration) -> DownloadError {
@@ -170,7 +187,14 @@ pub fn not_a_list(bytes: &[u8], parsed: usize) -> Option<&'static str> {
     if start.starts_with(b"<!doctype") || start.starts_with(b"<html") || start.starts_with(b"<") {
         return Some("not a proxy list: the body is an HTML page");
     }
-    if start.starts_with(b"{") || start.starts_with(b"[") {
+    // `[` alone is no sign: an IPv6 list starts with `[2001:db8::1]:80`.
+    let json_array = start.strip_prefix(b"[").is_some_and(|rest| {
+        matches!(
+            rest.iter().find(|b| !b.is_ascii_whitespace()),
+            Some(b'{' | b'"' | b']') | None
+        )
+    });
+    if start.starts_with(b"{") || json_array {
         return Some("not a proxy list: the body is JSON");
     }
     if bytes.iter().take(4096).any(|&b| b == 0) {
@@ -193,8 +217,68 @@ mod tests {
     }
 
     #[test]
-    fn retry_after_in_seconds() {
-        assert_eq!(parse_retry_after(" 120 "), Some(Duration::from_secs(120)));
-        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
+    fn json_is_told_from_an_ipv6_list() {
+        for body in [
+            &b"[{\"ip\": \"1.2.3.4\"}]"[..],
+            b"[ \n  {\"error\": 1}]",
+            b"[\"1.2.3.4:80\"]",
+            b"[]",
+            b"[ ]",
+            b"\n{\"error\": \"forbidden\"}",
+        ] {
+            assert_eq!(
+                not_a_list(body, 0),
+                Some("not a proxy list: the body is JSON"),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        // Rejected IPv6 lines (documentation addresses) are a list, not JSON.
+        for body in [
+            &b"[2001:db8::1]:80\n[2001:db8::2]:8080\n"[..],
+            b"[::1]:80",
+            b"[zz]:1",
+        ] {
+            assert_eq!(
+                not_a_list(body, 0),
+                None,
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn retry_after_in_seconds_or_as_a_date() {
+        let now = chrono::DateTime::parse_from_rfc3339("2015-10-21T07:28:00Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        let s = Duration::from_secs;
+        assert_eq!(parse_retry_after(" 120 ", now), Some(s(120)));
+        assert_eq!(parse_retry_after("999999999", now), Some(MAX_RETRY_AFTER));
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:30:00 GMT", now),
+            Some(s(120))
+        );
+        assert_eq!(
+            parse_retry_after("Wednesday, 21-Oct-15 07:28:30 GMT", now),
+            Some(s(30))
+        );
+        assert_eq!(
+            parse_retry_after("Wed Oct 21 07:29:00 2015", now),
+            Some(s(60))
+        );
+        // A date gone by: no wait. A date too far: capped.
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:00:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(
+            parse_retry_after("Fri, 21 Oct 2016 07:28:00 GMT", now),
+            Some(MAX_RETRY_AFTER)
+        );
+        for junk in ["", "soon", "-5", "1.5", "Wed, 99 Oct 2015 07:28:00 GMT"] {
+            assert_eq!(parse_retry_after(junk, now), None, "{junk}");
+        }
     }
 }

@@ -24,7 +24,65 @@ use crate::store::{SourceYield, Store};
 use self::download::{CacheValidators, DownloadError, Downloaded};
 use self::parse::{parse_list, ParseOptions};
 
+/// How far the last fetch of a list got, which says which of its counts apply.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FetchStage {
+    /// Not fetched since start.
+    #[default]
+    NotFetched,
+    /// Fetched by another instance this interval (several instances share a database).
+    Skipped,
+    /// Failed before a body was read: connection, timeout, HTTP status, or
+    /// the database (for the fetch claim). No count applies.
+    NoBody,
+    /// A body was read and parsed, but it is clearly not a proxy list:
+    /// bytes, lines, parsed (0), rejected and duplicates apply.
+    NotAList,
+    /// Parsed but not stored (the database failed): every count but `new`.
+    NotStored,
+    /// Parsed and stored: every count applies.
+    Stored,
+    /// 304: unchanged since the last list stored, whose counts are shown
+    /// (with `new` at 0).
+    NotModified,
+}
+
+impl FetchStage {
+    fn has_body(self) -> bool {
+        matches!(
+            self,
+            FetchStage::NotAList
+                | FetchStage::NotStored
+                | FetchStage::Stored
+                | FetchStage::NotModified
+        )
+    }
+
+    fn stored(self) -> bool {
+        matches!(self, FetchStage::Stored | FetchStage::NotModified)
+    }
+}
+
+/// What one stored list held.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListCounts {
+    pub bytes: u64,
+    pub lines: u64,
+    pub parsed: u64,
+    pub new: u64,
+    pub rejected: u64,
+    pub duplicates: u64,
+    pub truncated: bool,
+}
+
 /// What the last fetch of one list found; shown by /stats and `proxy-pool fetch`.
+///
+/// The counts (`bytes` to `truncated`) are those of the last fetch, the one
+/// started at `last_started_at`, whether it succeeded or not: each fetch
+/// starts them at 0, and `stage` says which of them it got to count (a
+/// timeout counts nothing, an HTML page counts its bytes and lines). A 304
+/// shows the counts of the unchanged list. `last_stored` keeps the counts of
+/// the last list stored, from the fetch that ended at `last_success_at`.
 #[derive(Clone, Debug, Default)]
 pub struct SourceStatus {
     pub name: String,
@@ -34,6 +92,8 @@ pub struct SourceStatus {
     pub last_started_at: Option<DateTime<Utc>>,
     pub last_duration: Option<Duration>,
     pub last_success_at: Option<DateTime<Utc>>,
+    pub stage: FetchStage,
+    // The last fetch's counts, flat as /stats shows them (a `ListCounts`).
     pub bytes: u64,
     pub lines: u64,
     pub parsed: u64,
@@ -46,44 +106,101 @@ pub struct SourceStatus {
     pub consecutive_failures: u32,
     /// Fetched by another instance this interval (several instances share a database).
     pub skipped: bool,
+    pub last_stored: Option<ListCounts>,
     pub yields: Option<SourceYield>,
 }
 
 impl SourceStatus {
-    /// One line for `proxy-pool fetch` and the log.
+    /// One line for `proxy-pool fetch` and the log: when the last fetch
+    /// started, how long it took, its counts (`-` for those it did not get
+    /// to), whether it was cut at max_bytes, its error, and the list's yield
+    /// (as of the last refresh of yields).
     pub fn summary_line(&self) -> String {
+        match self.stage {
+            FetchStage::NotFetched => return format!("{}: not fetched yet", self.name),
+            FetchStage::Skipped => {
+                return format!(
+                    "{}: skipped (fetched by another instance this interval)",
+                    self.name
+                )
+            }
+            _ => {}
+        }
+        let started = self
+            .last_started_at
+            .map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+            .unwrap_or_else(|| "-".into());
         let duration = self
             .last_duration
             .map(|d| format!("{} ms", d.as_millis()))
-            .unwrap_or_else(|| "-".into());
-        // Before the error: a skip leaves the last fetch's error in place.
-        if self.skipped {
-            return format!(
-                "{}: skipped (fetched by another instance this interval)",
-                self.name
-            );
-        }
-        if let Some(error) = &self.last_error {
-            return format!("{}: error after {duration}: {error}", self.name);
-        }
-        if self.not_modified {
-            return format!("{}: not modified ({duration})", self.name);
-        }
+            .unwrap_or_else(|| "- ms".into());
+        let body = self.stage.has_body();
+        let count = |applies: bool, n: u64, what: &str| {
+            if applies {
+                format!("{n} {what}")
+            } else {
+                format!("- {what}")
+            }
+        };
+        let truncated = match (body, self.truncated) {
+            (false, _) => "- truncated",
+            (true, true) => "truncated at max_bytes",
+            (true, false) => "not truncated",
+        };
+        let error = match &self.last_error {
+            Some(error) => format!("error: {error}"),
+            None => "no error".to_string(),
+        };
+        let yields = match &self.yields {
+            Some(y) => format!(
+                "yield {} active now / {} ever active",
+                y.active_now, y.ever_active
+            ),
+            None => "yield - active now / - ever active".to_string(),
+        };
         format!(
-            "{}: {} bytes{}, {} lines, {} parsed, {} new, {} rejected, {} duplicates in {duration}",
+            "{}: started {started}, {duration}{}, {}, {}, {}, {}, {}, {}, {truncated}, {error}, {yields}",
             self.name,
-            self.bytes,
-            if self.truncated {
-                " (truncated at max_bytes)"
+            if self.stage == FetchStage::NotModified {
+                ", not modified"
             } else {
                 ""
             },
-            self.lines,
-            self.parsed,
-            self.new,
-            self.rejected,
-            self.duplicates
+            count(body, self.bytes, "bytes"),
+            count(body, self.lines, "lines"),
+            count(body, self.parsed, "parsed"),
+            count(self.stage.stored(), self.new, "new"),
+            count(body, self.rejected, "rejected"),
+            count(body, self.duplicates, "duplicates"),
         )
+    }
+
+    /// Records a finished fetch's start, duration, stage and counts (all
+    /// of them: those it did not get to are 0).
+    fn record(
+        &mut self,
+        started_at: DateTime<Utc>,
+        started: Instant,
+        stage: FetchStage,
+        counts: ListCounts,
+    ) {
+        self.fetches += 1;
+        self.last_started_at = Some(started_at);
+        self.last_duration = Some(started.elapsed());
+        self.stage = stage;
+        self.set_counts(counts);
+        self.not_modified = stage == FetchStage::NotModified;
+        self.skipped = false;
+    }
+
+    fn set_counts(&mut self, counts: ListCounts) {
+        self.bytes = counts.bytes;
+        self.lines = counts.lines;
+        self.parsed = counts.parsed;
+        self.new = counts.new;
+        self.rejected = counts.rejected;
+        self.duplicates = counts.duplicates;
+        self.truncated = counts.truncated;
     }
 }
 
@@ -97,6 +214,14 @@ struct SourceRuntime {
     validators: Mutex<CacheValidators>,
     /// Asks the source's thread to fetch now (POST /admin/fetch); holds at most one.
     trigger: (Sender<()>, Receiver<()>),
+}
+
+/// A failed fetch: when it started, how far it got and what it counted.
+struct Failure {
+    started: Instant,
+    started_at: DateTime<Utc>,
+    stage: FetchStage,
+    counts: ListCounts,
 }
 
 /// Whether a fetch is the regular one of its interval (coordinated between
@@ -116,7 +241,8 @@ pub struct Fetcher {
     max_bytes: u64,
     allow_private_addresses: bool,
     instance: String,
-    yields: RwLock<HashMap<String, SourceYield>>,
+    /// Each list's yield as last refreshed; None before the first refresh.
+    yields: RwLock<Option<HashMap<String, SourceYield>>>,
     /// Asks for a validation cycle when a fetch brought proxies never seen.
     validate_now: Option<Sender<()>>,
 }
@@ -134,6 +260,25 @@ pub fn failure_delay(interval: Duration, failures: u32, retry_after: Option<Dura
     match retry_after {
         Some(wait) => backoff.max(wait),
         None => backoff,
+    }
+}
+
+/// When a list that failed at `now` is tried again: after its backoff, but
+/// never past the next tick of its fixed-rate grid (`t0` + k·interval), so
+/// that a failure does not shift the list off its schedule; and never sooner
+/// than the server's Retry-After, which wins over the grid.
+pub fn retry_at(
+    t0: Instant,
+    interval: Duration,
+    now: Instant,
+    failures: u32,
+    retry_after: Option<Duration>,
+) -> Instant {
+    let backoff = now + failure_delay(interval, failures, None);
+    let at = backoff.min(next_tick(t0, interval, now));
+    match retry_after {
+        Some(wait) => at.max(now + wait),
+        None => at,
     }
 }
 
@@ -167,7 +312,7 @@ impl Fetcher {
             max_bytes: config.fetcher.max_bytes,
             allow_private_addresses: config.fetcher.allow_private_addresses,
             instance,
-            yields: RwLock::new(HashMap::new()),
+            yields: RwLock::new(None),
             validate_now: None,
         }
     }
@@ -180,14 +325,9 @@ impl Fetcher {
     }
 
     pub fn statuses(&self) -> Vec<SourceStatus> {
-        let yields = self.yields.read();
         self.sources
             .iter()
-            .map(|source| {
-                let mut status = source.status.lock().clone();
-                status.yields = yields.get(&status.name).cloned();
-                status
-            })
+            .map(|source| self.with_yields(&source.status.lock()))
             .collect()
     }
 
@@ -196,7 +336,7 @@ impl Fetcher {
         match self.store.source_yields() {
             Ok(rows) => {
                 let map = rows.into_iter().map(|y| (y.source.clone(), y)).collect();
-                *self.yields.write() = map;
+                *self.yields.write() = Some(map);
             }
             Err(err) => log::debug!("cannot refresh list yields: {err}"),
         }
@@ -209,7 +349,8 @@ impl Fetcher {
         }
     }
 
-    /// Fetches every source once, in parallel, and returns their statuses.
+    /// Fetches every source once, in parallel, refreshes the yields, and
+    /// returns the statuses (in source order).
     pub fn fetch_all_once(self: &Arc<Self>, kind: FetchKind) -> Vec<SourceStatus> {
         let handles: Vec<_> = (0..self.sources.len())
             .map(|index| {
@@ -217,11 +358,12 @@ impl Fetcher {
                 thread::spawn(move || fetcher.fetch_source(index, kind))
             })
             .collect();
-        handles
-            .into_iter()
-            .filter_map(|h| h.join().ok())
-            .map(|(status, _)| status)
-            .collect()
+        for handle in handles {
+            // A fetch thread that panicked leaves the status it had.
+            let _ = handle.join();
+        }
+        self.refresh_yields();
+        self.statuses()
     }
 
     /// Starts one thread per source: a fetch at once, then on the source's
@@ -248,12 +390,14 @@ impl Fetcher {
         let t0 = Instant::now();
         let mut due = t0;
         let mut kind = FetchKind::Scheduled;
+        let mut startup = true;
         loop {
-            let (status, retry_after) = self.fetch_source(index, kind);
+            let (status, retry_after) = self.fetch(index, kind, startup);
+            startup = false;
             let now = Instant::now();
             // A skip is not a failure: another instance fetched the list.
             due = if status.last_error.is_some() && !status.skipped {
-                now + failure_delay(interval, status.consecutive_failures, retry_after)
+                retry_at(t0, interval, now, status.consecutive_failures, retry_after)
             } else if kind == FetchKind::Manual && now < due {
                 // A manual fetch does not move the regular schedule.
                 due
@@ -270,6 +414,15 @@ impl Fetcher {
 
     /// One fetch of one source; returns its status and any Retry-After.
     pub fn fetch_source(&self, index: usize, kind: FetchKind) -> (SourceStatus, Option<Duration>) {
+        self.fetch(index, kind, false)
+    }
+
+    fn fetch(
+        &self,
+        index: usize,
+        kind: FetchKind,
+        startup: bool,
+    ) -> (SourceStatus, Option<Duration>) {
         let source = &self.sources[index];
         let config = &source.config;
         if kind == FetchKind::Scheduled {
@@ -279,21 +432,26 @@ impl Fetcher {
             {
                 Ok(true) => self.health.record_database(true, None),
                 Ok(false) => {
+                    if startup {
+                        self.log_startup_skip(source);
+                    } else {
+                        log::debug!("{}: fetched by another instance this interval", source.name);
+                    }
                     let mut status = source.status.lock();
                     status.skipped = true;
-                    log::debug!("{}: fetched by another instance this interval", source.name);
+                    status.stage = FetchStage::Skipped;
                     return (status.clone(), None);
                 }
                 Err(err) => {
                     // Without the database the list could not be stored anyway.
                     self.health.record_database(false, Some(&err));
-                    return self.record_failure(
-                        source,
-                        Instant::now(),
-                        Utc::now(),
-                        err.to_string(),
-                        None,
-                    );
+                    let failure = Failure {
+                        started: Instant::now(),
+                        started_at: Utc::now(),
+                        stage: FetchStage::NoBody,
+                        counts: ListCounts::default(),
+                    };
+                    return self.record_failure(source, failure, err.to_string(), None);
                 }
             }
         }
@@ -306,6 +464,25 @@ impl Fetcher {
             }
         }
         (status, retry_after)
+    }
+
+    /// At start-up, a list another instance (or this one before a restart)
+    /// fetched within its interval is not fetched again: say so once, at info.
+    fn log_startup_skip(&self, source: &SourceRuntime) {
+        let interval = source.config.interval.as_secs();
+        match self.store.fetch_lease(&source.name) {
+            Ok(Some((by, at))) => log::info!(
+                "{}: fetched by {by} at {}, within its interval: not fetched at start-up; \
+                 its next fetch is at the next tick, in {interval} s",
+                source.name,
+                at.format("%Y-%m-%dT%H:%M:%SZ")
+            ),
+            _ => log::info!(
+                "{}: fetched by another instance within its interval: not fetched at start-up; \
+                 its next fetch is at the next tick, in {interval} s",
+                source.name
+            ),
+        }
     }
 
     fn download_and_store(&self, source: &SourceRuntime) -> (SourceStatus, Option<Duration>) {
@@ -323,15 +500,14 @@ impl Fetcher {
         let (bytes, truncated, new_validators) = match downloaded {
             Ok(Downloaded::NotModified) => {
                 let mut status = source.status.lock();
-                status.fetches += 1;
-                status.last_started_at = Some(started_at);
-                status.last_duration = Some(started.elapsed());
+                // The list is the one stored last: its counts, nothing new.
+                let counts = status.last_stored.unwrap_or_default();
+                let counts = ListCounts { new: 0, ..counts };
+                status.record(started_at, started, FetchStage::NotModified, counts);
                 status.last_success_at = Some(Utc::now());
-                status.not_modified = true;
-                status.skipped = false;
                 status.last_error = None;
                 status.consecutive_failures = 0;
-                log::info!("{}", status.summary_line());
+                log::info!("fetch {}", self.with_yields(&status).summary_line());
                 return (status.clone(), None);
             }
             Ok(Downloaded::Body {
@@ -345,7 +521,13 @@ impl Fetcher {
                     DownloadError::Status { .. } | DownloadError::Timeout(_) => err.to_string(),
                     DownloadError::Transport(text) => format!("download failed: {text}"),
                 };
-                return self.record_failure(source, started, started_at, message, retry_after);
+                let failure = Failure {
+                    started,
+                    started_at,
+                    stage: FetchStage::NoBody,
+                    counts: ListCounts::default(),
+                };
+                return self.record_failure(source, failure, message, retry_after);
             }
         };
         let text = String::from_utf8_lossy(&bytes);
@@ -354,8 +536,23 @@ impl Fetcher {
             allow_private_addresses: self.allow_private_addresses,
         };
         let parsed = parse_list(&text, &options);
+        let mut counts = ListCounts {
+            bytes: bytes.len() as u64,
+            lines: parsed.lines as u64,
+            parsed: parsed.proxies.len() as u64,
+            new: 0,
+            rejected: parsed.rejected as u64,
+            duplicates: parsed.duplicates as u64,
+            truncated,
+        };
         if let Some(reason) = download::not_a_list(&bytes, parsed.proxies.len()) {
-            return self.record_failure(source, started, started_at, reason.to_string(), None);
+            let failure = Failure {
+                started,
+                started_at,
+                stage: FetchStage::NotAList,
+                counts,
+            };
+            return self.record_failure(source, failure, reason.to_string(), None);
         }
         for reject in parsed.first_rejects.iter().take(3) {
             log::info!(
@@ -366,41 +563,37 @@ impl Fetcher {
                 reject.text
             );
         }
-        let counts = match self.store.upsert_listed(&source.name, &parsed.proxies) {
-            Ok(counts) => {
+        let upserted = match self.store.upsert_listed(&source.name, &parsed.proxies) {
+            Ok(upserted) => {
                 self.health.record_database(true, None);
-                counts
+                upserted
             }
             Err(err) => {
                 self.health.record_database(false, Some(&err));
-                return self.record_failure(
-                    source,
+                let failure = Failure {
                     started,
                     started_at,
+                    stage: FetchStage::NotStored,
+                    counts,
+                };
+                return self.record_failure(
+                    source,
+                    failure,
                     format!("cannot store the list: {err}"),
                     None,
                 );
             }
         };
+        counts.new = upserted.new;
         // Only a stored list may be answered with 304 next time.
         *source.validators.lock() = new_validators;
         let mut status = source.status.lock();
-        status.fetches += 1;
-        status.last_started_at = Some(started_at);
-        status.last_duration = Some(started.elapsed());
+        status.record(started_at, started, FetchStage::Stored, counts);
         status.last_success_at = Some(Utc::now());
-        status.bytes = bytes.len() as u64;
-        status.lines = parsed.lines as u64;
-        status.parsed = parsed.proxies.len() as u64;
-        status.new = counts.new;
-        status.rejected = parsed.rejected as u64;
-        status.duplicates = parsed.duplicates as u64;
-        status.truncated = truncated;
-        status.not_modified = false;
-        status.skipped = false;
+        status.last_stored = Some(counts);
         status.last_error = None;
         status.consecutive_failures = 0;
-        log::info!("fetch {}", status.summary_line());
+        log::info!("fetch {}", self.with_yields(&status).summary_line());
         if counts.new > 0 {
             if let Some(validate_now) = &self.validate_now {
                 // At most one job waits; a full channel means one is coming.
@@ -410,25 +603,54 @@ impl Fetcher {
         (status.clone(), None)
     }
 
+    /// A copy of `status` with the list's yield as last refreshed (zero for
+    /// a list that gave nothing yet; None before the first refresh).
+    fn with_yields(&self, status: &SourceStatus) -> SourceStatus {
+        let mut status = status.clone();
+        status.yields = self.yields.read().as_ref().map(|yields| {
+            yields
+                .get(&status.name)
+                .cloned()
+                .unwrap_or_else(|| SourceYield {
+                    source: status.name.clone(),
+                    listed: 0,
+                    active_now: 0,
+                    ever_active: 0,
+                })
+        });
+        status
+    }
+
+    /// Records a failed fetch with what it got to count. Every failed fetch
+    /// logs its summary; one repeating the last fetch's error does so at
+    /// debug, so that a list failing for hours warns once, not at every retry.
     fn record_failure(
         &self,
         source: &SourceRuntime,
-        started: Instant,
-        started_at: DateTime<Utc>,
+        failure: Failure,
         message: String,
         retry_after: Option<Duration>,
     ) -> (SourceStatus, Option<Duration>) {
         let mut status = source.status.lock();
-        // Logged once per distinct error, not at every retry.
-        if status.last_error.as_deref() != Some(message.as_str()) {
-            log::warn!("fetch {}: {message}", source.name);
-        }
-        status.fetches += 1;
-        status.last_started_at = Some(started_at);
-        status.last_duration = Some(started.elapsed());
+        let repeated = status.consecutive_failures > 0
+            && status.last_error.as_deref() == Some(message.as_str());
+        status.record(
+            failure.started_at,
+            failure.started,
+            failure.stage,
+            failure.counts,
+        );
         status.last_error = Some(message);
-        status.skipped = false;
         status.consecutive_failures += 1;
+        let line = self.with_yields(&status).summary_line();
+        if repeated {
+            log::debug!(
+                "fetch {line} (failure {} in a row)",
+                status.consecutive_failures
+            );
+        } else {
+            log::warn!("fetch {line}");
+        }
         (status.clone(), retry_after)
     }
 }
@@ -457,5 +679,29 @@ mod tests {
             failure_delay(interval, 1, Some(Duration::from_secs(120))),
             Duration::from_secs(120)
         );
+    }
+
+    #[test]
+    fn a_retry_never_goes_past_the_next_tick_of_the_grid() {
+        let t0 = Instant::now();
+        let interval = Duration::from_secs(60);
+        let s = Duration::from_secs;
+        // Early in an interval the backoff applies as it is.
+        assert_eq!(retry_at(t0, interval, t0 + s(1), 1, None), t0 + s(6));
+        assert_eq!(retry_at(t0, interval, t0 + s(1), 3, None), t0 + s(21));
+        // Late in an interval the next tick comes first: the retry is the
+        // regular fetch, on the grid.
+        assert_eq!(retry_at(t0, interval, t0 + s(58), 1, None), t0 + s(60));
+        assert_eq!(retry_at(t0, interval, t0 + s(130), 4, None), t0 + s(170));
+        assert_eq!(retry_at(t0, interval, t0 + s(130), 5, None), t0 + s(180));
+        // A backoff as long as the interval lands on the next tick, not an
+        // interval after the failure.
+        assert_eq!(retry_at(t0, interval, t0 + s(70), 10, None), t0 + s(120));
+        // Retry-After wins over the grid.
+        assert_eq!(
+            retry_at(t0, interval, t0 + s(58), 1, Some(s(30))),
+            t0 + s(88)
+        );
+        assert_eq!(retry_at(t0, interval, t0 + s(1), 1, Some(s(2))), t0 + s(6));
     }
 }

@@ -226,12 +226,27 @@ pub fn parse_line(line: &str, options: &ParseOptions) -> Result<Option<ProxyKey>
         None => (options.default_protocol, token),
     };
     let at_sign = rest.bytes().rposition(|b| b == b'@');
-    let (ip, port, credentials) = match at_sign.map(|at| (&rest[..at], &rest[at + 1..])) {
-        Some((userinfo, host_port)) => {
-            let (ip, port, extra) = split_host_port(host_port)?;
-            if extra.is_some() {
-                return Err(RejectReason::Malformed);
-            }
+    // `user:pass@host:port`, unless what follows the `@` is no host:port
+    // while the whole is `host:port:user:pass` with an `@` in the password
+    // (`1.2.3.4:80:u:p@ss`); then the `@` is part of the credentials.
+    let url_form =
+        at_sign
+            .map(|at| (&rest[..at], &rest[at + 1..]))
+            .and_then(|(userinfo, host_port)| match split_host_port(host_port) {
+                Ok((_, _, Some(_))) => Some((userinfo, host_port, Err(RejectReason::Malformed))),
+                Ok((ip, port, None)) => Some((userinfo, host_port, Ok((ip, port)))),
+                Err(reason) => match split_host_port(rest) {
+                    Ok((_, _, Some(_))) => None,
+                    // `1.2.3.4:0:u:p@ss` is a bad port, not a bad host after `@`.
+                    Err(colon_reason) if starts_with_ip(rest) => {
+                        Some((userinfo, host_port, Err(colon_reason)))
+                    }
+                    _ => Some((userinfo, host_port, Err(reason))),
+                },
+            });
+    let (ip, port, credentials) = match url_form {
+        Some((userinfo, _, host_port)) => {
+            let (ip, port) = host_port?;
             let (user, password) = match userinfo.split_once(':') {
                 Some((user, password)) => (user, Some(password)),
                 None => (userinfo, None),
@@ -292,6 +307,18 @@ fn proxy_token(line: &str) -> &str {
     {
         Some(at) => &line[..host_start + at],
         None => &line[..end],
+    }
+}
+
+/// Whether `text` starts with an IP address and a `:` (`1.2.3.4:`, `[v6]:`).
+fn starts_with_ip(text: &str) -> bool {
+    match text.strip_prefix('[') {
+        Some(bracketed) => bracketed
+            .split_once("]:")
+            .is_some_and(|(inside, _)| inside.parse::<Ipv6Addr>().is_ok()),
+        None => text
+            .split_once(':')
+            .is_some_and(|(host, _)| host.parse::<Ipv4Addr>().is_ok()),
     }
 }
 
@@ -540,6 +567,18 @@ mod tests {
                 key(Protocol::Http, "1.2.3.4", 3128, Some(("user", "pa:ss"))),
             ),
             (
+                "1.2.3.4:80:u:p@ss",
+                key(Protocol::Http, "1.2.3.4", 80, Some(("u", "p@ss"))),
+            ),
+            (
+                "socks5://1.2.3.4:1080:u:p@ss@x US",
+                key(Protocol::Socks5, "1.2.3.4", 1080, Some(("u", "p@ss@x"))),
+            ),
+            (
+                "[2a00:1450::1]:80:u:@p",
+                key(Protocol::Http, "2a00:1450::1", 80, Some(("u", "@p"))),
+            ),
+            (
                 "[2a00:1450::1]:8080",
                 key(Protocol::Http, "2a00:1450::1", 8080, None),
             ),
@@ -618,6 +657,11 @@ mod tests {
             ("[2a00:1450::1:8080", RejectReason::Malformed),
             ("http://1.2.3.4:80/path", RejectReason::InvalidPort),
             ("u:p@1.2.3.4:80:x:y", RejectReason::Malformed),
+            // After an `@` that is no host:port, the reason is the URL form's.
+            ("user:pass@999.1.1.1:80", RejectReason::InvalidIp),
+            ("user:pass@1.2.3.4", RejectReason::InvalidPort),
+            ("user:pass@host.example:80", RejectReason::Hostname),
+            ("1.2.3.4:0:u:p@ss", RejectReason::InvalidPort),
         ];
         for (line, reason) in cases {
             assert_eq!(one(line), Err(reason), "{line}");
