@@ -63,9 +63,11 @@ impl Entry {
     /// The least a correct check of this proxy can take: an alive one waits
     /// its delay on each of its two connections (the absolute-URI request and
     /// the CONNECT check), a dead one is refused at once, a black hole costs
-    /// the whole timeout.
+    /// the whole timeout, or for an http proxy the 4/5 of it its first
+    /// answer may take (the rest is kept for the CONNECT check).
     fn least_check_time(&self) -> Duration {
         match self.behaviour.as_str() {
+            "black_hole" if self.key.protocol.is_http() => TIMEOUT * 4 / 5,
             "black_hole" => TIMEOUT,
             "dead" => Duration::ZERO,
             _ => {
