@@ -581,7 +581,34 @@ fn at_max_connections_the_next_client_gets_a_quick_503_not_a_hang() {
         "63 stalled of 64: {:?}",
         answer.map(|a| a.status)
     );
-    held.extend(open(1));
+    // The probe's connection may still be counted for a moment after its
+    // answer: a stall opened meanwhile is refused with a 503 at once. Open
+    // the 64th until the server holds it (it answers nothing).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut stall = Stall::PartialHead
+            .open(api.addr())
+            .expect("connect the 64th stalled client");
+        stall
+            .set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let mut byte = [0u8; 1];
+        match std::io::Read::read(&mut stall, &mut byte) {
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                held.push(stall);
+                break;
+            }
+            _ => assert!(
+                Instant::now() < deadline,
+                "the 64th stalled client is never held"
+            ),
+        }
+    }
     assert_eq!(held.len(), 64);
     let answer = quick_get(api.addr(), "/health", Duration::from_secs(2))
         .expect("an answer, not a hang, past max_connections");
