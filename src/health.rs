@@ -3,7 +3,7 @@
 //! last written. Background threads update it; /health only reads it.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 
 use chrono::{DateTime, Utc};
 use parking_lot::Mutex;
@@ -15,6 +15,8 @@ const POOL_SAMPLE_EVERY: std::time::Duration = std::time::Duration::from_secs(30
 #[derive(Debug, Default)]
 pub struct Health {
     database_up: AtomicBool,
+    /// Database outages seen since start (transitions from up to down).
+    outages: AtomicU64,
     /// Unix seconds of the last snapshot written or loaded; 0 = none.
     snapshot_at: AtomicI64,
     /// (when, active proxies), oldest first.
@@ -30,15 +32,28 @@ impl Health {
         self.database_up.load(Ordering::Relaxed)
     }
 
+    /// How many times the database went down since start: what was written
+    /// before an outage may not be there after it (a crash can lose the last
+    /// commits of a server without synchronous commits, and a database can
+    /// come back restored from a backup).
+    pub fn database_outages(&self) -> u64 {
+        self.outages.load(Ordering::Relaxed)
+    }
+
     /// Records the outcome of a database operation; logs transitions only, so
     /// an outage is reported once, not once per attempt.
     pub fn record_database(&self, up: bool, error: Option<&dyn std::fmt::Display>) {
         let was_up = self.database_up.swap(up, Ordering::Relaxed);
         match (was_up, up) {
-            (true, false) => match error {
-                Some(err) => log::warn!("database down: {err}; serving from memory, retrying"),
-                None => log::warn!("database down; serving from memory, retrying"),
-            },
+            (true, false) => {
+                self.outages.fetch_add(1, Ordering::Relaxed);
+                match error {
+                    Some(err) => {
+                        log::warn!("database down: {err}; serving from memory, retrying")
+                    }
+                    None => log::warn!("database down; serving from memory, retrying"),
+                }
+            }
             (false, true) => log::info!("database up"),
             _ => {}
         }

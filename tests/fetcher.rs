@@ -732,6 +732,49 @@ fn an_unchanged_list_is_not_fetched_again_and_a_changed_one_is() {
     assert_eq!(world.count("SELECT count(*) FROM proxies"), 3);
 }
 
+/// A 304 stands for "the list you stored": after a database outage the
+/// database may have lost it (a crash without synchronous commits, a restore
+/// from a backup), so the next fetch asks unconditionally and stores it whole.
+#[test]
+fn after_a_database_outage_an_unchanged_list_is_stored_whole_again() {
+    let world = World::new(FarmSpec::new());
+    world
+        .farm
+        .set_list("restored", "127.35.0.1:80\n127.35.0.2:80\n".to_string());
+    let config = world.config(
+        "",
+        "[source.restored]\nurl = http://{farm}/lists/restored\ninterval_seconds = 60\n",
+    );
+    let health = Arc::new(Health::new());
+    health.record_database(true, None);
+    let fetcher = Arc::new(Fetcher::new(
+        &config,
+        world.store.clone(),
+        health.clone(),
+        "test".to_string(),
+    ));
+    assert_ok(&fetch(&fetcher));
+    assert!(fetch(&fetcher).not_modified);
+
+    // The database comes back from a backup taken before the list was stored.
+    world
+        .db
+        .client()
+        .batch_execute("TRUNCATE proxy_sources, proxies")
+        .expect("truncate");
+    health.record_database(false, Some(&"connection refused"));
+    health.record_database(true, None);
+
+    let after = fetch(&fetcher);
+    assert_ok(&after);
+    assert!(!after.not_modified, "{}", after.summary_line());
+    assert_eq!((after.parsed, after.new), (2, 2));
+    assert_eq!(world.count("SELECT count(*) FROM proxies"), 2);
+    assert_eq!(world.farm.list_hits("restored"), 3);
+    // Stored again, the list may be answered with 304 again.
+    assert!(fetch(&fetcher).not_modified);
+}
+
 // ---------------------------------------------------------------------------
 // 5. One scheduled fetch per interval among instances
 

@@ -320,9 +320,14 @@ fn a_database_down_at_start_up_is_waited_for_serving_the_snapshot() {
     assert!(inconsistent_rows(&mut cluster.client()).is_empty());
 }
 
-/// 100,000 distinct `ip:port` lines (five upsert batches), on addresses no
-/// farm proxy uses.
+/// 100,000 distinct `ip:port` lines (two upsert batches), on addresses no
+/// farm proxy uses; [`BIG_LIST_LAST`] sorts last.
 fn big_list() -> String {
+    assert_eq!(
+        proxy_pool::store::UPSERT_BATCH,
+        50_000,
+        "big_list's batches"
+    );
     let mut list = String::with_capacity(100_000 * 20);
     for n in 0..100_000u32 {
         let block = n / 250;
@@ -335,6 +340,9 @@ fn big_list() -> String {
     }
     list
 }
+
+/// The big list's proxy that sorts last, so its upsert batch is the last one.
+const BIG_LIST_LAST: &str = "127.211.149.250";
 
 /// Guards a fetch cut by a database crash: each batch of the upsert is one
 /// statement (the table only ever holds whole batches), the rows validated
@@ -373,26 +381,37 @@ fn a_database_crash_during_a_fetch_loses_no_batch_halfway() {
 
     // No validation of the 100,000 newcomers: the judge is away.
     farm.set_judge_down(true);
+    // The crash comes while the list's last batch is under way: the test
+    // inserts that batch's last proxy in a transaction it keeps open, so the
+    // batch waits on it (the first batch commits) until the crash ends both.
+    let mut holder = cluster.client();
+    let mut held = holder.transaction().unwrap();
+    held.execute(
+        &format!(
+            "INSERT INTO proxies (protocol, ip, port) VALUES ('http', '{BIG_LIST_LAST}', 3128)"
+        ),
+        &[],
+    )
+    .unwrap();
     let prober = Prober::start(service.url("/get-proxy?source=during-fetch"));
     farm.set_list("big", big_list());
     let big = "SELECT count(*) FROM proxies WHERE ip << '127.208.0.0/12'";
     let mut seen_counts = BTreeSet::new();
+    let batch = proxy_pool::store::UPSERT_BATCH as i64;
+    let waiting = "SELECT count(*) FROM pg_locks WHERE NOT granted";
     wait_for(
-        "the first upsert batch of the big list",
+        "the first upsert batch of the big list, the last one waiting",
         Duration::from_secs(60),
         || {
             let n = count(&mut client, big);
             seen_counts.insert(n);
-            n > 0
+            n == batch && count(&mut client, waiting) > 0
         },
     );
-    let at_crash = count(&mut client, big);
     drop(client);
     cluster.stop();
-    assert!(
-        at_crash < 100_000,
-        "the whole list was stored before the crash: make it bigger"
-    );
+    drop(held);
+    drop(holder);
     wait_for("/health degraded", Duration::from_secs(10), || {
         health(&service)["status"] == "degraded"
     });
@@ -410,7 +429,6 @@ fn a_database_crash_during_a_fetch_loses_no_batch_halfway() {
     });
     prober.finish();
     // Only whole batches were ever visible.
-    let batch = proxy_pool::store::UPSERT_BATCH as i64;
     assert!(
         seen_counts.iter().all(|n| n % batch == 0),
         "partial batches seen: {seen_counts:?}"

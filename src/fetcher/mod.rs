@@ -211,7 +211,10 @@ struct SourceRuntime {
     /// name logs, statuses and the database see.
     name: String,
     status: Mutex<SourceStatus>,
-    validators: Mutex<CacheValidators>,
+    /// The last stored answer's validators, with the database outages seen
+    /// when it was stored: after another outage they are not sent, and the
+    /// list is downloaded and stored whole again.
+    validators: Mutex<(CacheValidators, u64)>,
     /// Asks the source's thread to fetch now (POST /admin/fetch); holds at most one.
     trigger: (Sender<()>, Receiver<()>),
 }
@@ -298,7 +301,7 @@ impl Fetcher {
                         interval: source.interval,
                         ..SourceStatus::default()
                     }),
-                    validators: Mutex::new(CacheValidators::default()),
+                    validators: Mutex::new((CacheValidators::default(), 0)),
                     trigger: crossbeam_channel::bounded(1),
                 })
             })
@@ -489,7 +492,14 @@ impl Fetcher {
         let config = &source.config;
         let started = Instant::now();
         let started_at = Utc::now();
-        let validators = source.validators.lock().clone();
+        let validators = {
+            let (validators, outages) = &*source.validators.lock();
+            if *outages == self.health.database_outages() {
+                validators.clone()
+            } else {
+                CacheValidators::default()
+            }
+        };
         let downloaded = download::download(
             &self.agent,
             &config.url,
@@ -563,6 +573,7 @@ impl Fetcher {
                 reject.text
             );
         }
+        let outages = self.health.database_outages();
         let upserted = match self.store.upsert_listed(&source.name, &parsed.proxies) {
             Ok(upserted) => {
                 self.health.record_database(true, None);
@@ -585,8 +596,9 @@ impl Fetcher {
             }
         };
         counts.new = upserted.new;
-        // Only a stored list may be answered with 304 next time.
-        *source.validators.lock() = new_validators;
+        // Only a stored list may be answered with 304 next time, and only
+        // while the database keeps it: not after an outage.
+        *source.validators.lock() = (new_validators, outages);
         let mut status = source.status.lock();
         status.record(started_at, started, FetchStage::Stored, counts);
         status.last_success_at = Some(Utc::now());
