@@ -190,6 +190,7 @@ impl Store {
         fn upsert_batch(
             conn: &mut Conn,
             source: &str,
+            list_id: i32,
             batch: &[&ProxyKey],
         ) -> Result<UpsertCounts, StoreError> {
             let mut tx = conn.transaction()?;
@@ -215,28 +216,26 @@ impl Store {
                 ])?;
             }
             writer.finish()?;
-            // A proxy created by this statement has a new id, which no link
-            // can name yet (ids are never reused: rows are never deleted), so
-            // its link is a plain insert; only a re-listed proxy's link needs
+            // A proxy created by this statement records this list as its
+            // first, in its own row: no link row. Only a proxy first given by
+            // another list (or stored before first_list_id) needs one, with
             // the conflict check. Re-listings touch no indexed column, so
             // with the table's fillfactor they are HOT updates.
             let row = tx.query_one(
                 "WITH upserted AS (
-                     INSERT INTO proxies AS p (protocol, ip, port, username, password)
-                     SELECT protocol, ip, port, username, password FROM listed
+                     INSERT INTO proxies AS p (protocol, ip, port, username, password, first_list_id)
+                     SELECT protocol, ip, port, username, password, $2 FROM listed
                      ON CONFLICT (protocol, ip, port, (coalesce(username, ''))) DO UPDATE
                          SET last_seen_at = now(), password = EXCLUDED.password
-                     RETURNING p.id, (p.xmax = 0) AS inserted
-                 ), linked_new AS (
-                     INSERT INTO proxy_sources (source, proxy_id)
-                     SELECT $1, id FROM upserted WHERE inserted
+                     RETURNING p.id, (p.xmax = 0) AS inserted, p.first_list_id
                  ), linked AS (
                      INSERT INTO proxy_sources (source, proxy_id)
-                     SELECT $1, id FROM upserted WHERE NOT inserted
+                     SELECT $1, id FROM upserted
+                     WHERE NOT inserted AND first_list_id IS DISTINCT FROM $2
                      ON CONFLICT (source, proxy_id) DO NOTHING
                  )
                  SELECT count(*) FILTER (WHERE inserted), count(*) FROM upserted",
-                &[&source],
+                &[&source, &list_id],
             )?;
             tx.commit()?;
             Ok(UpsertCounts {
@@ -250,6 +249,7 @@ impl Store {
             return Ok(counts);
         }
         let mut first = self.conn()?;
+        let list_id = list_id(&mut first, source)?;
         // In identity order: index pages are visited in sequence rather than
         // at random, and every writer locks rows in the same order, so two
         // lists naming the same proxies cannot deadlock (nor can this list's
@@ -277,7 +277,7 @@ impl Store {
                 let Some(batch) = batches.get(index) else {
                     return Ok(done);
                 };
-                match upsert_batch(conn, source, batch) {
+                match upsert_batch(conn, source, list_id, batch) {
                     Ok(batch_counts) => {
                         done.new += batch_counts.new;
                         done.upserted += batch_counts.upserted;
@@ -415,10 +415,21 @@ impl Store {
     pub fn source_yields(&self) -> Result<Vec<SourceYield>, StoreError> {
         let mut conn = self.conn()?;
         let rows = conn.query(
-            "SELECT s.source, count(*), count(*) FILTER (WHERE p.is_active),
-                    count(*) FILTER (WHERE p.alive_count > 0)
-             FROM proxy_sources s JOIN proxies p ON p.id = s.proxy_id
-             GROUP BY s.source ORDER BY s.source",
+            // proxy_lists, without its join of proxies to itself.
+            "SELECT source, sum(listed)::int8, sum(active)::int8, sum(ever)::int8 FROM (
+                 SELECT l.name AS source, count(*) AS listed,
+                        count(*) FILTER (WHERE p.is_active) AS active,
+                        count(*) FILTER (WHERE p.alive_count > 0) AS ever
+                 FROM proxies p JOIN lists l ON l.id = p.first_list_id
+                 GROUP BY l.name
+                 UNION ALL
+                 SELECT s.source, count(*), count(*) FILTER (WHERE p.is_active),
+                        count(*) FILTER (WHERE p.alive_count > 0)
+                 FROM proxy_sources s JOIN proxies p ON p.id = s.proxy_id
+                     LEFT JOIN lists f ON f.id = p.first_list_id
+                 WHERE f.name IS DISTINCT FROM s.source
+                 GROUP BY s.source
+             ) y GROUP BY source ORDER BY source",
             &[],
         )?;
         Ok(rows
@@ -497,6 +508,28 @@ fn policy_seconds(policy: &DuePolicy) -> (f64, f64) {
 }
 
 /// A proxy's identity in the table (its unique index): the password is not part of it.
+/// The number of list `name` in `lists`, registered on its first use.
+fn list_id(conn: &mut postgres::Client, name: &str) -> Result<i32, StoreError> {
+    // A select first: an insert that conflicts would spend a sequence value
+    // at every fetch. When two instances register one list at once, one
+    // insert wins and the other finds its row in a second statement.
+    let row = conn.query_opt(
+        "WITH found AS (SELECT id FROM lists WHERE name = $1),
+         added AS (
+             INSERT INTO lists (name) SELECT $1 WHERE NOT EXISTS (SELECT 1 FROM found)
+             ON CONFLICT (name) DO NOTHING
+             RETURNING id
+         )
+         SELECT id FROM found UNION ALL SELECT id FROM added",
+        &[&name],
+    )?;
+    let row = match row {
+        Some(row) => row,
+        None => conn.query_one("SELECT id FROM lists WHERE name = $1", &[&name])?,
+    };
+    Ok(row.get(0))
+}
+
 fn identity(key: &ProxyKey) -> (Protocol, IpAddr, u16, Option<&str>) {
     (key.protocol, key.ip, key.port, key.username.as_deref())
 }

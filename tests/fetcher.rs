@@ -620,7 +620,7 @@ fn relisting_moves_last_seen_and_keeps_everything_else() {
 }
 
 #[test]
-fn proxy_sources_and_yields_record_which_list_gave_what() {
+fn proxy_lists_and_yields_record_which_list_gave_what() {
     let world = World::new(FarmSpec::new());
     world.farm.set_list(
         "a",
@@ -637,18 +637,21 @@ fn proxy_sources_and_yields_record_which_list_gave_what() {
     for status in fetcher.fetch_all_once(FetchKind::Manual) {
         assert_ok(&status);
     }
-    let pairs: HashSet<(String, String)> = world
-        .db
-        .client()
-        .query(
-            "SELECT s.source, host(p.ip) FROM proxy_sources s JOIN proxies p ON p.id = s.proxy_id",
-            &[],
-        )
-        .expect("select")
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
-    let expected: HashSet<(String, String)> = [
+    let pairs = |world: &World| -> Vec<(String, String)> {
+        world
+            .db
+            .client()
+            .query(
+                "SELECT l.source, host(p.ip) FROM proxy_lists l JOIN proxies p ON p.id = l.proxy_id
+                 ORDER BY 1, 2",
+                &[],
+            )
+            .expect("select")
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect()
+    };
+    let expected: Vec<(String, String)> = [
         ("a", "127.33.0.1"),
         ("a", "127.33.0.2"),
         ("a", "127.33.0.3"),
@@ -658,7 +661,16 @@ fn proxy_sources_and_yields_record_which_list_gave_what() {
     .iter()
     .map(|(s, ip)| (s.to_string(), ip.to_string()))
     .collect();
-    assert_eq!(pairs, expected);
+    assert_eq!(pairs(&world), expected);
+    // A proxy's first list is in its own row: only b's listing of .3 needs
+    // a link row.
+    assert_eq!(world.count("SELECT count(*) FROM proxy_sources"), 1);
+    // Fetched again, nothing is recorded twice.
+    for status in fetcher.fetch_all_once(FetchKind::Manual) {
+        assert_ok(&status);
+    }
+    assert_eq!(pairs(&world), expected);
+    assert_eq!(world.count("SELECT count(*) FROM proxy_sources"), 1);
 
     // .3 works now, .1 worked once; .4 never did.
     world
@@ -681,6 +693,55 @@ fn proxy_sources_and_yields_record_which_list_gave_what() {
     let statuses = fetcher.statuses();
     assert_eq!(statuses[0].yields, Some(row("a", 3, 1, 2)));
     assert_eq!(statuses[1].yields, Some(row("b", 2, 1, 1)));
+}
+
+/// A table written by a binary older than `lists`: every link is a row of
+/// proxy_sources and no proxy has a first list. Re-listings add nothing, a
+/// new proxy gets its first list, and the yields count each pair once (also
+/// a link row naming a proxy's first list, as an older binary would add).
+#[test]
+fn links_stored_before_first_lists_count_once() {
+    let world = World::new(FarmSpec::new());
+    world
+        .db
+        .client()
+        .batch_execute(
+            "INSERT INTO proxies (protocol, ip, port) VALUES
+                 ('http', '127.36.0.1', 80), ('http', '127.36.0.2', 80);
+             INSERT INTO proxy_sources (source, proxy_id) SELECT 'old', id FROM proxies;",
+        )
+        .expect("old rows");
+    world.farm.set_list(
+        "old",
+        "127.36.0.1:80\n127.36.0.2:80\n127.36.0.3:80\n".to_string(),
+    );
+    let fetcher = world.one_list("old", "old", "", "http");
+    assert_ok(&fetch(&fetcher));
+    assert_eq!(world.count("SELECT count(*) FROM proxy_sources"), 2);
+    assert_eq!(
+        world.count("SELECT count(*) FROM proxies WHERE first_list_id IS NOT NULL"),
+        1
+    );
+    // An older binary re-listing the new proxy adds the link it knows.
+    world
+        .db
+        .client()
+        .batch_execute(
+            "INSERT INTO proxy_sources (source, proxy_id)
+             SELECT 'old', id FROM proxies WHERE ip = '127.36.0.3'",
+        )
+        .expect("old link");
+    assert_eq!(world.count("SELECT count(*) FROM proxy_lists"), 3);
+    let yields = world.store.source_yields().expect("yields");
+    assert_eq!(
+        yields,
+        vec![SourceYield {
+            source: "old".to_string(),
+            listed: 3,
+            active_now: 0,
+            ever_active: 0,
+        }]
+    );
 }
 
 // ---------------------------------------------------------------------------

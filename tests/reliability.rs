@@ -435,7 +435,7 @@ fn a_database_crash_during_a_fetch_loses_no_batch_halfway() {
     );
     // Every stored proxy is linked to its list by the same statement.
     assert_eq!(
-        count(&mut client, "SELECT count(*) FROM proxy_sources s JOIN proxies p ON p.id = s.proxy_id WHERE p.ip << '127.208.0.0/12'"),
+        count(&mut client, "SELECT count(*) FROM proxy_lists l JOIN proxies p ON p.id = l.proxy_id WHERE p.ip << '127.208.0.0/12'"),
         100_000
     );
     let validated_after: Vec<String> = client

@@ -125,12 +125,13 @@ impl Rig {
             .get(0)
     }
 
-    /// Every row of `proxies` and `proxy_sources`, in full, as JSON text.
+    /// Every row of `proxies`, `lists` and `proxy_sources`, in full, as JSON text.
     fn dump(&self) -> Vec<String> {
         let mut client = self.db.client();
         let mut rows = Vec::new();
         for query in [
             "SELECT row_to_json(p)::text FROM proxies p ORDER BY id",
+            "SELECT row_to_json(l)::text FROM lists l ORDER BY id",
             "SELECT row_to_json(s)::text FROM proxy_sources s ORDER BY source, proxy_id",
         ] {
             for row in client.query(query, &[]).expect("dump") {
