@@ -152,10 +152,10 @@ fn bare_lines_take_the_protocol_of_their_source() {
         .map(|entry| ProxyKey::new(Protocol::Socks4, entry.ip, entry.port))
         .collect();
     assert_eq!(world.rows(), expected);
-    assert_eq!(status.parsed, expected.len() as u64);
-    assert_eq!(status.new, expected.len() as u64);
-    assert_eq!((status.rejected, status.duplicates), (0, 0));
-    assert!(!status.truncated);
+    assert_eq!(status.counts.parsed, expected.len() as u64);
+    assert_eq!(status.counts.new, expected.len() as u64);
+    assert_eq!((status.counts.rejected, status.counts.duplicates), (0, 0));
+    assert!(!status.counts.truncated);
 }
 
 #[test]
@@ -170,7 +170,7 @@ fn scheme_urls_keep_their_protocol_and_percent_decoded_credentials() {
         .iter()
         .any(|k| k.password.as_deref() == Some("s3cret:pass")));
     assert_eq!(world.rows(), expected);
-    assert_eq!(status.rejected, 0);
+    assert_eq!(status.counts.rejected, 0);
 }
 
 #[test]
@@ -181,7 +181,7 @@ fn a_hostile_but_parseable_list_stores_exactly_its_proxies_and_counts_its_junk()
     assert_ok(&status);
     let expected: HashSet<ProxyKey> = world.farm.manifest().iter().map(|e| e.key()).collect();
     assert_eq!(world.rows(), expected);
-    assert_eq!(status.parsed, expected.len() as u64);
+    assert_eq!(status.counts.parsed, expected.len() as u64);
     // Every junk line that is not blank or a comment is rejected, whether it
     // sits between proxies or in the block at the end.
     let junk_lines_between = expected.len();
@@ -190,7 +190,7 @@ fn a_hostile_but_parseable_list_stores_exactly_its_proxies_and_counts_its_junk()
         .filter(|i| !blank_or_comment(*i))
         .count();
     assert_eq!(
-        status.rejected,
+        status.counts.rejected,
         (rejected_between + 13) as u64,
         "{}",
         status.summary_line()
@@ -259,11 +259,11 @@ fn every_accepted_line_format_arrives_in_the_table() {
     .into_iter()
     .collect();
     assert_eq!(world.rows(), expected);
-    assert_eq!(status.lines, 30, "{}", status.summary_line());
-    assert_eq!(status.parsed, expected.len() as u64);
-    assert_eq!(status.duplicates, 1);
-    assert_eq!(status.rejected, 7);
-    assert_eq!(status.new, expected.len() as u64);
+    assert_eq!(status.counts.lines, 30, "{}", status.summary_line());
+    assert_eq!(status.counts.parsed, expected.len() as u64);
+    assert_eq!(status.counts.duplicates, 1);
+    assert_eq!(status.counts.rejected, 7);
+    assert_eq!(status.counts.new, expected.len() as u64);
 }
 
 #[test]
@@ -271,25 +271,29 @@ fn a_huge_list_is_stored_whole_and_cut_at_max_bytes_when_small() {
     let world = World::new(FarmSpec::new().huge_lines(20_000));
     let whole = fetch(&world.one_list("huge", "huge", "", "http"));
     assert_ok(&whole);
-    assert!(!whole.truncated);
+    assert!(!whole.counts.truncated);
     assert!(whole.summary_line().contains("not truncated"));
-    assert_eq!((whole.parsed, whole.new), (20_000, 20_000));
+    assert_eq!((whole.counts.parsed, whole.counts.new), (20_000, 20_000));
     assert_eq!(world.count("SELECT count(*) FROM proxies"), 20_000);
 
     let world = World::new(FarmSpec::new().huge_lines(20_000));
     let cut = fetch(&world.one_list("huge", "huge", "max_bytes = 50000", "http"));
     assert_ok(&cut);
-    assert!(cut.truncated, "{}", cut.summary_line());
-    assert!(cut.bytes <= 50_000 && cut.bytes > 45_000, "{}", cut.bytes);
+    assert!(cut.counts.truncated, "{}", cut.summary_line());
+    assert!(
+        cut.counts.bytes <= 50_000 && cut.counts.bytes > 45_000,
+        "{}",
+        cut.counts.bytes
+    );
     assert!(cut.summary_line().contains("truncated at max_bytes"));
     // Only whole lines are kept: every one of them is a stored proxy.
-    assert_eq!(cut.rejected, 0);
-    assert_eq!(cut.parsed, cut.lines);
+    assert_eq!(cut.counts.rejected, 0);
+    assert_eq!(cut.counts.parsed, cut.counts.lines);
     assert_eq!(
         world.count("SELECT count(*) FROM proxies"),
-        cut.parsed as i64
+        cut.counts.parsed as i64
     );
-    assert!(cut.parsed > 2000);
+    assert!(cut.counts.parsed > 2000);
 }
 
 #[test]
@@ -304,12 +308,12 @@ fn an_endless_list_is_cut_at_max_bytes() {
     ));
     assert_ok(&status);
     assert!(started.elapsed() < Duration::from_secs(5));
-    assert!(status.truncated);
-    assert!(status.bytes <= 200_000 && status.bytes > 190_000);
-    assert_eq!(status.rejected, 0);
+    assert!(status.counts.truncated);
+    assert!(status.counts.bytes <= 200_000 && status.counts.bytes > 190_000);
+    assert_eq!(status.counts.rejected, 0);
     assert_eq!(
         world.count("SELECT count(*) FROM proxies"),
-        status.parsed as i64
+        status.counts.parsed as i64
     );
 }
 
@@ -318,7 +322,7 @@ fn a_slow_list_completes_within_the_timeout() {
     let world = World::new(FarmSpec::new().slow_list(4, Duration::from_millis(200)));
     let status = fetch(&world.one_list("slow", "slow", "timeout_ms = 3000", "http"));
     assert_ok(&status);
-    assert_eq!(status.parsed, 12);
+    assert_eq!(status.counts.parsed, 12);
     assert!(status.last_duration.expect("duration") >= Duration::from_millis(600));
     assert_eq!(world.count("SELECT count(*) FROM proxies"), 12);
 }
@@ -388,14 +392,24 @@ fn a_long_line_is_rejected_not_buffered_as_a_proxy() {
         "http",
     ));
     assert_ok(&status);
-    assert_eq!((status.lines, status.rejected, status.parsed), (1, 1, 0));
-    assert!(!status.truncated);
+    assert_eq!(
+        (
+            status.counts.lines,
+            status.counts.rejected,
+            status.counts.parsed
+        ),
+        (1, 1, 0)
+    );
+    assert!(!status.counts.truncated);
 
     // Cut at a small cap, the partial line is dropped.
     let cut = fetch(&world.one_list("longline", "longline", "max_bytes = 100000", "http"));
     assert_ok(&cut);
-    assert!(cut.truncated);
-    assert_eq!((cut.lines, cut.rejected, cut.parsed), (0, 0, 0));
+    assert!(cut.counts.truncated);
+    assert_eq!(
+        (cut.counts.lines, cut.counts.rejected, cut.counts.parsed),
+        (0, 0, 0)
+    );
     assert_eq!(world.count("SELECT count(*) FROM proxies"), 0);
 }
 
@@ -523,7 +537,7 @@ fn relisting_moves_last_seen_and_keeps_everything_else() {
     let fetcher = world.one_list("a", "a", "", "http");
     let first = fetch(&fetcher);
     assert_ok(&first);
-    assert_eq!(first.new, 3);
+    assert_eq!(first.counts.new, 3);
     let mut client = world.db.client();
     let before: Vec<(
         i64,
@@ -559,7 +573,7 @@ fn relisting_moves_last_seen_and_keeps_everything_else() {
     world.farm.set_list("a", body.to_string());
     let second = fetch(&fetcher);
     assert_ok(&second);
-    assert_eq!(second.new, 1);
+    assert_eq!(second.counts.new, 1);
     assert_eq!(world.count("SELECT count(*) FROM proxies"), 4);
     for (id, first_seen, last_seen) in &before {
         let row = client
@@ -756,7 +770,7 @@ fn an_unchanged_list_is_not_fetched_again_and_a_changed_one_is() {
     let fetcher = world.one_list("etag", "etag", "", "http");
     let first = fetch(&fetcher);
     assert_ok(&first);
-    assert_eq!(first.parsed, 2);
+    assert_eq!(first.counts.parsed, 2);
     let seen = |world: &World| -> chrono::DateTime<chrono::Utc> {
         world
             .db
@@ -788,7 +802,7 @@ fn an_unchanged_list_is_not_fetched_again_and_a_changed_one_is() {
     let third = fetch(&fetcher);
     assert_ok(&third);
     assert!(!third.not_modified);
-    assert_eq!((third.parsed, third.new), (2, 1));
+    assert_eq!((third.counts.parsed, third.counts.new), (2, 1));
     assert!(seen(&world) > seen_first);
     assert_eq!(world.count("SELECT count(*) FROM proxies"), 3);
 }
@@ -829,7 +843,7 @@ fn after_a_database_outage_an_unchanged_list_is_stored_whole_again() {
     let after = fetch(&fetcher);
     assert_ok(&after);
     assert!(!after.not_modified, "{}", after.summary_line());
-    assert_eq!((after.parsed, after.new), (2, 2));
+    assert_eq!((after.counts.parsed, after.counts.new), (2, 2));
     assert_eq!(world.count("SELECT count(*) FROM proxies"), 2);
     assert_eq!(world.farm.list_hits("restored"), 3);
     // Stored again, the list may be answered with 304 again.
@@ -1096,7 +1110,11 @@ fn private_addresses_are_rejected_end_to_end_unless_allowed() {
     assert_ok(&status);
     let private = world.farm.manifest().len() + 2;
     assert_eq!(
-        (status.parsed, status.new, status.rejected),
+        (
+            status.counts.parsed,
+            status.counts.new,
+            status.counts.rejected
+        ),
         (2, 2, private as u64),
         "{}",
         status.summary_line()
@@ -1121,7 +1139,7 @@ fn private_addresses_are_rejected_end_to_end_unless_allowed() {
     let config = world.config_allowing(false, "", "[source.v6]\nurl = http://{farm}/lists/v6\n");
     let status = fetch(&world.fetcher(&config, "test"));
     assert_ok(&status);
-    assert_eq!((status.parsed, status.rejected), (0, 2));
+    assert_eq!((status.counts.parsed, status.counts.rejected), (0, 2));
 }
 
 #[test]
@@ -1133,7 +1151,14 @@ fn the_counts_are_those_of_the_last_fetch_and_say_which_apply() {
     // No list yet: nothing counted.
     let missing = fetch(&fetcher);
     assert_eq!(missing.stage, FetchStage::NoBody);
-    assert_eq!((missing.bytes, missing.lines, missing.parsed), (0, 0, 0));
+    assert_eq!(
+        (
+            missing.counts.bytes,
+            missing.counts.lines,
+            missing.counts.parsed
+        ),
+        (0, 0, 0)
+    );
     assert_eq!(missing.last_stored, None);
     assert!(missing
         .summary_line()
@@ -1162,11 +1187,11 @@ fn the_counts_are_those_of_the_last_fetch_and_say_which_apply() {
     assert_eq!(failed.stage, FetchStage::NotAList);
     assert_eq!(
         (
-            failed.bytes,
-            failed.lines,
-            failed.parsed,
-            failed.new,
-            failed.rejected
+            failed.counts.bytes,
+            failed.counts.lines,
+            failed.counts.parsed,
+            failed.counts.new,
+            failed.counts.rejected
         ),
         (page.len() as u64, 1, 0, 0, 1)
     );
@@ -1188,7 +1213,11 @@ fn the_counts_are_those_of_the_last_fetch_and_say_which_apply() {
     assert_ok(&unchanged);
     assert_eq!(unchanged.stage, FetchStage::NotModified);
     assert_eq!(
-        (unchanged.bytes, unchanged.parsed, unchanged.new),
+        (
+            unchanged.counts.bytes,
+            unchanged.counts.parsed,
+            unchanged.counts.new
+        ),
         (body.len() as u64, 2, 0)
     );
     assert_eq!(unchanged.fetches, 4);

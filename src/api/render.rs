@@ -137,13 +137,13 @@ pub fn stats(context: &ApiContext, now: DateTime<Utc>) -> Value {
                         "last_started_at": time(s.last_started_at),
                         "last_success_at": time(s.last_success_at),
                         "duration_ms": s.last_duration.map(|d| d.as_millis() as u64),
-                        "bytes": s.bytes,
-                        "lines": s.lines,
-                        "parsed": s.parsed,
-                        "new": s.new,
-                        "rejected": s.rejected,
-                        "duplicates": s.duplicates,
-                        "truncated": s.truncated,
+                        "bytes": s.counts.bytes,
+                        "lines": s.counts.lines,
+                        "parsed": s.counts.parsed,
+                        "new": s.counts.new,
+                        "rejected": s.counts.rejected,
+                        "duplicates": s.counts.duplicates,
+                        "truncated": s.counts.truncated,
                         "not_modified": s.not_modified,
                         "last_error": s.last_error,
                         "consecutive_failures": s.consecutive_failures,
@@ -286,7 +286,7 @@ pub fn metrics(context: &ApiContext) -> String {
             metrics
                 .fetch_parsed
                 .with_label_values(&label)
-                .set(status.parsed as i64);
+                .set(status.counts.parsed as i64);
             metrics
                 .fetch_failures
                 .with_label_values(&label)

@@ -77,7 +77,7 @@ pub struct ListCounts {
 
 /// What the last fetch of one list found; shown by /stats and `proxy-pool fetch`.
 ///
-/// The counts (`bytes` to `truncated`) are those of the last fetch, the one
+/// The `counts` are those of the last fetch, the one
 /// started at `last_started_at`, whether it succeeded or not: each fetch
 /// starts them at 0, and `stage` says which of them it got to count (a
 /// timeout counts nothing, an HTML page counts its bytes and lines). A 304
@@ -93,14 +93,8 @@ pub struct SourceStatus {
     pub last_duration: Option<Duration>,
     pub last_success_at: Option<DateTime<Utc>>,
     pub stage: FetchStage,
-    // The last fetch's counts, flat as /stats shows them (a `ListCounts`).
-    pub bytes: u64,
-    pub lines: u64,
-    pub parsed: u64,
-    pub new: u64,
-    pub rejected: u64,
-    pub duplicates: u64,
-    pub truncated: bool,
+    /// The last fetch's counts (shown flat in /stats).
+    pub counts: ListCounts,
     pub not_modified: bool,
     pub last_error: Option<String>,
     pub consecutive_failures: u32,
@@ -142,7 +136,7 @@ impl SourceStatus {
                 format!("- {what}")
             }
         };
-        let truncated = match (body, self.truncated) {
+        let truncated = match (body, self.counts.truncated) {
             (false, _) => "- truncated",
             (true, true) => "truncated at max_bytes",
             (true, false) => "not truncated",
@@ -166,12 +160,12 @@ impl SourceStatus {
             } else {
                 ""
             },
-            count(body, self.bytes, "bytes"),
-            count(body, self.lines, "lines"),
-            count(body, self.parsed, "parsed"),
-            count(self.stage.stored(), self.new, "new"),
-            count(body, self.rejected, "rejected"),
-            count(body, self.duplicates, "duplicates"),
+            count(body, self.counts.bytes, "bytes"),
+            count(body, self.counts.lines, "lines"),
+            count(body, self.counts.parsed, "parsed"),
+            count(self.stage.stored(), self.counts.new, "new"),
+            count(body, self.counts.rejected, "rejected"),
+            count(body, self.counts.duplicates, "duplicates"),
         )
     }
 
@@ -188,19 +182,9 @@ impl SourceStatus {
         self.last_started_at = Some(started_at);
         self.last_duration = Some(started.elapsed());
         self.stage = stage;
-        self.set_counts(counts);
+        self.counts = counts;
         self.not_modified = stage == FetchStage::NotModified;
         self.skipped = false;
-    }
-
-    fn set_counts(&mut self, counts: ListCounts) {
-        self.bytes = counts.bytes;
-        self.lines = counts.lines;
-        self.parsed = counts.parsed;
-        self.new = counts.new;
-        self.rejected = counts.rejected;
-        self.duplicates = counts.duplicates;
-        self.truncated = counts.truncated;
     }
 }
 
