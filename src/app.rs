@@ -74,10 +74,6 @@ pub enum Command {
 #[error("{0}")]
 pub struct UsageError(pub String);
 
-/// What `stats` hands the config parser for [database] url: it never opens
-/// the database.
-const STATS_DATABASE_URL: &str = "postgres://unused-by-stats/";
-
 /// 2 for bad configuration or usage, 1 for anything else.
 pub fn exit_code(err: &anyhow::Error) -> u8 {
     let is_usage = err
@@ -92,16 +88,17 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     let command = cli.command.unwrap_or(Command::Serve);
-    let mut database_url = std::env::var("DATABASE_URL")
-        .ok()
-        .filter(|url| !url.trim().is_empty());
-    if matches!(command, Command::Stats { .. }) && database_url.is_none() {
+    let config = if matches!(command, Command::Stats { .. }) {
         // `stats` only talks to the service over HTTP: a config without
         // [database] url (the farm's, in a terminal without DATABASE_URL)
-        // must do. The stand-in is never connected to.
-        database_url = Some(STATS_DATABASE_URL.into());
-    }
-    let config = Config::load(&cli.config, database_url)?;
+        // must do.
+        Config::load_without_database(&cli.config)?
+    } else {
+        let database_url = std::env::var("DATABASE_URL")
+            .ok()
+            .filter(|url| !url.trim().is_empty());
+        Config::load(&cli.config, database_url)?
+    };
     match command {
         Command::CheckConfig => {
             out(&config.to_string())?;

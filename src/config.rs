@@ -232,9 +232,24 @@ impl Config {
     /// Reads and validates `path`. `database_url_env` (the `DATABASE_URL`
     /// variable) overrides `[database] url`.
     pub fn load(path: &Path, database_url_env: Option<String>) -> Result<Config, ConfigError> {
+        Config::load_as(path, database_url_env, UsesDatabase::Yes)
+    }
+
+    /// [`Config::load`] for a command that never opens the database (`stats`
+    /// talks to the service over HTTP): `[database] url` may be missing, and
+    /// is then empty; one that is given is still checked.
+    pub fn load_without_database(path: &Path) -> Result<Config, ConfigError> {
+        Config::load_as(path, None, UsesDatabase::No)
+    }
+
+    fn load_as(
+        path: &Path,
+        database_url_env: Option<String>,
+        uses: UsesDatabase,
+    ) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
         match std::fs::read_to_string(path) {
-            Ok(text) => Config::parse(&text, &file, database_url_env),
+            Ok(text) => Config::parse_as(&text, &file, database_url_env, uses),
             Err(err) => Err(ConfigError {
                 file,
                 problems: vec![Problem {
@@ -253,11 +268,21 @@ impl Config {
         file: &str,
         database_url_env: Option<String>,
     ) -> Result<Config, ConfigError> {
+        Config::parse_as(text, file, database_url_env, UsesDatabase::Yes)
+    }
+
+    fn parse_as(
+        text: &str,
+        file: &str,
+        database_url_env: Option<String>,
+        uses: UsesDatabase,
+    ) -> Result<Config, ConfigError> {
         let mut problems = Vec::new();
         let raw = read_raw(text, &mut problems);
         let mut reader = Reader {
             raw: &raw,
             problems,
+            uses,
         };
         let config = reader.build(database_url_env);
         if reader.problems.is_empty() {
@@ -362,9 +387,17 @@ fn strip_inline_comment(value: &str) -> &str {
     value
 }
 
+/// Whether the command opens the database, so that `[database] url` is required.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum UsesDatabase {
+    Yes,
+    No,
+}
+
 struct Reader<'a> {
     raw: &'a RawIni,
     problems: Vec<Problem>,
+    uses: UsesDatabase,
 }
 
 impl Reader<'_> {
@@ -374,7 +407,9 @@ impl Reader<'_> {
             Some(url) => url,
             None => {
                 let url = self.string("database", "url", "");
-                if url.is_empty() {
+                if url.is_empty() && self.uses == UsesDatabase::No {
+                    // Never connected to: nothing to check.
+                } else if url.is_empty() {
                     self.problem(
                         "database",
                         Some("url"),
@@ -1059,6 +1094,20 @@ mod tests {
             err.to_string().contains("no proxy list configured"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_command_without_the_database_needs_no_url_but_checks_one_given() {
+        let text = "[fetcher]\nsource_urls = http://127.0.0.1:9/a\n";
+        let err = Config::parse(text, "t.ini", None).unwrap_err().to_string();
+        assert!(err.contains("[database] url"), "{err}");
+        let config = Config::parse_as(text, "t.ini", None, UsesDatabase::No).unwrap();
+        assert_eq!(config.database.url, "");
+        let bad = format!("[database]\nurl = mysql://x/y\n{text}");
+        let err = Config::parse_as(&bad, "t.ini", None, UsesDatabase::No)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("expected a postgres://"), "{err}");
     }
 
     #[test]
