@@ -33,7 +33,11 @@ struct World {
 
 impl World {
     fn new(spec: FarmSpec) -> World {
-        let db = TestDb::new();
+        World::on(TestDb::new(), spec)
+    }
+
+    /// A world on `db` as it is, migrated.
+    fn on(db: TestDb, spec: FarmSpec) -> World {
         let farm = Farm::start(spec).expect("farm");
         let store = Store::connect(&DatabaseConfig {
             url: db.url.clone(),
@@ -754,6 +758,98 @@ fn links_stored_before_first_lists_count_once() {
             listed: 3,
             active_now: 0,
             ever_active: 0,
+        }]
+    );
+}
+
+/// A database made by the first schema, with its rows, is migrated
+/// in place (twice: the migration is idempotent): every value already there
+/// stays, the indexes and constraints dropped since are gone, and fetches
+/// and yields work on it as on a new one.
+#[test]
+fn a_database_of_the_first_schema_is_upgraded_in_place() {
+    let db = TestDb::new();
+    db.client()
+        .batch_execute(include_str!("fixtures/schema-first.sql"))
+        .expect("first schema");
+    db.client()
+        .batch_execute(
+            "INSERT INTO proxies (protocol, ip, port, is_active, latency_ms, anonymity, country,
+                                  last_validated_at, supports_https, exit_ip, check_count,
+                                  alive_count)
+             VALUES ('http', '127.37.0.1', 80, true, 120, 'elite', 'DE', now(), true,
+                     '127.37.0.1', 3, 3);
+             INSERT INTO proxies (protocol, ip, port) VALUES ('http', '127.37.0.2', 80);
+             INSERT INTO proxy_sources (source, proxy_id) SELECT 'old', id FROM proxies;",
+        )
+        .expect("rows of the first schema");
+    let dump = |db: &TestDb| -> Vec<String> {
+        let columns = "id, protocol, ip, port, username, password, is_active, latency_ms,
+                       anonymity, country, first_seen_at, last_seen_at, last_validated_at,
+                       supports_https, exit_ip, check_count, alive_count";
+        let mut rows: Vec<String> = db
+            .client()
+            .query(
+                &format!("SELECT row_to_json(p)::text FROM (SELECT {columns} FROM proxies ORDER BY id) p"),
+                &[],
+            )
+            .expect("dump")
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        rows.extend(
+            db.client()
+                .query(
+                    "SELECT row_to_json(s)::text FROM proxy_sources s ORDER BY source, proxy_id",
+                    &[],
+                )
+                .expect("dump links")
+                .iter()
+                .map(|r| r.get::<_, String>(0)),
+        );
+        rows
+    };
+    let before = dump(&db);
+    let world = World::on(db, FarmSpec::new());
+    world.store.migrate().expect("migrate again");
+    assert_eq!(dump(&world.db), before);
+    assert_eq!(
+        world.count(
+            "SELECT count(*) FROM pg_indexes WHERE indexname IN
+                 ('proxies_never_validated', 'proxies_relisted_inactive', 'proxy_sources_proxy')"
+        ),
+        0
+    );
+    assert_eq!(
+        world.count(
+            "SELECT count(*) FROM pg_constraint WHERE conname = 'proxy_sources_proxy_id_fkey'"
+        ),
+        0
+    );
+    world.farm.set_list(
+        "old",
+        "127.37.0.1:80\n127.37.0.2:80\n127.37.0.3:80\n".to_string(),
+    );
+    let fetcher = world.one_list("old", "old", "", "http");
+    let status = fetch(&fetcher);
+    assert_ok(&status);
+    assert_eq!((status.counts.parsed, status.counts.new), (3, 1));
+    // The validated proxy keeps its results.
+    assert_eq!(
+        world.count(
+            "SELECT count(*) FROM proxies WHERE ip = '127.37.0.1' AND is_active
+             AND latency_ms = 120 AND anonymity = 'elite' AND check_count = 3"
+        ),
+        1
+    );
+    let yields = world.store.source_yields().expect("yields");
+    assert_eq!(
+        yields,
+        vec![SourceYield {
+            source: "old".to_string(),
+            listed: 3,
+            active_now: 1,
+            ever_active: 1,
         }]
     );
 }
