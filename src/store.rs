@@ -507,7 +507,6 @@ fn policy_seconds(policy: &DuePolicy) -> (f64, f64) {
     )
 }
 
-/// A proxy's identity in the table (its unique index): the password is not part of it.
 /// The number of list `name` in `lists`, registered on its first use.
 fn list_id(conn: &mut postgres::Client, name: &str) -> Result<i32, StoreError> {
     // A select first: an insert that conflicts would spend a sequence value
@@ -530,6 +529,7 @@ fn list_id(conn: &mut postgres::Client, name: &str) -> Result<i32, StoreError> {
     Ok(row.get(0))
 }
 
+/// A proxy's identity in the table (its unique index): the password is not part of it.
 fn identity(key: &ProxyKey) -> (Protocol, IpAddr, u16, Option<&str>) {
     (key.protocol, key.ip, key.port, key.username.as_deref())
 }
