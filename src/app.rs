@@ -94,10 +94,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         // must do.
         Config::load_without_database(&cli.config)?
     } else {
-        let database_url = std::env::var("DATABASE_URL")
-            .ok()
-            .filter(|url| !url.trim().is_empty());
-        Config::load(&cli.config, database_url)?
+        Config::load(&cli.config, std::env::var("DATABASE_URL").ok())?
     };
     match command {
         Command::CheckConfig => {

@@ -407,14 +407,15 @@ impl Reader<'_> {
             Some(url) => url,
             None => {
                 let url = self.string("database", "url", "");
-                if url.is_empty() && self.uses == UsesDatabase::No {
-                    // Never connected to: nothing to check.
-                } else if url.is_empty() {
-                    self.problem(
-                        "database",
-                        Some("url"),
-                        "required: a postgres:// URL (or set DATABASE_URL)".into(),
-                    );
+                if url.is_empty() {
+                    // A command that never connects needs none.
+                    if self.uses == UsesDatabase::Yes {
+                        self.problem(
+                            "database",
+                            Some("url"),
+                            "required: a postgres:// URL (or set DATABASE_URL)".into(),
+                        );
+                    }
                 } else if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
                     self.problem(
                         "database",
@@ -439,34 +440,34 @@ impl Reader<'_> {
                 3_600_000,
             )),
         };
-        let mut server = ServerConfig {
-            bind: self.socket_addr("server", "bind", "127.0.0.1:8080"),
-            workers: self.number("server", "workers", 8, 1, 4096) as usize,
-            api_token: Some(self.string("server", "api_token", "")).filter(|t| !t.is_empty()),
-            max_body_bytes: self.number("server", "max_body_bytes", 65536, 64, 1 << 30) as usize,
-            max_connections: self.number("server", "max_connections", 1024, 1, 65536) as usize,
-            max_connections_per_ip: 0,
-            read_timeout: self.millis("server", "read_timeout_ms", 10_000),
-        };
+        let max_connections = self.number("server", "max_connections", 1024, 1, 65536);
         // Unset: no cap per address beyond the total one (clients of a local
         // service all come from 127.0.0.1).
-        server.max_connections_per_ip = self.number(
+        let max_connections_per_ip = self.number(
             "server",
             "max_connections_per_ip",
-            server.max_connections as u64,
+            max_connections,
             1,
             65536,
-        ) as usize;
-        if server.max_connections_per_ip > server.max_connections {
+        );
+        if max_connections_per_ip > max_connections {
             self.problem(
                 "server",
                 Some("max_connections_per_ip"),
                 format!(
-                    "must not exceed max_connections ({}), found {}",
-                    server.max_connections, server.max_connections_per_ip
+                    "must not exceed max_connections ({max_connections}), found {max_connections_per_ip}"
                 ),
             );
         }
+        let server = ServerConfig {
+            bind: self.socket_addr("server", "bind", "127.0.0.1:8080"),
+            workers: self.number("server", "workers", 8, 1, 4096) as usize,
+            api_token: Some(self.string("server", "api_token", "")).filter(|t| !t.is_empty()),
+            max_body_bytes: self.number("server", "max_body_bytes", 65536, 64, 1 << 30) as usize,
+            max_connections: max_connections as usize,
+            max_connections_per_ip: max_connections_per_ip as usize,
+            read_timeout: self.millis("server", "read_timeout_ms", 10_000),
+        };
         let default_protocol = self.protocol("fetcher", "default_protocol", Protocol::Http);
         let fetcher = FetcherConfig {
             interval: self.seconds("fetcher", "interval_seconds", 300),

@@ -879,7 +879,7 @@ fn an_unchanged_list_is_not_fetched_again_and_a_changed_one_is() {
 
     let second = fetch(&fetcher);
     assert_ok(&second);
-    assert!(second.not_modified, "{}", second.summary_line());
+    assert!(second.not_modified(), "{}", second.summary_line());
     // The counts are the unchanged list's, with nothing new.
     assert!(
         second
@@ -897,7 +897,7 @@ fn an_unchanged_list_is_not_fetched_again_and_a_changed_one_is() {
         .set_list("etag", "127.34.0.1:80\n127.34.0.3:80\n".to_string());
     let third = fetch(&fetcher);
     assert_ok(&third);
-    assert!(!third.not_modified);
+    assert!(!third.not_modified());
     assert_eq!((third.counts.parsed, third.counts.new), (2, 1));
     assert!(seen(&world) > seen_first);
     assert_eq!(world.count("SELECT count(*) FROM proxies"), 3);
@@ -925,7 +925,7 @@ fn after_a_database_outage_an_unchanged_list_is_stored_whole_again() {
         "test".to_string(),
     ));
     assert_ok(&fetch(&fetcher));
-    assert!(fetch(&fetcher).not_modified);
+    assert!(fetch(&fetcher).not_modified());
 
     // The database comes back from a backup taken before the list was stored.
     world
@@ -938,12 +938,12 @@ fn after_a_database_outage_an_unchanged_list_is_stored_whole_again() {
 
     let after = fetch(&fetcher);
     assert_ok(&after);
-    assert!(!after.not_modified, "{}", after.summary_line());
+    assert!(!after.not_modified(), "{}", after.summary_line());
     assert_eq!((after.counts.parsed, after.counts.new), (2, 2));
     assert_eq!(world.count("SELECT count(*) FROM proxies"), 2);
     assert_eq!(world.farm.list_hits("restored"), 3);
     // Stored again, the list may be answered with 304 again.
-    assert!(fetch(&fetcher).not_modified);
+    assert!(fetch(&fetcher).not_modified());
 }
 
 // ---------------------------------------------------------------------------
@@ -961,23 +961,23 @@ fn instances_share_a_scheduled_fetch_but_not_a_manual_one() {
     let b = world.fetcher(&config, "instance-b");
 
     let (status, _) = a.fetch_source(0, FetchKind::Scheduled);
-    assert!(!status.skipped);
+    assert!(!status.skipped());
     assert_ok(&status);
     assert_eq!(world.farm.list_hits("shared"), 1);
 
     let (status, _) = b.fetch_source(0, FetchKind::Scheduled);
-    assert!(status.skipped, "{}", status.summary_line());
+    assert!(status.skipped(), "{}", status.summary_line());
     assert!(status.summary_line().contains("skipped"));
     let (status, _) = a.fetch_source(0, FetchKind::Scheduled);
-    assert!(status.skipped);
+    assert!(status.skipped());
     assert_eq!(world.farm.list_hits("shared"), 1);
 
     let (status, _) = b.fetch_source(0, FetchKind::Manual);
-    assert!(!status.skipped);
+    assert!(!status.skipped());
     assert_ok(&status);
     assert_eq!(world.farm.list_hits("shared"), 2);
     let (status, _) = a.fetch_source(0, FetchKind::Manual);
-    assert!(!status.skipped);
+    assert!(!status.skipped());
     assert_eq!(world.farm.list_hits("shared"), 3);
 
     let fetched_by: String = world
@@ -1003,10 +1003,10 @@ fn the_claim_opens_again_after_the_interval() {
     let a = world.fetcher(&config, "instance-a");
     let b = world.fetcher(&config, "instance-b");
     let started = Instant::now();
-    assert!(!a.fetch_source(0, FetchKind::Scheduled).0.skipped);
-    assert!(b.fetch_source(0, FetchKind::Scheduled).0.skipped);
+    assert!(!a.fetch_source(0, FetchKind::Scheduled).0.skipped());
+    assert!(b.fetch_source(0, FetchKind::Scheduled).0.skipped());
     wait_for("b's claim", Duration::from_secs(3), || {
-        !b.fetch_source(0, FetchKind::Scheduled).0.skipped
+        !b.fetch_source(0, FetchKind::Scheduled).0.skipped()
     });
     // Within the interval less its 10% slack for clock jitter.
     assert!(started.elapsed() >= Duration::from_millis(850));
@@ -1481,7 +1481,7 @@ fn a_start_up_fetch_skipped_for_the_fleet_is_logged_at_info() {
         "{line}"
     );
     assert_eq!(world.farm.list_hits("fleet"), 1);
-    assert!(second.statuses()[0].skipped);
+    assert!(second.statuses()[0].skipped());
 }
 
 #[test]

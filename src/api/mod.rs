@@ -363,32 +363,15 @@ fn too_many_sources(err: TooManySources, source: &str) -> ApiError {
         .with_header("Retry-After", "3600".into())
 }
 
-/// Reads the body, refusing more than the path's [`body_limit`].
-fn read_body(context: &ApiContext, request: &Request) -> Result<Vec<u8>, ApiError> {
-    let limit = body_limit(&request.url(), context.config.server.max_body_bytes);
-    let too_large = || {
-        ApiError::new(
-            413,
-            format!("request body too large: at most {limit} bytes"),
-        )
-    };
-    if let Some(length) = request.header("Content-Length") {
-        match length.trim().parse::<u64>() {
-            Ok(n) if n > limit as u64 => return Err(too_large()),
-            Ok(_) => {}
-            Err(_) => return Err(ApiError::bad_request("bad Content-Length header")),
-        }
-    }
-    let Some(data) = request.data() else {
+/// Reads the body, which the transport has read whole already, within the
+/// path's [`body_limit`] (a larger one was answered 413 there).
+fn read_body(request: &Request) -> Result<Vec<u8>, ApiError> {
+    let Some(mut data) = request.data() else {
         return Err(ApiError::bad_request("request body already read"));
     };
     let mut body = Vec::new();
-    data.take(limit as u64 + 1)
-        .read_to_end(&mut body)
+    data.read_to_end(&mut body)
         .map_err(|err| ApiError::bad_request(format!("cannot read the request body: {err}")))?;
-    if body.len() > limit {
-        return Err(too_large());
-    }
     Ok(body)
 }
 
@@ -450,7 +433,7 @@ fn feedback(context: &ApiContext, request: &Request) -> Result<Response, ApiErro
         Some(_) => Some(query.source()?.to_string()),
         None => None,
     };
-    let body = read_body(context, request)?;
+    let body = read_body(request)?;
     let value: Value = serde_json::from_slice(&body)
         .map_err(|err| ApiError::bad_request(format!("body is not valid JSON: {err}")))?;
     let now = Utc::now();

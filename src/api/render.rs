@@ -144,7 +144,7 @@ pub fn stats(context: &ApiContext, now: DateTime<Utc>) -> Value {
                         "rejected": s.counts.rejected,
                         "duplicates": s.counts.duplicates,
                         "truncated": s.counts.truncated,
-                        "not_modified": s.not_modified,
+                        "not_modified": s.not_modified(),
                         "last_error": s.last_error,
                         "consecutive_failures": s.consecutive_failures,
                         "yield": s.yields.as_ref().map(|y| json!({

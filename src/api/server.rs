@@ -325,7 +325,6 @@ fn serve_connection(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
     }
 }
 
-/// A worker permit, given back on drop.
 /// The `workers` permits, handed out first come, first served.
 ///
 /// A channel of tokens (or a plain counting semaphore) lets a thread that

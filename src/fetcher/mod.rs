@@ -95,16 +95,23 @@ pub struct SourceStatus {
     pub stage: FetchStage,
     /// The last fetch's counts (shown flat in /stats).
     pub counts: ListCounts,
-    pub not_modified: bool,
     pub last_error: Option<String>,
     pub consecutive_failures: u32,
-    /// Fetched by another instance this interval (several instances share a database).
-    pub skipped: bool,
     pub last_stored: Option<ListCounts>,
     pub yields: Option<SourceYield>,
 }
 
 impl SourceStatus {
+    /// The last fetch was answered 304: the list is the one stored last.
+    pub fn not_modified(&self) -> bool {
+        self.stage == FetchStage::NotModified
+    }
+
+    /// Fetched by another instance this interval (several instances share a database).
+    pub fn skipped(&self) -> bool {
+        self.stage == FetchStage::Skipped
+    }
+
     /// One line for `proxy-pool fetch` and the log: when the last fetch
     /// started, how long it took, its counts (`-` for those it did not get
     /// to), whether it was cut at max_bytes, its error, and the list's yield
@@ -183,8 +190,6 @@ impl SourceStatus {
         self.last_duration = Some(started.elapsed());
         self.stage = stage;
         self.counts = counts;
-        self.not_modified = stage == FetchStage::NotModified;
-        self.skipped = false;
     }
 }
 
@@ -345,9 +350,11 @@ impl Fetcher {
                 thread::spawn(move || fetcher.fetch_source(index, kind))
             })
             .collect();
-        for handle in handles {
+        for (index, handle) in handles.into_iter().enumerate() {
             // A fetch thread that panicked leaves the status it had.
-            let _ = handle.join();
+            if handle.join().is_err() {
+                log::error!("{}: the fetch thread panicked", self.sources[index].name);
+            }
         }
         self.refresh_yields();
         self.statuses()
@@ -383,7 +390,7 @@ impl Fetcher {
             startup = false;
             let now = Instant::now();
             // A skip is not a failure: another instance fetched the list.
-            due = if status.last_error.is_some() && !status.skipped {
+            due = if status.last_error.is_some() && !status.skipped() {
                 retry_at(t0, interval, now, status.consecutive_failures, retry_after)
             } else if kind == FetchKind::Manual && now < due {
                 // A manual fetch does not move the regular schedule.
@@ -425,7 +432,6 @@ impl Fetcher {
                         log::debug!("{}: fetched by another instance this interval", source.name);
                     }
                     let mut status = source.status.lock();
-                    status.skipped = true;
                     status.stage = FetchStage::Skipped;
                     return (status.clone(), None);
                 }

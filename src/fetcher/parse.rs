@@ -233,19 +233,19 @@ pub fn parse_line(line: &str, options: &ParseOptions) -> Result<Option<ProxyKey>
         at_sign
             .map(|at| (&rest[..at], &rest[at + 1..]))
             .and_then(|(userinfo, host_port)| match split_host_port(host_port) {
-                Ok((_, _, Some(_))) => Some((userinfo, host_port, Err(RejectReason::Malformed))),
-                Ok((ip, port, None)) => Some((userinfo, host_port, Ok((ip, port)))),
+                Ok((_, _, Some(_))) => Some((userinfo, Err(RejectReason::Malformed))),
+                Ok((ip, port, None)) => Some((userinfo, Ok((ip, port)))),
                 Err(reason) => match split_host_port(rest) {
                     Ok((_, _, Some(_))) => None,
                     // `1.2.3.4:0:u:p@ss` is a bad port, not a bad host after `@`.
                     Err(colon_reason) if starts_with_ip(rest) => {
-                        Some((userinfo, host_port, Err(colon_reason)))
+                        Some((userinfo, Err(colon_reason)))
                     }
-                    _ => Some((userinfo, host_port, Err(reason))),
+                    _ => Some((userinfo, Err(reason))),
                 },
             });
     let (ip, port, credentials) = match url_form {
-        Some((userinfo, _, host_port)) => {
+        Some((userinfo, host_port)) => {
             let (ip, port) = host_port?;
             let (user, password) = match userinfo.split_once(':') {
                 Some((user, password)) => (user, Some(password)),

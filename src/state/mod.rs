@@ -482,9 +482,15 @@ impl State {
         let count = query.count.clamp(1, MAX_COUNT);
         let filter = compile_filter(query);
         let registry = self.registry.read();
-        let existing = self.sources.read().get(source).cloned();
+        let (existing, full) = {
+            let sources = self.sources.read();
+            (
+                sources.get(source).cloned(),
+                sources.len() >= self.max_sources,
+            )
+        };
         let is_new = existing.is_none();
-        if is_new && self.sources.read().len() >= self.max_sources {
+        if is_new && full {
             return Err(NoProxy {
                 reason: NoProxyReason::TooManySources,
                 retry_after: None,
