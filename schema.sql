@@ -41,15 +41,16 @@ CREATE UNIQUE INDEX IF NOT EXISTS proxies_identity
 -- The validator's selection: claims walk the primary key from a cursor (keyset
 -- paging), and these partial indexes serve its branches when due rows are few.
 -- Never-validated rows have no index of their own: it cost every new proxy an
--- index entry (5% of a first ingest here) for a plan that only a cycle's count used.
+-- index entry (5% of a first ingest here), and served only the claims and
+-- count of a cycle with few due rows (at 1M rows with 1,000 due: a claim 30 ms
+-- instead of 4, the count 87 ms instead of 8, once per cycle).
 DROP INDEX IF EXISTS proxies_never_validated;
 CREATE INDEX IF NOT EXISTS proxies_active_by_validation
     ON proxies (last_validated_at) WHERE is_active;
 -- (The re-listing condition, last_seen_at > last_validated_at, is checked on
 -- the rows this index finds: an index whose predicate named last_seen_at
 -- would turn every re-listing of a proxy into a non-HOT update.)
--- Never-validated rows stay out of it (the first index serves them), so a
--- new proxy costs one index entry less.
+-- Never-validated rows stay out of it, so a new proxy costs no entry in it.
 DROP INDEX IF EXISTS proxies_relisted_inactive;
 DROP INDEX IF EXISTS proxies_inactive_by_validation;
 CREATE INDEX IF NOT EXISTS proxies_inactive_validated

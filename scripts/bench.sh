@@ -28,7 +28,7 @@ fi
 run() {
   local name=$1
   if [ ! -f "benches/$name.rs" ]; then
-    echo "no benchmark named $name (have: ${all[*]})" >&2
+    echo "no benchmark named $name (have: $ALL_BENCHES)" >&2
     return 1
   fi
   echo
@@ -36,12 +36,16 @@ run() {
   if [ "$name" = state ]; then
     cargo bench --locked --bench state -- --warm-up-time 1 --measurement-time 3 2>&1 | grep -E "time:|^[a-z_/ ]+$" || true
   else
-    cargo bench --locked --bench "$name" 2>/dev/null
+    # stderr carries the per-run lines and any "skipped" reason; cargo's own
+    # build chatter is left out.
+    cargo bench --locked --bench "$name" 2>&1 |
+      grep -vE '^ *(Compiling|Finished|Running) |^warning: the following packages|^note: to see what the problems were'
+    return "${PIPESTATUS[0]}"
   fi
 }
 
 export -f run
-export all
+export ALL_BENCHES="${all[*]}"
 scripts/with-postgres.sh --data target/pgdata-bench -- bash -c '
   for name in "$@"; do run "$name"; done
 ' bench "${selected[@]}"

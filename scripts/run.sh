@@ -29,6 +29,14 @@ if [ -n "$config" ]; then
 fi
 bin=${PROXY_POOL_BIN:-}
 if [ -n "$bin" ]; then
+  case $bin in
+    */*) ;;
+    *) bin=$(command -v "$bin" || true) ;;
+  esac
+  [ -n "$bin" ] && [ -x "$bin" ] || {
+    echo "run.sh: PROXY_POOL_BIN=${PROXY_POOL_BIN} is not an executable file" >&2
+    exit 2
+  }
   bin="$(cd "$(dirname "$bin")" && pwd)/$(basename "$bin")"
 fi
 

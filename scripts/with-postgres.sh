@@ -9,7 +9,7 @@
 #   2. Docker, when `docker info` answers and the compose plugin is there
 #      (`docker compose version`): the `postgres` service of the repository's
 #      docker-compose.yml, on a free port of 127.0.0.1 (or PROXY_POOL_PG_PORT).
-#      Throwaway use runs it as compose project `proxy-pool-test`, removed with
+#      Throwaway use runs it as compose project `proxy-pool-test-PID`, removed with
 #      its volume afterwards; --keep-data runs it as `proxy-pool-run`, whose
 #      named volume keeps the data (a container of that project already
 #      running is reused and left running).
@@ -113,15 +113,18 @@ have_docker_compose() {
 }
 
 start_docker() {
-  local project=proxy-pool-test down="down -v"
+  # A throwaway database is this run's own project, never shared with a
+  # concurrent run; only the kept one (run.sh) is reused when running.
+  local project="proxy-pool-test-$$" down="down -v"
   if [ "$keep_data" -eq 1 ]; then
     project=proxy-pool-run
     down="down"
   fi
   local compose=(docker compose -p "$project" -f "$repo/docker-compose.yml")
   local port=""
-  if [ -n "$("${compose[@]}" ps -q --status running postgres 2>/dev/null)" ]; then
-    port=$("${compose[@]}" port postgres 5432 | sed 's/.*://')
+  if [ "$keep_data" -eq 1 ] &&
+    [ -n "$("${compose[@]}" ps -q --status running postgres 2>/dev/null)" ]; then
+    port=$("${compose[@]}" port postgres 5432 2>/dev/null | sed 's/.*://' || true)
   fi
   if [ -n "$port" ]; then
     log "reusing the running PostgreSQL of compose project $project"
@@ -192,11 +195,16 @@ fi
 [ "$need_binaries" -eq 1 ] && [ -z "${PROXY_POOL_PG_BIN:-}" ] && ensure_pg_bin
 log "DATABASE_URL=$(echo "$DATABASE_URL" | sed -E 's#(://[^:/@]+):[^@]*@#\1:***@#')"
 
-# A background command ignores SIGINT (no job control here), so both signals
-# reach it as SIGTERM, which proxy-pool takes as its cue to stop gracefully.
+# The command runs in a process group of its own (job control on while it
+# starts), and both signals reach that whole group as SIGTERM, which
+# proxy-pool takes as its cue to stop gracefully: a wrapper between this
+# script and the real work (`bash -c`, cargo) no longer keeps it from the
+# signal, and nothing outlives the database stopped below.
+set -m
 "$@" &
 child=$!
-trap 'kill -TERM "$child" 2>/dev/null || true' TERM INT
+set +m
+trap 'kill -TERM -- "-$child" 2>/dev/null || kill -TERM "$child" 2>/dev/null || true' TERM INT
 # A trapped signal interrupts `wait`: wait again until the command has ended.
 while kill -0 "$child" 2>/dev/null; do
   wait "$child" || true

@@ -127,6 +127,11 @@ impl Store {
         let mut conn = self.conn()?;
         let mut tx = conn.transaction()?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
+        // ALTER TABLE takes the table's exclusive lock even when it changes
+        // nothing: waiting behind a long query (a fleet's yields scan, a
+        // report) would queue every other instance's work behind this
+        // migration. Give up instead; `serve` retries with backoff.
+        tx.batch_execute("SET LOCAL lock_timeout = '10s'")?;
         // "already exists, skipping" notices are the normal case here.
         tx.batch_execute("SET LOCAL client_min_messages = warning")?;
         tx.batch_execute(SCHEMA)?;

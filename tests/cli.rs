@@ -146,6 +146,29 @@ fn migrate_twice_and_concurrently_leaves_one_correct_schema() {
     assert_eq!(table_shape(&db2), first);
 }
 
+/// A migration behind a long query gives up after its lock timeout instead
+/// of queueing every other session behind its wait for the table's lock.
+#[test]
+fn migrate_behind_a_long_query_gives_up_at_its_lock_timeout() {
+    let db = TestDb::new();
+    let config = config_text(&db.url, SOURCES);
+    let (code, _, stderr) = run(&["migrate"], &config, None);
+    assert_eq!(code, 0, "{stderr}");
+    let mut reader = db.client();
+    let mut long_query = reader.transaction().unwrap();
+    long_query
+        .query("SELECT count(*) FROM proxies", &[])
+        .unwrap();
+    let started = Instant::now();
+    let (code, _, stderr) = run(&["migrate"], &config, None);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("lock timeout"), "{stderr}");
+    assert!(started.elapsed() >= Duration::from_secs(10), "{stderr}");
+    long_query.rollback().unwrap();
+    let (code, _, stderr) = run(&["migrate"], &config, None);
+    assert_eq!(code, 0, "{stderr}");
+}
+
 #[test]
 fn migrate_against_an_unreachable_database_fails_with_exit_1() {
     let config = format!(
@@ -329,7 +352,8 @@ fn stop_run_sh_with(signal_name: &str) {
     std::fs::write(
         &config_path,
         format!(
-            "[server]\nbind = 127.0.0.1:{port}\n{SOURCES}[state]\nsnapshot_path = {}\n",
+            "[server]\nbind = 127.0.0.1:{port}\n{SOURCES}[validator]\n{OFFLINE_JUDGE}\n\
+             [state]\nsnapshot_path = {}\n",
             snapshot.display()
         ),
     )

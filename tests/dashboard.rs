@@ -51,14 +51,6 @@ fn find_chromium() -> Option<PathBuf> {
         .or_else(|| on_path("chromium-browser"))
 }
 
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
-}
-
 /// Installs Debian's chromium package. flock(1) serialises concurrent test
 /// processes (the lock dies with its holder, so a crash leaves none behind),
 /// and apt waits for dpkg's own lock rather than failing on it.
@@ -100,10 +92,10 @@ fn chromium() -> Result<PathBuf, String> {
             if let Some(path) = find_chromium() {
                 return Ok(path);
             }
-            if !(is_root() && Path::new("/etc/debian_version").exists()) {
+            if !is_root_on_debian() {
                 let why = "chromium is not installed and this is not root on Debian: \
                      install chromium or set CHROMIUM=/path/to/chrome";
-                if std::env::var_os("CI").is_some_and(|value| !value.is_empty()) {
+                if under_ci() {
                     panic!("{why} (CI is set: no skipping)");
                 }
                 return Err(why.into());

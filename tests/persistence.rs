@@ -153,7 +153,7 @@ fn sigterm_with_200k_stats_entries_writes_them_and_exits_0_within_the_bound() {
     let data = SnapshotData {
         taken_at_ms: now_ms,
         urls: (0..PROXIES)
-            .map(|i| format!("http://10.{}.{}.{}:8080", i >> 16, (i >> 8) & 255, i & 255))
+            .map(|i| format!("http://127.{}.{}.{}:8080", i >> 16, (i >> 8) & 255, i & 255))
             .collect(),
         sources: ["app", "crawler"]
             .iter()
@@ -181,6 +181,7 @@ fn sigterm_with_200k_stats_entries_writes_them_and_exits_0_within_the_bound() {
 
     let bound = Duration::from_millis(1000) + Duration::from_secs(5);
     let asked = Instant::now();
+    let asked_at_ms = chrono::Utc::now().timestamp_millis();
     let code = service.terminate();
     let took = asked.elapsed();
     assert_eq!(code, 0, "SIGTERM exits 0:\n{}", service.log_text());
@@ -195,7 +196,15 @@ fn sigterm_with_200k_stats_entries_writes_them_and_exits_0_within_the_bound() {
         service.log_text()
     );
     match snapshot::load(&path).expect("read the snapshot") {
-        snapshot::Loaded::Loaded(written) => assert_eq!(written.entry_count(), 200_000),
+        snapshot::Loaded::Loaded(written) => {
+            assert_eq!(written.entry_count(), 200_000);
+            // Written by the shutdown, not a periodic write before it.
+            assert!(
+                written.taken_at_ms >= asked_at_ms,
+                "the file was taken {} ms before SIGTERM",
+                asked_at_ms - written.taken_at_ms
+            );
+        }
         _ => panic!("the shutdown snapshot is not readable"),
     }
 }

@@ -40,10 +40,6 @@ fn python() -> Option<&'static str> {
     found.then_some("python3")
 }
 
-fn under_ci() -> bool {
-    std::env::var_os("CI").is_some_and(|value| !value.is_empty())
-}
-
 macro_rules! python_or_skip {
     ($test:literal) => {
         match python() {
@@ -89,14 +85,6 @@ const SCRAPY: Needs = Needs {
     pip: &["scrapy"],
     apt: &["python3-scrapy"],
 };
-
-fn is_root_on_debian() -> bool {
-    Path::new("/etc/debian_version").exists()
-        && Command::new("id")
-            .arg("-u")
-            .output()
-            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-}
 
 /// Runs an installer's shell script under a file lock (flock(1): parallel
 /// tests take turns, and the lock dies with its holder); `Err` holds the end

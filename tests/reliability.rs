@@ -223,8 +223,9 @@ fn a_database_down_at_start_up_is_waited_for_serving_the_snapshot() {
     let added = "http://127.11.0.250:8080".to_string();
     {
         let mut client = cluster.client();
-        // The cluster commits asynchronously and stops as a crash would:
-        // these changes must be in the WAL before it stops.
+        // The cluster stops as a crash would: these changes must be in the
+        // WAL before it stops (PgCluster commits synchronously; said here too
+        // so that the test does not depend on it).
         client.batch_execute("SET synchronous_commit = on").unwrap();
         let (ip, port) = gone.trim_start_matches("http://").rsplit_once(':').unwrap();
         let updated = client

@@ -384,16 +384,18 @@ fn assert_evidence(rig: &Rig) {
             }
             None => {}
         }
-        if let Some(shown) = served.get(&entry.host_port()) {
-            assert_eq!(
-                shown.as_deref(),
-                found,
-                "{name}: get-proxy shows other evidence"
-            );
-        }
+        let shown = served
+            .get(&entry.host_port())
+            .unwrap_or_else(|| panic!("{name}: alive but never handed out"));
+        assert_eq!(
+            shown.as_deref(),
+            found,
+            "{name}: get-proxy shows other evidence"
+        );
     }
     assert!(checked.iter().all(|&n| n > 0), "grades covered {checked:?}");
-    assert!(!served.is_empty(), "get-proxy handed nothing out");
+    let alive = rig.farm.manifest().iter().filter(|e| e.alive).count();
+    assert_eq!(served.len(), alive, "get-proxy hands out the alive proxies");
 }
 
 /// Guards the country column: with `[geoip] database` naming a Tor geoip

@@ -92,8 +92,25 @@ pub fn binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_proxy-pool"))
 }
 
-/// A minimal valid configuration for tests; `extra` is appended (sections may repeat keys only once).
+/// A judge on a closed loopback port: a service under test whose config names
+/// no `validation_target` of its own must not reach the default, httpbin.org.
+pub const OFFLINE_JUDGE: &str = "validation_target = http://127.0.0.1:9/get";
+
+/// A minimal valid configuration for tests with `sections` after [database]
+/// (each section may appear once). Without a `validation_target` in them,
+/// the judge is [`OFFLINE_JUDGE`].
 pub fn config_text(database_url: &str, sections: &str) -> String {
+    let sections = if sections.contains("validation_target") {
+        sections.to_string()
+    } else if sections.contains("[validator]\n") {
+        sections.replacen(
+            "[validator]\n",
+            &format!("[validator]\n{OFFLINE_JUDGE}\n"),
+            1,
+        )
+    } else {
+        format!("{sections}\n[validator]\n{OFFLINE_JUDGE}\n")
+    };
     format!("[database]\nurl = {database_url}\n{sections}\n")
 }
 
@@ -639,7 +656,18 @@ fn pg_bin() -> PathBuf {
     })
 }
 
-fn running_as_root() -> bool {
+/// Whether `CI` is set (and not empty): tests that would skip for a missing
+/// tool fail instead.
+pub fn under_ci() -> bool {
+    std::env::var_os("CI").is_some_and(|value| !value.is_empty())
+}
+
+/// Root on a Debian machine: missing packages can be installed with apt-get.
+pub fn is_root_on_debian() -> bool {
+    std::path::Path::new("/etc/debian_version").exists() && running_as_root()
+}
+
+pub fn running_as_root() -> bool {
     Command::new("id")
         .arg("-u")
         .output()
