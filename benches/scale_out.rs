@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
+use proxy_farm::{Farm, FarmSpec, Mix};
 use proxy_pool::config::DatabaseConfig;
-use proxy_pool::farm::{Farm, FarmSpec, Mix};
 use proxy_pool::store::Store;
 
 const PROXIES: usize = 5_000;

@@ -85,7 +85,7 @@ impl Entry {
 fn start_farm() -> FarmProcess {
     let dir = tempfile::tempdir().expect("tempdir");
     let manifest_path = dir.path().join("manifest.json");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_proxy-farm"))
+    let mut child = Command::new(proxy_farm::binary())
         .args(["--listen", "127.0.0.1:0", "--proxies", &PROXIES.to_string()])
         .args(["--mix", "0.5,0.3,0.2", "--latency-ms", "50-500"])
         .arg("--manifest")

@@ -14,7 +14,7 @@ echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}
 echo "commit:  $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (with local changes)')"
 echo "date:    $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 
-cargo build --release --bins --benches --locked >&2
+cargo build --release --workspace --bins --benches --locked >&2
 
 # The API benchmark drives the service with wrk (and skips without it).
 if [[ " ${selected[*]} " == *" api "* ]] && ! command -v wrk >/dev/null 2>&1; then

@@ -34,7 +34,7 @@ if [ -z "${SOAK_INNER:-}" ]; then
     command -v "$tool" >/dev/null || { echo "soak: $tool is needed" >&2; exit 1; }
   done
   echo "soak: building the release binaries" >&2
-  cargo build --release --bins --locked >&2
+  cargo build --release --workspace --bins --locked >&2
   export SOAK_INNER=1
   exec scripts/with-postgres.sh --data "${SOAK_PG_DATA:-$repo/target/pgdata-soak}" -- "$0" "$@"
 fi

@@ -8,17 +8,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 cargo fmt --all -- --check
-cargo clippy --all-targets --locked -- -D warnings
-cargo build --all-targets --locked
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo build --workspace --all-targets --locked
 
 # The metronome's acceptance tests (tests/scheduler.rs) assert start times
 # within 50 ms: they run on their own after the others, not beside tests that
 # load both cores.
 if cargo nextest --version >/dev/null 2>&1; then
-  runner=(cargo nextest run --lib --bins --tests --locked --no-fail-fast -E 'not binary(scheduler)')
+  runner=(cargo nextest run --workspace --lib --bins --tests --locked --no-fail-fast -E 'not binary(scheduler)')
   timing=(cargo nextest run --locked --test scheduler)
 else
-  runner=(cargo test --lib --bins --locked --no-fail-fast)
+  runner=(cargo test --workspace --lib --bins --locked --no-fail-fast)
   for file in tests/*.rs; do
     name=$(basename "$file" .rs)
     [ "$name" = scheduler ] || runner+=(--test "$name")

@@ -5,7 +5,6 @@
 pub mod api;
 pub mod app;
 pub mod config;
-pub mod farm;
 pub mod fetcher;
 pub mod health;
 pub mod judge;

@@ -245,7 +245,7 @@ fn log_of(path: &Path) -> String {
 fn start_farm(dir: &Path) -> (Reaped, PathBuf) {
     let farm_ini = dir.join("farm.ini");
     let farm = Reaped::spawn(
-        Command::new(env!("CARGO_BIN_EXE_proxy-farm"))
+        Command::new(proxy_farm::binary())
             .args([
                 "--listen",
                 "127.0.0.1:0",

@@ -7,9 +7,7 @@ use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use proxy_pool::farm::{
-    Behaviour, Farm, FarmSpec, Listing, ManifestEntry, ProxyGroup, INJECTED_ORIGIN,
-};
+use proxy_farm::{Behaviour, Farm, FarmSpec, Listing, ManifestEntry, ProxyGroup, INJECTED_ORIGIN};
 use proxy_pool::proxy::{Anonymity, Protocol};
 use serde_json::Value;
 use ureq::{Proxy, ProxyProtocol};

@@ -14,8 +14,8 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use proxy_farm::{Farm, FarmSpec};
 use proxy_pool::config::{Config, DatabaseConfig};
-use proxy_pool::farm::{Farm, FarmSpec};
 use proxy_pool::fetcher::{FetchKind, Fetcher, SourceStatus};
 use proxy_pool::health::Health;
 use proxy_pool::proxy::{Protocol, ProxyKey};

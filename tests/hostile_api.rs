@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, RngSeed, TestCaseError, TestRunner};
+use proxy_farm::{Behaviour, Farm, FarmSpec, ProxyGroup};
 use proxy_pool::config::Config;
-use proxy_pool::farm::{Behaviour, Farm, FarmSpec, ProxyGroup};
 use proxy_pool::proxy::{Protocol, ProxyKey};
 use proxy_pool::store::Store;
 

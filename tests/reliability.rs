@@ -18,8 +18,8 @@ use std::sync::{Arc, RwLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use proxy_farm::{Behaviour, Farm, FarmSpec, ProxyGroup};
 use proxy_pool::config::Config;
-use proxy_pool::farm::{Behaviour, Farm, FarmSpec, ProxyGroup};
 use proxy_pool::fetcher::{FetchKind, Fetcher};
 use proxy_pool::health::Health;
 use proxy_pool::shutdown::ShutdownSignal;

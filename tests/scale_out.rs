@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use proxy_pool::farm::{Farm, FarmSpec, ManifestEntry, Mix};
+use proxy_farm::{Farm, FarmSpec, ManifestEntry, Mix};
 use support::*;
 
 fn instance_config(db: &TestDb, farm: &Farm, fetch_interval: u64) -> String {

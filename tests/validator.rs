@@ -30,8 +30,8 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::Duration;
 
+use proxy_farm::{Behaviour, Farm, FarmSpec, ManifestEntry, ProxyGroup};
 use proxy_pool::config::Config;
-use proxy_pool::farm::{Behaviour, Farm, FarmSpec, ManifestEntry, ProxyGroup};
 use proxy_pool::health::Health;
 use proxy_pool::proxy::{Anonymity, Protocol, ProxyKey};
 use proxy_pool::shutdown::ShutdownSignal;

@@ -286,7 +286,7 @@ pub fn post_with(url: &str, body: &str, headers: &[(&str, &str)]) -> Answer {
 /// drop in order, so the service stops before the farm and the database go.
 pub struct PopulatedService {
     pub service: Service,
-    pub farm: proxy_pool::farm::Farm,
+    pub farm: proxy_farm::Farm,
     pub db: TestDb,
     /// How many farm proxies a correct validator finds alive.
     pub alive: usize,
@@ -294,8 +294,8 @@ pub struct PopulatedService {
 
 /// The farm behind [`populated_service`]: working proxies of every protocol
 /// and anonymity, plus dead ones the validator must leave out.
-pub fn small_farm_spec() -> proxy_pool::farm::FarmSpec {
-    use proxy_pool::farm::{Behaviour, FarmSpec, ProxyGroup};
+pub fn small_farm_spec() -> proxy_farm::FarmSpec {
+    use proxy_farm::{Behaviour, FarmSpec, ProxyGroup};
     use proxy_pool::proxy::Protocol;
     FarmSpec::new()
         .group(ProxyGroup::new(Behaviour::Elite, 3))
@@ -310,7 +310,7 @@ pub fn small_farm_spec() -> proxy_pool::farm::FarmSpec {
 /// is active. `server_lines` go into the `[server]` section (e.g. an
 /// `api_token`).
 pub fn populated_service(server_lines: &str) -> PopulatedService {
-    let farm = proxy_pool::farm::Farm::start(small_farm_spec()).expect("start the farm");
+    let farm = proxy_farm::Farm::start(small_farm_spec()).expect("start the farm");
     let alive = farm.manifest().iter().filter(|e| e.alive).count();
     let db = TestDb::new();
     let sections = format!(

@@ -4,7 +4,7 @@
 
 use std::fmt::Write as _;
 
-use super::manifest::ManifestEntry;
+use crate::manifest::ManifestEntry;
 
 /// Every built-in list name, in the order the binary prints them.
 pub const BUILT_IN: [&str; 15] = [
@@ -77,11 +77,12 @@ pub fn junk(entries: &[ManifestEntry]) -> String {
     let mut body = String::from("\u{feff}");
     for (i, entry) in entries.iter().enumerate() {
         let _ = write!(body, "{}\r\n", JUNK[i % JUNK.len()]);
-        let line = if entry.protocol == crate::proxy::Protocol::Http && entry.username.is_none() {
-            entry.host_port()
-        } else {
-            entry.url()
-        };
+        let line =
+            if entry.protocol == proxy_pool::proxy::Protocol::Http && entry.username.is_none() {
+                entry.host_port()
+            } else {
+                entry.url()
+            };
         match i % 3 {
             0 => body.push_str(&line),
             1 => {
@@ -147,8 +148,8 @@ pub fn etag(body: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::farm::spec::{Behaviour, Credentials};
-    use crate::proxy::Protocol;
+    use crate::spec::{Behaviour, Credentials};
+    use proxy_pool::proxy::Protocol;
 
     fn entries() -> Vec<ManifestEntry> {
         let creds = Credentials::new("u", "p");

@@ -6,10 +6,10 @@ use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::spec::{Behaviour, Credentials};
-use super::wire::{self, Bound, Head};
-use super::Shared;
-use crate::proxy::Protocol;
+use crate::spec::{Behaviour, Credentials};
+use crate::wire::{self, Bound, Head};
+use crate::Shared;
+use proxy_pool::proxy::Protocol;
 
 /// How long a proxy waits for its upstream connection.
 const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol as SocketProtocol, Socket, Type};
 
-use super::Shared;
+use crate::Shared;
 
 /// The most a request head may take before the connection is dropped.
 pub(crate) const MAX_HEAD_BYTES: usize = 64 * 1024;

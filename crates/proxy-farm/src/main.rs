@@ -10,7 +10,7 @@ use clap::Parser;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
-use proxy_pool::farm::{Farm, FarmSpec, Mix, BUILT_IN_LISTS};
+use proxy_farm::{Farm, FarmSpec, Mix, BUILT_IN_LISTS};
 
 /// A judge, proxy lists and simulated proxies on loopback, for offline demos
 /// and benchmarks of proxy-pool.

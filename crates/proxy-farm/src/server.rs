@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, NaiveDateTime, Utc};
 
-use super::lists;
-use super::wire::{self, Bound, Head};
-use super::Shared;
-use crate::judge;
+use crate::lists;
+use crate::wire::{self, Bound, Head};
+use crate::Shared;
+use proxy_pool::judge;
 
 const HTTP_DATE: &str = "%a, %d %b %Y %H:%M:%S GMT";
 

@@ -41,6 +41,30 @@ pub use proxies::{INJECTED_ORIGIN, VIA};
 pub use spec::{Behaviour, Credentials, FarmSpec, Listing, Mix, ProxyGroup};
 
 use proxies::ProxyConfig;
+
+/// The `proxy-farm` binary of the same build as the running test or
+/// benchmark: cargo puts a package's binaries beside the `deps` folder that
+/// holds the test executables of every package of the workspace. It panics
+/// with what to run when the binary was not built (`cargo build -p
+/// proxy-farm`; `scripts/test.sh` and `scripts/bench.sh` build it).
+pub fn binary() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("the path of the running executable");
+    let mut dir = exe
+        .parent()
+        .expect("an executable has a folder")
+        .to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let path = dir.join(format!("proxy-farm{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        path.is_file(),
+        "{} is missing: build it with `cargo build -p proxy-farm` (add --release for benchmarks)",
+        path.display()
+    );
+    path
+}
+
 use server::StaticList;
 
 /// The judge's accept queue. Every check through a farm proxy ends in a

@@ -6,13 +6,13 @@ use std::net::IpAddr;
 
 use serde_json::{json, Value};
 
-use super::spec::{Behaviour, Credentials, Listing};
-use crate::proxy::{Anonymity, Protocol, ProxyKey};
+use crate::spec::{Behaviour, Credentials, Listing};
+use proxy_pool::proxy::{Anonymity, Protocol, ProxyKey};
 
 /// One simulated proxy and the findings a correct validator reaches for it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ManifestEntry {
-    /// Its position in the farm, for [`super::Farm::hits`].
+    /// Its position in the farm, for [`crate::Farm::hits`].
     pub index: usize,
     /// As listed (`https` is an http proxy expected to tunnel CONNECT).
     pub protocol: Protocol,

@@ -6,7 +6,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::time::Duration;
 
-use crate::proxy::Protocol;
+use proxy_pool::proxy::Protocol;
 
 /// What a simulated proxy does with a connection. The wire protocol (http or
 /// socks) comes from the group's [`Protocol`]; the behaviour decides what the
