@@ -452,8 +452,8 @@ fn serve(config: Config) -> anyhow::Result<()> {
         health: health.clone(),
         metrics: metrics.clone(),
         state: state.clone(),
-        fetcher: Some(fetcher.clone()),
-        validator: Some(validator.clone()),
+        fetcher: fetcher.clone(),
+        validator: validator.clone(),
         validate_now: validate_tx.clone(),
         snapshotter: snapshotter.clone(),
     });
