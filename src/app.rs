@@ -20,10 +20,11 @@ use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::persist::Snapshotter;
 use crate::proxy::Protocol;
-use crate::scheduler::{next_tick, start_metronome};
+use crate::scheduler::{next_tick, run_metronome};
 use crate::shutdown::{Shutdown, ShutdownSignal};
 use crate::state::{active_snapshot_max_age, RestoreReport, State};
 use crate::store::{DuePolicy, Store};
+use crate::supervisor::{panic_message, Supervisor};
 use crate::validator::check::{CheckConfig, Checker};
 use crate::validator::cycle::{Validator, ValidatorSettings};
 use crate::validator::geoip::Geoip;
@@ -375,21 +376,32 @@ fn sync_active(store: &Store, state: &State, health: &Health) {
     }
 }
 
-fn spawn(name: &str, body: impl FnOnce() + Send + 'static) -> anyhow::Result<JoinHandle<()>> {
-    thread::Builder::new()
-        .name(name.to_string())
-        .spawn(body)
+fn spawn(
+    supervisor: &Supervisor,
+    name: &str,
+    body: impl FnOnce() + Send + 'static,
+) -> anyhow::Result<JoinHandle<()>> {
+    supervisor
+        .spawn(name, body)
         .with_context(|| format!("cannot start thread {name}"))
 }
 
-/// Joins threads until `deadline`; threads still busy then are left to end with the process.
+/// Joins threads until `deadline`; threads still busy then are left to end
+/// with the process. Supervised threads catch their own panics, so a join
+/// error is a panic outside them (a panicking panic handler): it is logged.
 fn join_until(handles: Vec<JoinHandle<()>>, deadline: Instant) {
     for handle in handles {
         while !handle.is_finished() && Instant::now() < deadline {
             thread::sleep(Duration::from_millis(10));
         }
         if handle.is_finished() {
-            let _ = handle.join();
+            let name = handle.thread().name().unwrap_or("?").to_string();
+            if let Err(payload) = handle.join() {
+                log::error!(
+                    "thread {name} ended with a panic: {}",
+                    panic_message(payload.as_ref())
+                );
+            }
         } else {
             log::warn!(
                 "thread {} still busy at the shutdown deadline",
@@ -405,6 +417,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
         .on_signals()
         .context("cannot install signal handlers")?;
     let signal = shutdown.signal();
+    let supervisor = Supervisor::new(shutdown.clone());
     let config = Arc::new(config);
     let health = Arc::new(Health::new());
     let metrics = Arc::new(Metrics::new());
@@ -464,7 +477,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
     // Periodic snapshots, encoded outside every lock. Started before the
     // wait for the database: feedback taken during an outage at start-up
     // is saved all the same.
-    handles.push(spawn("snapshot", {
+    handles.push(spawn(&supervisor, "snapshot", {
         let (snapshotter, signal) = (snapshotter.clone(), signal.clone());
         let interval = config.state.snapshot_interval;
         move || {
@@ -497,7 +510,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
         );
 
         // Memory sync: active set and list yields from the shared table.
-        handles.push(spawn("sync", {
+        handles.push(spawn(&supervisor, "sync", {
             let (store, state, health, fetcher, signal) = (
                 store.clone(),
                 state.clone(),
@@ -527,15 +540,16 @@ fn serve(config: Config) -> anyhow::Result<()> {
         })?);
 
         // Validation: the metronome enqueues, one worker runs cycles.
-        handles.push(start_metronome(
-            "metronome",
-            config.scheduler.interval,
-            validate_tx.clone(),
-            signal.clone(),
-            || (),
-        )?);
+        handles.push(spawn(&supervisor, "metronome", {
+            let (interval, jobs, signal) = (
+                config.scheduler.interval,
+                validate_tx.clone(),
+                signal.clone(),
+            );
+            move || run_metronome("metronome", interval, jobs, signal, || ())
+        })?);
         let _ = validate_tx.try_send(());
-        handles.push(spawn("validate", {
+        handles.push(spawn(&supervisor, "validate", {
             let (validator, signal) = (validator.clone(), signal.clone());
             let (state, health) = (state.clone(), health.clone());
             move || loop {
@@ -552,7 +566,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
             }
         })?);
 
-        handles.extend(fetcher.start(signal.clone())?);
+        handles.extend(fetcher.start(&supervisor, signal.clone())?);
         fetcher.refresh_yields();
     }
 
@@ -571,6 +585,13 @@ fn serve(config: Config) -> anyhow::Result<()> {
     api.stop();
     join_until(handles, deadline);
     snapshotter.write_logged();
+    let panicked = supervisor.panicked();
+    if !panicked.is_empty() {
+        anyhow::bail!(
+            "stopped because thread {} panicked (see the log above)",
+            panicked.join(", ")
+        );
+    }
     log::info!("stopped");
     Ok(())
 }

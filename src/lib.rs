@@ -17,4 +17,5 @@ pub mod snapshot;
 pub mod state;
 pub mod stats_table;
 pub mod store;
+pub mod supervisor;
 pub mod validator;

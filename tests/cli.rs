@@ -537,3 +537,42 @@ fn readme_and_config_ini_document_exactly_the_keys_the_parser_knows() {
         }
     }
 }
+
+/// A second SIGTERM exits at once, with 128 + 15, while the first one's
+/// graceful shutdown still waits for a check in flight: here the cycle's
+/// direct request to a judge that accepts and never answers, within a
+/// 60 s timeout (a graceful exit would take that long and exit 0).
+#[test]
+fn a_second_sigterm_exits_at_once_with_143() {
+    let db = TestDb::new();
+    let silent_judge = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let judge = silent_judge.local_addr().unwrap();
+    let config = config_text(
+        &db.url,
+        &format!(
+            "[server]\nbind = 127.0.0.1:0\n{SOURCES}\n[validator]\n\
+             validation_target = http://{judge}/get\nvalidation_timeout_ms = 60000\n"
+        ),
+    );
+    let mut service = Service::start(&config);
+    wait_for("the first cycle to start", Duration::from_secs(30), || {
+        service.log_contains("active proxies loaded")
+    });
+    signal(service.child.id(), "TERM");
+    wait_for(
+        "the graceful shutdown to begin",
+        Duration::from_secs(10),
+        || service.log_contains("shutting down"),
+    );
+    assert!(
+        service.child.try_wait().unwrap().is_none(),
+        "the graceful shutdown waits for the check in flight:\n{}",
+        service.log_text()
+    );
+    signal(service.child.id(), "TERM");
+    let code = wait_exit(&mut service.child, Duration::from_secs(20), "the service");
+    assert_eq!(code, 143, "{}", service.log_text());
+    wait_for("the exit to be logged", Duration::from_secs(5), || {
+        service.log_contains("second SIGTERM received: exiting now")
+    });
+}
