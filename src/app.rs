@@ -152,7 +152,7 @@ fn print_stats(config: &Config, url: Option<String>) -> anyhow::Result<()> {
         .into();
     let mut request = agent.get(format!("{}/stats", base.trim_end_matches('/')));
     if let Some(token) = &config.server.api_token {
-        request = request.header("Authorization", format!("Bearer {token}"));
+        request = request.header("Authorization", format!("Bearer {}", token.expose()));
     }
     let body = request
         .call()

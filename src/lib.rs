@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod persist;
 pub mod proxy;
 pub mod scheduler;
+pub mod secret;
 pub mod shutdown;
 pub mod snapshot;
 pub mod state;

@@ -40,7 +40,7 @@ impl World {
     fn on(db: TestDb, spec: FarmSpec) -> World {
         let farm = Farm::start(spec).expect("farm");
         let store = Store::connect(&DatabaseConfig {
-            url: db.url.clone(),
+            url: proxy_pool::secret::SecretUrl::new(db.url.clone()),
             pool_size: 4,
             checkout_timeout: Duration::from_secs(10),
         })

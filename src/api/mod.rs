@@ -226,7 +226,7 @@ fn authorize(context: &ApiContext, request: &Request) -> Result<(), ApiError> {
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, token)| token)
         .unwrap_or("");
-    if same_secret(given.trim().as_bytes(), token.as_bytes()) {
+    if same_secret(given.trim().as_bytes(), token.expose().as_bytes()) {
         return Ok(());
     }
     Err(ApiError::unauthorized())
