@@ -4,6 +4,8 @@
 
 pub mod api;
 pub mod app;
+pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod fetcher;
 pub mod health;
