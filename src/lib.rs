@@ -7,6 +7,7 @@ pub mod app;
 pub mod config;
 pub mod fetcher;
 pub mod health;
+pub mod http;
 pub mod judge;
 pub mod metrics;
 pub mod persist;
