@@ -9,6 +9,7 @@ pub mod commands;
 pub mod config;
 pub mod fetcher;
 pub mod health;
+pub mod http;
 pub mod judge;
 pub mod metrics;
 pub mod persist;
