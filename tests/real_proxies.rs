@@ -379,6 +379,55 @@ fn tinyproxy_basic_auth_right_works_and_wrong_is_dead() {
     );
 }
 
+/// squid with `basic_ncsa_auth` and an htpasswd file (tester's password
+/// `secret`, an APR1 hash as `htpasswd -m` writes): the right credentials
+/// work for plain http and CONNECT; wrong ones, and none, are dead.
+#[test]
+fn squid_basic_auth_right_works_and_wrong_is_dead() {
+    let squid = first(require_or_skip!("squid_basic_auth", real::SQUID));
+    let helper = "/usr/lib/squid/basic_ncsa_auth";
+    if !std::path::Path::new(helper).is_file() {
+        let why = format!("{helper} is missing (Debian's squid package has it)");
+        if support::under_ci() {
+            panic!("{why} (CI is set: no skipping)");
+        }
+        eprintln!("SKIPPED squid_basic_auth: {why}");
+        return;
+    }
+    let judges = Judges::start(13);
+    let ip = address(13, 2);
+    let proxy = real::squid_with_files(
+        &squid,
+        ip,
+        &format!(
+            "auth_param basic program {helper} {{dir}}/htpasswd\n\
+             auth_param basic realm proxy-pool test\n\
+             acl authenticated proxy_auth REQUIRED\n\
+             http_access deny !authenticated\n\
+             forwarded_for delete\nvia off"
+        ),
+        &[("htpasswd", "tester:$apr1$abcdefgh$h9FWgUz3n9YxylKLlR5SQ/\n")],
+    );
+    let port = real::SQUID_PORT;
+    grade(
+        &judges,
+        &[
+            Expect::alive(
+                "basic auth right (squid basic_ncsa_auth)",
+                format!("http://tester:secret@{ip}:{port}"),
+                "elite",
+                ip,
+            ),
+            Expect::dead(
+                "basic auth wrong (squid basic_ncsa_auth)",
+                format!("http://intruder:guess@{ip}:{port}"),
+            ),
+            Expect::dead("basic auth missing (squid basic_ncsa_auth)", http(ip, port)),
+        ],
+        &[&proxy],
+    );
+}
+
 /// dante without authentication, as socks5 and socks4: elite, tunnelling to
 /// the https judge through the socks handshake.
 #[test]

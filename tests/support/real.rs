@@ -278,8 +278,18 @@ pub const SQUID_PORT: u16 = 3128;
 /// then `lines` (forwarded_for, via, http_access ...) before `http_access
 /// allow all`.
 pub fn squid(binary: &Path, ip: IpAddr, lines: &str) -> Process {
+    squid_with_files(binary, ip, lines, &[])
+}
+
+/// [`squid`] with `files` (name, content) written to its folder first;
+/// `{dir}` in `lines` names that folder.
+pub fn squid_with_files(binary: &Path, ip: IpAddr, lines: &str, files: &[(&str, &str)]) -> Process {
     let dir = open_dir();
+    for (name, content) in files {
+        std::fs::write(dir.path().join(name), content).expect("write a squid file");
+    }
     let d = dir.path().display();
+    let lines = lines.replace("{dir}", &d.to_string());
     // squid takes an alphanumeric service name; it names the shared memory
     // segments, so each instance needs its own.
     let service = match ip {
