@@ -542,18 +542,15 @@ fn intercept(
     config: Arc<rustls::ServerConfig>,
 ) -> io::Result<()> {
     client.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let (head, rest) = read_head(&mut client)?;
-    let text = String::from_utf8_lossy(&head).into_owned();
-    let mut lines = text.split("\r\n");
-    let request_line = lines.next().unwrap_or("");
-    let mut parts = request_line.split(' ');
-    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    if method == "CONNECT" {
+    let Some(head) = proxy_farm::tls::read_request_head(&mut client)? else {
+        return Ok(());
+    };
+    if head.method == "CONNECT" {
         client.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")?;
         proxy_farm::tls::serve_judge_tls(client, peer, config)?;
         return Ok(());
     }
-    let Some(rest_of_uri) = target.strip_prefix("http://") else {
+    let Some(rest_of_uri) = head.target.strip_prefix("http://") else {
         client.write_all(b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n")?;
         return Ok(());
     };
@@ -569,45 +566,23 @@ fn intercept(
     socket.bind(&SocketAddr::new(ip, 0).into())?;
     socket.connect_timeout(&upstream.into(), Duration::from_secs(5))?;
     let mut server: TcpStream = socket.into();
-    let mut forwarded = format!("{method} {path} HTTP/1.1\r\n");
-    for line in lines.filter(|line| !line.is_empty()) {
-        let name = line.split(':').next().unwrap_or("").to_ascii_lowercase();
-        if name.starts_with("proxy-") || name == "connection" {
+    // Forwarded as it came, without hop-by-hop headers and adding none.
+    let mut forwarded = format!("{} {path} HTTP/1.1\r\n", head.method);
+    for (name, value) in &head.headers {
+        let lower = name.to_ascii_lowercase();
+        if lower.starts_with("proxy-") || lower == "connection" {
             continue;
         }
-        forwarded.push_str(line);
-        forwarded.push_str("\r\n");
+        forwarded.push_str(&format!("{name}: {value}\r\n"));
     }
     forwarded.push_str("Connection: close\r\n\r\n");
     server.write_all(forwarded.as_bytes())?;
-    server.write_all(&rest)?;
     let mut response = Vec::new();
     server.set_read_timeout(Some(Duration::from_secs(10)))?;
     server.read_to_end(&mut response)?;
     client.write_all(&response)?;
     let _ = client.shutdown(Shutdown::Write);
     Ok(())
-}
-
-/// A request head up to its blank line, and whatever came after it.
-fn read_head(stream: &mut TcpStream) -> io::Result<(Vec<u8>, Vec<u8>)> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let rest = buf.split_off(end + 4);
-            buf.truncate(end);
-            return Ok((buf, rest));
-        }
-        if buf.len() > 64 * 1024 {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "head too long"));
-        }
-        let read = stream.read(&mut chunk)?;
-        if read == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "no head"));
-        }
-        buf.extend_from_slice(&chunk[..read]);
-    }
 }
 
 /// What the validator wrote for one proxy.

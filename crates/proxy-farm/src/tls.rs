@@ -261,7 +261,7 @@ pub fn serve_judge_tls(
     stream.set_write_timeout(Some(CONNECTION_LIMIT))?;
     let connection = ServerConnection::new(config).map_err(tls_error)?;
     let mut tls = StreamOwned::new(connection, stream);
-    let Some(head) = read_head(&mut tls)? else {
+    let Some(head) = read_request_head(&mut tls)? else {
         return Ok(false);
     };
     let route = head.target.split(['?', '#']).next().unwrap_or("");
@@ -296,14 +296,21 @@ pub fn serve_judge_tls(
     Ok(judged)
 }
 
-struct Head {
-    method: String,
-    target: String,
-    headers: Vec<(String, String)>,
+/// A request head as read by [`read_request_head`].
+pub struct RequestHead {
+    pub method: String,
+    /// The request target as sent: origin form (`/get?a=1`), absolute form
+    /// (`http://host/get`) or an authority (`host:443`, for CONNECT).
+    pub target: String,
+    /// Every header in arrival order.
+    pub headers: Vec<(String, String)>,
 }
 
-/// Reads one request head; `None` when the client left before sending one.
-fn read_head(stream: &mut impl Read) -> io::Result<Option<Head>> {
+/// Reads one request head (at most 64 KiB, 64 headers) from a stream whose
+/// client waits for the answer before sending more (a GET without a body, a
+/// CONNECT): bytes after the head are dropped. `None` when the client left
+/// before sending one.
+pub fn read_request_head(stream: &mut impl Read) -> io::Result<Option<RequestHead>> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
     loop {
@@ -318,7 +325,7 @@ fn read_head(stream: &mut impl Read) -> io::Result<Option<Head>> {
         let mut request = httparse::Request::new(&mut headers);
         match request.parse(&buf) {
             Ok(httparse::Status::Complete(_)) => {
-                return Ok(Some(Head {
+                return Ok(Some(RequestHead {
                     method: request.method.unwrap_or("GET").to_owned(),
                     target: request.path.unwrap_or("/").to_owned(),
                     headers: request
