@@ -21,7 +21,7 @@ use crate::fetcher::Fetcher;
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::persist::Snapshotter;
-use crate::state::{FeedbackError, NoProxyReason, State, TooManySources};
+use crate::state::{FeedbackError, NoProxy, NoProxyReason, State, TooManySources};
 use crate::validator::cycle::Validator;
 
 use self::params::Query;
@@ -316,12 +316,10 @@ fn get_proxy(context: &ApiContext, request: &Request) -> Result<Response, ApiErr
     let text = query.format_is_text()?;
     let picks = match context.state.get_proxy(source, &pick_query, Utc::now()) {
         Ok(picks) => picks,
-        Err(none) if none.reason == NoProxyReason::TooManySources => {
-            let err = TooManySources {
-                max_sources: context.config.state.max_sources,
-            };
-            return Err(too_many_sources(err, source));
-        }
+        Err(NoProxy {
+            reason: NoProxyReason::TooManySources(err),
+            ..
+        }) => return Err(too_many_sources(err, source)),
         Err(none) => {
             let retry_after = none.retry_after.unwrap_or(match none.reason {
                 NoProxyReason::AllBanned => Duration::from_secs(60),

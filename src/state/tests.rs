@@ -8,7 +8,8 @@ use std::time::Duration;
 use chrono::{DateTime, TimeZone, Utc};
 
 use super::*;
-use crate::snapshot::{self, Loaded};
+use crate::proxy::{Anonymity, Protocol, ProxyKey};
+use crate::snapshot::{self, EntrySnapshot, Loaded, SnapshotData, SourceSnapshot};
 
 fn scoring() -> ScoringConfig {
     ScoringConfig {
@@ -921,7 +922,10 @@ fn past_max_sources_new_names_are_refused_and_known_ones_served() {
     let err = state
         .get_proxy("d", &PickQuery::default(), t0())
         .unwrap_err();
-    assert_eq!(err.reason, NoProxyReason::TooManySources);
+    assert_eq!(
+        err.reason,
+        NoProxyReason::TooManySources(TooManySources { max_sources: 3 })
+    );
     assert_eq!(
         state.feedback("d", &url(1), true, t0()),
         Err(FeedbackError::TooManySources(TooManySources {
