@@ -239,6 +239,7 @@ impl State {
                 continue;
             }
             let proxy = ActiveProxy {
+                exit_ip: None,
                 id: snapshot.id,
                 key,
                 latency_ms: snapshot.latency_ms,
