@@ -357,6 +357,7 @@ fn make_proxies() -> Vec<ActiveProxy> {
         .map(|i| {
             let ip = format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255);
             ActiveProxy {
+                exit_ip: None,
                 id: i as i64 + 1,
                 key: ProxyKey::new(
                     Protocol::ALL[rng.usize(..4)],

@@ -186,6 +186,10 @@ pub struct ActiveProxy {
     /// `"Via: 1.1 squid"`; None for an elite proxy. Shared, so that a pick
     /// copies a pointer, not the text.
     pub anonymity_evidence: Option<Arc<str>>,
+    /// The address the judge saw its last successful check come from; None
+    /// when not known. Sites ban addresses: proxies that share one are
+    /// banned together (see the state manager).
+    pub exit_ip: Option<IpAddr>,
 }
 
 #[cfg(test)]

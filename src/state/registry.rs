@@ -457,6 +457,7 @@ mod tests {
 
     fn proxy(id: i64, country: &str, anonymity: Anonymity) -> ActiveProxy {
         ActiveProxy {
+            exit_ip: None,
             id,
             key: ProxyKey::new(
                 Protocol::Http,

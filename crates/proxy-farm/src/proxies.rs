@@ -19,7 +19,9 @@ pub const VIA: &str = "1.1 farm-proxy";
 /// One simulated proxy's fixed settings.
 pub(crate) struct ProxyConfig {
     pub index: usize,
-    pub ip: IpAddr,
+    /// The address its outgoing connections leave from (its own unless it
+    /// is in an exit group).
+    pub exit_ip: IpAddr,
     pub behaviour: Behaviour,
     pub protocol: Protocol,
     pub connect: bool,
@@ -196,7 +198,7 @@ fn serve_http(
                 bound,
             );
         };
-        let upstream = match wire::connect_from(config.ip, target, UPSTREAM_CONNECT_TIMEOUT) {
+        let upstream = match wire::connect_from(config.exit_ip, target, UPSTREAM_CONNECT_TIMEOUT) {
             Ok(upstream) => upstream,
             Err(_) => {
                 return wire::write_response(&mut client, 502, "Bad Gateway", &[], b"", bound)
@@ -218,7 +220,7 @@ fn serve_http(
         let body = b"this is a proxy: send an absolute URI\n";
         return wire::write_response(&mut client, 400, "Bad Request", &[], body, bound);
     };
-    let mut upstream = match wire::connect_from(config.ip, target, UPSTREAM_CONNECT_TIMEOUT) {
+    let mut upstream = match wire::connect_from(config.exit_ip, target, UPSTREAM_CONNECT_TIMEOUT) {
         Ok(upstream) => upstream,
         Err(_) => return wire::write_response(&mut client, 502, "Bad Gateway", &[], b"", bound),
     };
@@ -311,7 +313,7 @@ fn serve_socks4(
         return wire::write_all(&mut client, &reply(91), bound);
     };
     let upstream = match wire::connect_from(
-        config.ip,
+        config.exit_ip,
         SocketAddr::new(ip, port),
         UPSTREAM_CONNECT_TIMEOUT,
     ) {
@@ -414,7 +416,7 @@ fn serve_socks5(
         return wire::write_all(&mut client, &socks5_reply(2), bound);
     };
     let target = SocketAddr::new(ip, u16::from_be_bytes(port));
-    let upstream = match wire::connect_from(config.ip, target, UPSTREAM_CONNECT_TIMEOUT) {
+    let upstream = match wire::connect_from(config.exit_ip, target, UPSTREAM_CONNECT_TIMEOUT) {
         Ok(upstream) => upstream,
         Err(_) => return wire::write_all(&mut client, &socks5_reply(5), bound),
     };
