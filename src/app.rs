@@ -99,6 +99,15 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match command {
         Command::CheckConfig => {
             out(&config.to_string())?;
+            if config.server.max_body_bytes < crate::api::FULL_FEEDBACK_BATCH_BYTES {
+                log::warn!(
+                    "[server] max_body_bytes = {} is too small for a full /feedback batch: \
+                     {} items of the largest size need {} bytes",
+                    config.server.max_body_bytes,
+                    crate::api::MAX_FEEDBACK_ITEMS,
+                    crate::api::FULL_FEEDBACK_BATCH_BYTES
+                );
+            }
             Ok(())
         }
         Command::Migrate => {

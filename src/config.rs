@@ -47,6 +47,11 @@ pub struct ServerConfig {
     pub read_timeout: Duration,
 }
 
+impl ServerConfig {
+    /// Room for a full feedback batch of the largest items, and some.
+    pub const DEFAULT_MAX_BODY_BYTES: usize = 1 << 20;
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct FetcherConfig {
     pub interval: Duration,
@@ -463,7 +468,13 @@ impl Reader<'_> {
             bind: self.socket_addr("server", "bind", "127.0.0.1:8080"),
             workers: self.number("server", "workers", 8, 1, 4096) as usize,
             api_token: Some(self.string("server", "api_token", "")).filter(|t| !t.is_empty()),
-            max_body_bytes: self.number("server", "max_body_bytes", 65536, 64, 1 << 30) as usize,
+            max_body_bytes: self.number(
+                "server",
+                "max_body_bytes",
+                ServerConfig::DEFAULT_MAX_BODY_BYTES as u64,
+                64,
+                1 << 30,
+            ) as usize,
             max_connections: max_connections as usize,
             max_connections_per_ip: max_connections_per_ip as usize,
             read_timeout: self.millis("server", "read_timeout_ms", 10_000),
@@ -1018,7 +1029,7 @@ mod tests {
         assert_eq!(config.server.bind, "127.0.0.1:8080".parse().unwrap());
         assert_eq!(config.server.workers, 8);
         assert_eq!(config.server.api_token, None);
-        assert_eq!(config.server.max_body_bytes, 65536);
+        assert_eq!(config.server.max_body_bytes, 1_048_576);
         assert_eq!(config.server.max_connections, 1024);
         assert_eq!(config.server.max_connections_per_ip, 1024);
         assert_eq!(config.server.read_timeout, Duration::from_secs(10));

@@ -34,6 +34,7 @@ use crate::http::{
     encode_response, AnswerOptions, BodyDecoder, BodyError, Framing, HeadError, HeadLimits,
     RequestHead,
 };
+use crate::logging::Escaped;
 
 /// The request line and headers together.
 pub const MAX_HEAD_BYTES: usize = 32 * 1024;
@@ -402,8 +403,8 @@ fn run_handler(handler: &Handler, request: &Request) -> (u16, Vec<(String, Strin
         Err(_) => {
             log::error!(
                 "request handler panicked: {} {}",
-                request.method(),
-                request.url()
+                Escaped(request.method()),
+                Escaped(&request.url())
             );
             return (500, json_type(), error_body("internal error"));
         }
