@@ -25,7 +25,7 @@ use crate::shutdown::{Shutdown, ShutdownSignal};
 use crate::state::{active_snapshot_max_age, RestoreReport, State};
 use crate::store::{DuePolicy, Store};
 use crate::validator::check::{CheckConfig, Checker};
-use crate::validator::cycle::{Validator, ValidatorSettings};
+use crate::validator::cycle::{SkipReason, Validator, ValidatorSettings};
 use crate::validator::geoip::Geoip;
 
 #[derive(Debug, Parser)]
@@ -291,7 +291,8 @@ pub fn due_policy(config: &Config) -> DuePolicy {
         // A claimed proxy waits behind at most two rounds of checks in
         // flight, each within the timeout; after the lease, another
         // instance may take it over (its claimer died).
-        lease: config.validator.timeout * 4 + Duration::from_secs(5),
+        lease: crate::validator::check::max_check_duration(&config.validator) * 4
+            + Duration::from_secs(5),
     }
 }
 
@@ -303,8 +304,8 @@ fn validate_once(config: &Config) -> anyhow::Result<()> {
     let validator = build_validator(config, store, state, health)?;
     let summary = validator.run_cycle(&ShutdownSignal::never());
     out(&format!("{}\n", summary.summary_line()))?;
-    if let Some(reason) = summary.skipped {
-        if summary.checked == 0 && reason.starts_with("judge") {
+    if let Some(reason @ SkipReason::JudgeUnreachable(_)) = summary.skipped {
+        if summary.checked == 0 {
             anyhow::bail!("{reason}");
         }
     }

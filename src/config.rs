@@ -69,6 +69,10 @@ pub struct SourceConfig {
 #[derive(Clone, Debug, PartialEq)]
 pub struct ValidatorConfig {
     pub target: String,
+    /// The https check's judge; `None` (empty): no https check.
+    pub https_target: Option<String>,
+    /// Extra PEM roots for `https_target`, beside the system's.
+    pub https_ca_file: Option<PathBuf>,
     pub timeout: Duration,
     pub connect_timeout: Duration,
     pub workers: usize,
@@ -179,6 +183,8 @@ const KNOWN: &[(&str, &[&str])] = &[
         "validator",
         &[
             "validation_target",
+            "https_target",
+            "https_ca_file",
             "validation_timeout_ms",
             "connect_timeout_ms",
             "validation_workers",
@@ -478,7 +484,20 @@ impl Reader<'_> {
         };
         let sources = self.sources(&fetcher);
         let validator = ValidatorConfig {
-            target: self.url("validator", "validation_target", "http://httpbin.org/get"),
+            target: self.url(
+                "validator",
+                "validation_target",
+                "http://httpbin.org/get?show_env=1",
+            ),
+            https_target: Some(self.string(
+                "validator",
+                "https_target",
+                "https://httpbin.org/get?show_env=1",
+            ))
+            .filter(|url| !url.is_empty()),
+            https_ca_file: Some(self.string("validator", "https_ca_file", ""))
+                .filter(|path| !path.is_empty())
+                .map(PathBuf::from),
             timeout: self.millis("validator", "validation_timeout_ms", 5000),
             connect_timeout: self.millis("validator", "connect_timeout_ms", 3000),
             workers: self.number("validator", "validation_workers", 100, 1, 10_000) as usize,
@@ -494,6 +513,18 @@ impl Reader<'_> {
                 (seconds > 0).then(|| Duration::from_secs(seconds))
             },
         };
+        if let Some(url) = &validator.https_target {
+            let https = url
+                .get(..8)
+                .is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://"));
+            if !https || check_http_url(url).is_err() {
+                self.problem(
+                    "validator",
+                    Some("https_target"),
+                    format!("expected an https:// URL or nothing, found {url:?}"),
+                );
+            }
+        }
         if validator.connect_timeout > validator.timeout {
             self.problem(
                 "validator",
@@ -959,6 +990,13 @@ impl fmt::Display for Config {
         let v = &self.validator;
         writeln!(f, "\n[validator]")?;
         writeln!(f, "validation_target = {}", v.target)?;
+        writeln!(
+            f,
+            "https_target = {}",
+            v.https_target.as_deref().unwrap_or("")
+        )?;
+        let ca_file = v.https_ca_file.as_deref().map(|p| p.display().to_string());
+        writeln!(f, "https_ca_file = {}", ca_file.unwrap_or_default())?;
         writeln!(f, "validation_timeout_ms = {}", ms(v.timeout))?;
         writeln!(f, "connect_timeout_ms = {}", ms(v.connect_timeout))?;
         writeln!(f, "validation_workers = {}", v.workers)?;
@@ -1027,7 +1065,12 @@ mod tests {
         assert_eq!(config.fetcher.timeout, Duration::from_millis(15000));
         assert_eq!(config.fetcher.max_bytes, 10_485_760);
         assert!(!config.fetcher.allow_private_addresses);
-        assert_eq!(config.validator.target, "http://httpbin.org/get");
+        assert_eq!(config.validator.target, "http://httpbin.org/get?show_env=1");
+        assert_eq!(
+            config.validator.https_target.as_deref(),
+            Some("https://httpbin.org/get?show_env=1")
+        );
+        assert_eq!(config.validator.https_ca_file, None);
         assert_eq!(config.validator.timeout, Duration::from_millis(5000));
         assert_eq!(
             config.validator.connect_timeout,

@@ -148,7 +148,7 @@ fn demo_config(farm: &Farm) -> String {
          url = {junk}\n\
          interval_seconds = 120\n\n\
          [validator]\n\
-         validation_target = {judge}\n\
+         validation_target = {judge}\nhttps_target =\n\
          validation_timeout_ms = 2000\n\
          connect_timeout_ms = 1000\n\
          revalidate_after_seconds = 60\n\n\

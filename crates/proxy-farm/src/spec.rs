@@ -20,6 +20,14 @@ pub enum Behaviour {
     Anonymous,
     /// Adds `X-Forwarded-For: <client ip>` and `Via`.
     Transparent,
+    /// Adds `X-Forwarded-For: unknown`, as squid with `forwarded_for off`.
+    /// (`Anonymous` is the Via-only proxy: squid's `forwarded_for delete`,
+    /// tinyproxy's default.)
+    XffUnknown,
+    /// Reads its clients' TLS: accepts CONNECT to any port, then terminates
+    /// the TLS itself with a certificate no root vouches for and answers as
+    /// the judge. Plain http goes through like `Elite`.
+    TlsIntercept,
     /// A working SOCKS4 proxy (the group's protocol is forced to socks4).
     Socks4,
     /// A working SOCKS5 proxy (the group's protocol is forced to socks5).
@@ -28,7 +36,10 @@ pub enum Behaviour {
     Dead,
     /// Accepts and never answers, holding the connection.
     BlackHole,
-    /// Works like `Elite` (or its socks protocol) after this many milliseconds.
+    /// Works like `Elite` (or its socks protocol) after this many
+    /// milliseconds: for a socks proxy every reply of its handshake comes
+    /// that late (a slow socks reply), for an http proxy that tunnels, its
+    /// CONNECT answer too (a slow CONNECT).
     Slow(u64),
     /// Closes this fraction of connections (deterministically: with 0.5 every
     /// second one), works otherwise.
@@ -61,6 +72,8 @@ impl Behaviour {
             Behaviour::Elite => "elite",
             Behaviour::Anonymous => "anonymous",
             Behaviour::Transparent => "transparent",
+            Behaviour::XffUnknown => "xff_unknown",
+            Behaviour::TlsIntercept => "tls_intercept",
             Behaviour::Socks4 => "socks4",
             Behaviour::Socks5 => "socks5",
             Behaviour::Dead => "dead",
@@ -132,6 +145,10 @@ pub struct ProxyGroup {
     pub credentials: Option<Credentials>,
     /// Whether an http proxy tunnels CONNECT (true by default for `https`).
     pub connect: bool,
+    /// Whether its CONNECT reaches port 443 only (stock squid's
+    /// `http_access deny CONNECT !SSL_ports`, tinyproxy's `ConnectPort 443`);
+    /// any other port gets 403.
+    pub connect_443_only: bool,
     /// How the credentials appear in the lists and the manifest.
     pub listing: Listing,
 }
@@ -143,9 +160,17 @@ impl ProxyGroup {
             protocol: behaviour.default_protocol(),
             count,
             credentials: None,
-            connect: false,
+            connect: behaviour == Behaviour::TlsIntercept,
+            connect_443_only: false,
             listing: Listing::AsRequired,
         }
+    }
+
+    /// Tunnels CONNECT to port 443 only.
+    pub fn connect_443_only(mut self) -> ProxyGroup {
+        self.connect = true;
+        self.connect_443_only = true;
+        self
     }
 
     /// Sets the protocol; `https` also turns CONNECT support on.
@@ -218,6 +243,10 @@ pub struct FarmSpec {
     pub connection_limit: Duration,
     /// Seeds the random choices (latencies, binary list bytes).
     pub seed: u64,
+    /// The port of the https judge the validator under test tunnels to (its
+    /// `https_target`), for the manifest: a proxy that tunnels to 443 only
+    /// supports https exactly when it is 443.
+    pub https_judge_port: u16,
 }
 
 impl Default for FarmSpec {
@@ -232,6 +261,7 @@ impl Default for FarmSpec {
             slow_chunk_delay: Duration::from_secs(1),
             connection_limit: Duration::from_secs(60),
             seed: 42,
+            https_judge_port: 443,
         }
     }
 }
@@ -283,6 +313,11 @@ impl FarmSpec {
         self
     }
 
+    pub fn https_judge_port(mut self, port: u16) -> FarmSpec {
+        self.https_judge_port = port;
+        self
+    }
+
     /// The number of proxies the spec describes.
     pub fn total(&self) -> usize {
         self.groups.iter().map(|group| group.count).sum()
@@ -291,8 +326,11 @@ impl FarmSpec {
     /// One proxy of every behaviour, over http, https (CONNECT), socks4 and
     /// socks5, with and without credentials, and http and socks5 proxies
     /// listed without the credentials they require or with wrong ones.
-    /// `Slow` waits 200 ms; `Flaky(0.5)` fails every second connection,
-    /// starting with the second.
+    /// `Slow` waits 200 ms, and 1.5 s (http, CONNECT) and 1.2 s (socks5)
+    /// for a validator with a 3 s timeout and a 1 s connect timeout; `Flaky(0.5)`
+    /// fails every second connection, starting with the second. A
+    /// TLS-intercepting proxy, an XFF-`unknown` one and one tunnelling to
+    /// 443 only show the tricks of real proxies.
     pub fn every_behaviour() -> FarmSpec {
         use Behaviour::*;
         use Listing::*;
@@ -304,6 +342,11 @@ impl FarmSpec {
             .group(one(Anonymous).protocol(Protocol::Https))
             .group(one(Transparent))
             .group(one(Transparent).protocol(Protocol::Https))
+            .group(one(XffUnknown))
+            .group(one(TlsIntercept).protocol(Protocol::Https))
+            .group(one(Elite).protocol(Protocol::Https).connect_443_only())
+            .group(one(Slow(1500)).connect(true))
+            .group(one(Slow(1200)).protocol(Protocol::Socks5))
             .group(one(Socks4))
             .group(one(Socks4).credentials("farmuser4", ""))
             .group(one(Socks5))
