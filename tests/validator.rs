@@ -365,8 +365,8 @@ fn one_cycle_classifies_every_behaviour_as_the_manifest_says() {
 
 /// The anonymity evidence, in the table and in what get-proxy hands out:
 /// the headers that gave each anonymous or transparent farm proxy away
-/// (both add `Via`; a transparent one also `X-Forwarded-For` naming us), and
-/// none for an elite one.
+/// (both add `Via`; a transparent one also `X-Forwarded-For` naming us; the
+/// squid-like one only `X-Forwarded-For: unknown`), and none for an elite one.
 fn assert_evidence(rig: &Rig) {
     let evidence: HashMap<String, Option<String>> = rig
         .db
@@ -406,6 +406,10 @@ fn assert_evidence(rig: &Rig) {
                 checked[0] += 1;
                 assert_eq!(found, None, "{name}");
             }
+            Some(Anonymity::Anonymous) if entry.behaviour == Behaviour::XffUnknown => {
+                let found = found.unwrap_or_else(|| panic!("{name}: no evidence"));
+                assert_eq!(found, "X-Forwarded-For: unknown", "{name}");
+            }
             Some(Anonymity::Anonymous) => {
                 checked[1] += 1;
                 let found = found.unwrap_or_else(|| panic!("{name}: no evidence"));
@@ -440,7 +444,8 @@ fn assert_evidence(rig: &Rig) {
 /// file, a cycle writes each proxy's country as `get-proxy` then hands it out
 /// and filters on it. The validator looks up where the traffic leaves, the
 /// exit address the judge saw; a farm proxy's exit is its own address, and a
-/// dead proxy, having no exit, is looked up by its listed address.
+/// dead proxy, having no exit, gets no country (it used to be looked up by
+/// its listed address: the contract takes the exit only).
 #[test]
 fn a_cycle_writes_the_country_that_get_proxy_serves() {
     use Behaviour::*;
@@ -493,6 +498,7 @@ fn a_cycle_writes_the_country_that_get_proxy_serves() {
         .collect();
     for (entry, country) in manifest.iter().zip(countries) {
         let name = format!("{} ({})", entry.url(), entry.behaviour.name());
+        let country = country.filter(|_| entry.alive);
         assert_eq!(found[&entry.host_port()].as_deref(), country, "{name}");
     }
 

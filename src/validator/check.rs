@@ -646,6 +646,7 @@ fn https_failure(error: ureq::Error) -> HttpsFailure {
         return match failure {
             TunnelFailure::ConnectRefused(status) => HttpsFailure::ConnectRefused(*status),
             TunnelFailure::HandshakeTimeout => HttpsFailure::Request(DeadReason::Timeout),
+            TunnelFailure::Reset => HttpsFailure::Request(DeadReason::Reset),
             _ => HttpsFailure::Request(tunnel_reason(failure)),
         };
     }

@@ -214,7 +214,9 @@ fn with_timeout<'a>(
         config: details.config,
         request_level: details.request_level,
         resolver: details.resolver,
-        now: details.now,
+        // The next step's budget runs from now (ureq measures a
+        // connector's timeout from `now`).
+        now: (details.current_time)(),
         timeout: NextTimeout {
             after: UreqDuration::Exact(timeout),
             reason,
