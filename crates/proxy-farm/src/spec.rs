@@ -413,9 +413,92 @@ impl FarmSpec {
     }
 }
 
+impl FarmSpec {
+    /// The offline demo's pool (`proxy-farm` without `--every-behaviour`):
+    /// `mix`'s dead and black-hole shares, and its alive share spread the way
+    /// a real pool looks: slow elite http proxies tunnelling CONNECT (some
+    /// to 443 only), anonymous (Via-only), transparent, XFF-`unknown` and
+    /// TLS-intercepting ones, socks4 and socks5, https-capable and not.
+    pub fn demo(total: usize, mix: &Mix) -> FarmSpec {
+        use Behaviour::*;
+        let base = FarmSpec::mix(total, mix);
+        let alive = base
+            .groups
+            .iter()
+            .filter(|group| matches!(group.behaviour, Slow(_)))
+            .count();
+        // Shares of the alive proxies, in thousandths; the rest stay slow elite.
+        let kinds: [(u32, ProxyGroup); 8] = [
+            (150, ProxyGroup::new(Anonymous, 1)),
+            (100, ProxyGroup::new(Transparent, 1).connect(true)),
+            (50, ProxyGroup::new(XffUnknown, 1)),
+            (120, ProxyGroup::new(Socks5, 1)),
+            (80, ProxyGroup::new(Socks4, 1)),
+            (
+                60,
+                ProxyGroup::new(Elite, 1)
+                    .protocol(Protocol::Https)
+                    .connect_443_only(),
+            ),
+            (
+                40,
+                ProxyGroup::new(TlsIntercept, 1).protocol(Protocol::Https),
+            ),
+            (50, ProxyGroup::new(Elite, 1).protocol(Protocol::Https)),
+        ];
+        let mut spec = FarmSpec {
+            groups: Vec::new(),
+            ..base.clone()
+        };
+        let mut slow = base
+            .groups
+            .iter()
+            .filter(|g| matches!(g.behaviour, Slow(_)));
+        for (thousandths, group) in kinds {
+            let count = alive * thousandths as usize / 1000;
+            // Each replaces one slow elite proxy, so the total stays.
+            for _ in 0..count {
+                slow.next();
+            }
+            spec = spec.group(ProxyGroup { count, ..group });
+        }
+        for group in slow {
+            spec = spec.group(group.clone());
+        }
+        for group in base
+            .groups
+            .iter()
+            .filter(|g| !matches!(g.behaviour, Slow(_)))
+        {
+            spec = spec.group(group.clone());
+        }
+        spec
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_demo_pool_is_not_all_elite_http() {
+        let spec = FarmSpec::demo(1000, &Mix::default());
+        assert_eq!(spec.total(), 1000);
+        let count = |name: &str| {
+            spec.groups
+                .iter()
+                .filter(|g| g.behaviour.name() == name)
+                .map(|g| g.count)
+                .sum::<usize>()
+        };
+        assert_eq!(count("dead"), 300);
+        assert_eq!(count("black_hole"), 200);
+        assert_eq!(count("anonymous"), 75);
+        assert_eq!(count("socks5"), 60);
+        assert_eq!(count("tls_intercept"), 20);
+        assert!(count("slow") > 100);
+        assert!(spec.groups.iter().any(|g| g.connect_443_only));
+    }
 
     #[test]
     fn mix_adds_up_to_total_in_the_default_shares() {
