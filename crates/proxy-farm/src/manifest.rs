@@ -23,6 +23,8 @@ pub struct ManifestEntry {
     pub behaviour: Behaviour,
     /// Whether an http proxy tunnels CONNECT (always false for socks).
     pub connect: bool,
+    /// Whether that CONNECT reaches port 443 only.
+    pub connect_443_only: bool,
     /// Whether a check through it reaches the judge and returns its answer.
     pub alive: bool,
     /// None when not alive; socks proxies are elite.
@@ -71,6 +73,7 @@ impl ManifestEntry {
             password,
             behaviour,
             connect,
+            connect_443_only: false,
             alive: expected.alive,
             anonymity: expected.anonymity,
             supports_https: expected.supports_https,
@@ -117,6 +120,7 @@ impl ManifestEntry {
     /// The entry of a proxy whose CONNECT reaches port 443 only, for a
     /// validator whose https judge listens on `https_judge_port`.
     pub(crate) fn connect_443_only(mut self, only: bool, https_judge_port: u16) -> ManifestEntry {
+        self.connect_443_only = only;
         if only && self.supports_https == Some(true) && https_judge_port != 443 {
             self.supports_https = Some(false);
             self.https_failure = Some("connect_refused 403");
@@ -161,6 +165,7 @@ impl ManifestEntry {
             "behaviour": self.behaviour.name(),
             "parameter": parameter,
             "connect": self.connect,
+            "connect_443_only": self.connect_443_only,
             "url": self.url(),
             "alive": self.alive,
             "anonymity": self.anonymity.map(|a| a.as_str()),
