@@ -18,6 +18,7 @@ use crate::proxy::Protocol;
 use crate::shutdown::ShutdownSignal;
 use crate::state::State;
 use crate::store::Store;
+use crate::validator::cycle::SkipReason;
 
 pub fn check_config(config: &Config) -> anyhow::Result<()> {
     out(&config.to_string())?;
@@ -157,8 +158,8 @@ pub fn validate(config: &Config) -> anyhow::Result<()> {
     let validator = build_validator(config, store, state, health)?;
     let summary = validator.run_cycle(&ShutdownSignal::never());
     out(&format!("{}\n", summary.summary_line()))?;
-    if let Some(reason) = summary.skipped {
-        if summary.checked == 0 && reason.starts_with("judge") {
+    if let Some(reason @ SkipReason::JudgeUnreachable(_)) = summary.skipped {
+        if summary.checked == 0 {
             anyhow::bail!("{reason}");
         }
     }

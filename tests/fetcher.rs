@@ -574,6 +574,8 @@ fn relisting_moves_last_seen_and_keeps_everything_else() {
             latency_ms: Some(120),
             anonymity: Some(proxy_pool::proxy::Anonymity::Elite),
             supports_https: Some(true),
+            https_checked: true,
+            https_failure: None,
             country: Some("DE".into()),
             exit_ip: Some(IpAddr::from([127, 32, 0, 1])),
             dead_reason: None,
