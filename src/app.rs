@@ -14,7 +14,7 @@ use clap::{Parser, Subcommand};
 
 use crate::api::{ApiContext, ApiServer};
 use crate::config::{Config, ConfigError};
-use crate::fetcher::parse::{parse_list, ParseOptions};
+use crate::fetcher::parse::ParseOptions;
 use crate::fetcher::{FetchKind, Fetcher};
 use crate::health::Health;
 use crate::metrics::Metrics;
@@ -211,12 +211,17 @@ fn import(config: &Config, file: &str, protocol: Option<&str>) -> anyhow::Result
         allow_private_addresses: config.fetcher.allow_private_addresses,
     };
     let started = Instant::now();
-    let parsed = parse_list(&String::from_utf8_lossy(&bytes), &options);
-    for reject in parsed.first_rejects.iter() {
-        eprintln!(
-            "{file}:{}: rejected ({}): {}",
-            reject.line, reject.reason, reject.text
-        );
+    let crate::fetcher::ReadList { parsed, mut counts } =
+        crate::fetcher::read_list(&bytes, false, &options);
+    for reject in &parsed.first_rejects {
+        eprintln!("{file}: {reject}");
+    }
+    if let Some(reason) = parsed.not_a_list() {
+        out(&format!(
+            "{file}: {}, error: {reason}\n",
+            counts.describe(true, false)
+        ))?;
+        anyhow::bail!("{file}: {reason}");
     }
     let store = Store::connect(&config.database)?;
     store.migrate().context("migration failed")?;
@@ -225,16 +230,13 @@ fn import(config: &Config, file: &str, protocol: Option<&str>) -> anyhow::Result
     } else {
         format!("import:{file}")
     };
-    let counts = store
+    counts.new = store
         .upsert_listed(&source, &parsed.proxies)
-        .context("cannot store the proxies")?;
+        .context("cannot store the proxies")?
+        .new;
     out(&format!(
-        "{file}: {} lines, {} parsed, {} new, {} rejected, {} duplicates in {} ms",
-        parsed.lines,
-        parsed.proxies.len(),
-        counts.new,
-        parsed.rejected,
-        parsed.duplicates,
+        "{file}: {} in {} ms\n",
+        counts.describe(true, true),
         started.elapsed().as_millis()
     ))?;
     Ok(())
