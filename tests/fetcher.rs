@@ -436,7 +436,8 @@ fn import_reads_every_format_and_says_when_a_body_is_no_list() {
     std::fs::write(
         &config,
         format!(
-            "[database]\nurl = {}\n[fetcher]\nallow_private_addresses = true\n",
+            "[database]\nurl = {}\n[fetcher]\nallow_private_addresses = true\n\
+             source_urls = http://127.0.0.1:9/unused\n",
             world.db.url
         ),
     )
