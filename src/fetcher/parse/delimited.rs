@@ -41,8 +41,8 @@ pub(super) fn find_header(text: &str) -> Option<Header<'_>> {
         let delimiter = *DELIMITERS
             .iter()
             .rev()
-            .max_by_key(|delimiter| count(*delimiter))
-            .filter(|delimiter| count(*delimiter) > 0)?;
+            .max_by_key(|delimiter| count(delimiter))
+            .filter(|delimiter| count(delimiter) > 0)?;
         let cells: Vec<&str> = content
             .split(char::from(delimiter))
             .map(|cell| cell.trim().trim_matches('"').trim())
@@ -95,7 +95,7 @@ pub(super) fn parse(text: &str, options: &ParseOptions) -> ParsedList {
         .flexible(true)
         .trim(::csv::Trim::All)
         .comment(Some(b'#'))
-        .from_reader(text[header.rows_offset..].as_bytes());
+        .from_reader(&text.as_bytes()[header.rows_offset..]);
     let mut record = ::csv::StringRecord::new();
     // The rows are a `&str`'s, so UTF-8: reading them does not fail.
     while let Ok(true) = reader.read_record(&mut record) {
