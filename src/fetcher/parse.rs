@@ -452,6 +452,33 @@ fn is_public_v4(v4: Ipv4Addr) -> bool {
         || reserved)
 }
 
+/// What the formats' tests share.
+#[cfg(test)]
+mod testing {
+    use super::{ParseOptions, ParsedList};
+    use crate::proxy::{Protocol, ProxyKey};
+
+    pub const PUBLIC: ParseOptions = ParseOptions {
+        default_protocol: Protocol::Http,
+        allow_private_addresses: false,
+    };
+
+    pub fn key(protocol: Protocol, ip: &str, port: u16) -> ProxyKey {
+        ProxyKey::new(protocol, ip.parse().unwrap(), port)
+    }
+
+    pub fn with_credentials(mut key: ProxyKey, user: &str, password: Option<&str>) -> ProxyKey {
+        key.username = Some(user.to_string());
+        key.password = password.map(str::to_string);
+        key
+    }
+
+    /// The first rejects as the log shows them.
+    pub fn rejects(parsed: &ParsedList) -> Vec<String> {
+        parsed.first_rejects.iter().map(|r| r.to_string()).collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;

@@ -139,17 +139,8 @@ pub(super) fn parse(text: &str, options: &ParseOptions) -> ParsedList {
 #[cfg(test)]
 mod tests {
     use super::super::parse_list;
+    use super::super::testing::{key, rejects, with_credentials, PUBLIC};
     use super::*;
-    use crate::proxy::ProxyKey;
-
-    const PUBLIC: ParseOptions = ParseOptions {
-        default_protocol: Protocol::Http,
-        allow_private_addresses: false,
-    };
-
-    fn key(protocol: Protocol, ip: &str, port: u16) -> ProxyKey {
-        ProxyKey::new(protocol, ip.parse().unwrap(), port)
-    }
 
     #[test]
     fn a_header_names_the_address_port_and_protocol_columns() {
@@ -173,9 +164,8 @@ mod tests {
             ]
         );
         assert_eq!((parsed.lines, parsed.rejected), (9, 3));
-        let rejects: Vec<String> = parsed.first_rejects.iter().map(|r| r.to_string()).collect();
         assert_eq!(
-            rejects,
+            rejects(&parsed),
             vec![
                 "line 7 rejected (not_public): http://10.0.0.1:80",
                 "line 8 rejected (invalid_port): http://2.2.2.2:99999",
@@ -214,12 +204,16 @@ mod tests {
             http://5.6.7.8:80\tsocks4\t\t\n\
             9.9.9.9:80\t\t\tp\n";
         let parsed = parse_list(text, &PUBLIC);
-        let mut with_credentials = key(Protocol::Socks5, "1.2.3.4", 8080);
-        with_credentials.username = Some("user".into());
-        with_credentials.password = Some("se,cret".into());
         assert_eq!(
             parsed.proxies,
-            vec![with_credentials, key(Protocol::Http, "5.6.7.8", 80)]
+            vec![
+                with_credentials(
+                    key(Protocol::Socks5, "1.2.3.4", 8080),
+                    "user",
+                    Some("se,cret")
+                ),
+                key(Protocol::Http, "5.6.7.8", 80)
+            ]
         );
         assert_eq!(parsed.rejected, 1);
         assert_eq!(parsed.first_rejects[0].at, Position::Line(4));

@@ -342,17 +342,9 @@ fn entity(name: &str) -> Option<char> {
 #[cfg(test)]
 mod tests {
     use super::super::parse_list;
+    use super::super::testing::{key, rejects, PUBLIC};
     use super::*;
-    use crate::proxy::{Protocol, ProxyKey};
-
-    const PUBLIC: ParseOptions = ParseOptions {
-        default_protocol: Protocol::Http,
-        allow_private_addresses: false,
-    };
-
-    fn key(protocol: Protocol, ip: &str, port: u16) -> ProxyKey {
-        ProxyKey::new(protocol, ip.parse().unwrap(), port)
-    }
+    use crate::proxy::Protocol;
 
     #[test]
     fn table_rows_give_their_address_and_port_cells() {
@@ -380,9 +372,8 @@ mod tests {
             ]
         );
         assert_eq!((parsed.lines, parsed.rejected), (12, 2));
-        let rejects: Vec<String> = parsed.first_rejects.iter().map(|r| r.to_string()).collect();
         assert_eq!(
-            rejects,
+            rejects(&parsed),
             vec![
                 "line 9 rejected (not_public): 10.0.0.1:80",
                 "line 10 rejected (invalid_port): 2.2.2.2:0",

@@ -37,7 +37,12 @@ pub(super) fn is_json_lines(text: &str) -> bool {
 pub(super) fn parse_document(text: &str, truncated: bool, options: &ParseOptions) -> ParsedList {
     let mut reader = Reader::new(ListFormat::Json, options, text.len() / 64);
     let mut deserializer = serde_json::Deserializer::from_str(text);
-    let result = Document(&mut reader).deserialize(&mut deserializer);
+    let document = Node {
+        reader: &mut reader,
+        top: true,
+        hint: None,
+    };
+    let result = document.deserialize(&mut deserializer);
     reader.finish_document();
     if let Err(err) = result {
         if !(truncated && err.is_eof()) {
@@ -225,62 +230,17 @@ fn fields_of(map: &Map<String, Value>) -> Fields<'_> {
     fields
 }
 
-/// The document: a top-level array streams its entries into the reader; a
-/// top-level object keeps its proxy fields and streams its arrays aside.
-struct Document<'r, 'o>(&'r mut Reader<'o>);
-
-impl<'de> DeserializeSeed<'de> for Document<'_, '_> {
-    type Value = ();
-
-    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
-        deserializer.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for Document<'_, '_> {
-    type Value = ();
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("an array or an object")
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        while let Some(value) = seq.next_element::<Value>()? {
-            self.0.next_entry(&value, None);
-        }
-        Ok(())
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        self.0.top_is_object = true;
-        while let Some(key) = map.next_key::<String>()? {
-            match column(&key) {
-                Some(Column::Named(protocol)) => map.next_value_seed(Member {
-                    reader: &mut *self.0,
-                    hint: Some(protocol),
-                })?,
-                Some(_) => {
-                    let value: Value = map.next_value()?;
-                    self.0.top.insert(key, value);
-                }
-                None => map.next_value_seed(Member {
-                    reader: &mut *self.0,
-                    hint: None,
-                })?,
-            }
-        }
-        Ok(())
-    }
-}
-
-/// The value under one key of a top-level object: an array is streamed
-/// aside, an object searched, anything else ignored.
-struct Member<'r, 'o> {
+/// A value of the document: the document itself (`top`), or the value under
+/// one of its keys. At the top an array's entries are read as they come and
+/// an object keeps its proxy fields; under a key an array's entries are set
+/// aside and an object is searched. Anything else is ignored.
+struct Node<'r, 'o> {
     reader: &'r mut Reader<'o>,
+    top: bool,
     hint: Option<Protocol>,
 }
 
-impl<'de> DeserializeSeed<'de> for Member<'_, '_> {
+impl<'de> DeserializeSeed<'de> for Node<'_, '_> {
     type Value = ();
 
     fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
@@ -288,7 +248,7 @@ impl<'de> DeserializeSeed<'de> for Member<'_, '_> {
     }
 }
 
-impl<'de> Visitor<'de> for Member<'_, '_> {
+impl<'de> Visitor<'de> for Node<'_, '_> {
     type Value = ();
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -297,14 +257,37 @@ impl<'de> Visitor<'de> for Member<'_, '_> {
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         while let Some(value) = seq.next_element::<Value>()? {
-            self.reader.pending.push((value, self.hint));
+            match self.top {
+                true => self.reader.next_entry(&value, None),
+                false => self.reader.pending.push((value, self.hint)),
+            }
         }
         Ok(())
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<(), A::Error> {
-        let value = Value::deserialize(MapAccessDeserializer::new(map))?;
-        self.reader.walk(value, self.hint, 1);
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        if !self.top {
+            let value = Value::deserialize(MapAccessDeserializer::new(map))?;
+            self.reader.walk(value, self.hint, 1);
+            return Ok(());
+        }
+        self.reader.top_is_object = true;
+        while let Some(key) = map.next_key::<String>()? {
+            let hint = match column(&key) {
+                Some(Column::Named(protocol)) => Some(protocol),
+                Some(_) => {
+                    let value: Value = map.next_value()?;
+                    self.reader.top.insert(key, value);
+                    continue;
+                }
+                None => None,
+            };
+            map.next_value_seed(Node {
+                reader: &mut *self.reader,
+                top: false,
+                hint,
+            })?;
+        }
         Ok(())
     }
 
@@ -336,23 +319,8 @@ impl<'de> Visitor<'de> for Member<'_, '_> {
 #[cfg(test)]
 mod tests {
     use super::super::parse_list;
+    use super::super::testing::{key, rejects, with_credentials, PUBLIC};
     use super::*;
-    use crate::proxy::ProxyKey;
-
-    const PUBLIC: ParseOptions = ParseOptions {
-        default_protocol: Protocol::Http,
-        allow_private_addresses: false,
-    };
-
-    fn key(protocol: Protocol, ip: &str, port: u16) -> ProxyKey {
-        ProxyKey::new(protocol, ip.parse().unwrap(), port)
-    }
-
-    fn credentials(mut key: ProxyKey, user: &str, password: &str) -> ProxyKey {
-        key.username = Some(user.to_string());
-        key.password = Some(password.to_string());
-        key
-    }
 
     #[test]
     fn an_array_of_strings_reads_each_as_a_line() {
@@ -370,9 +338,8 @@ mod tests {
             ]
         );
         assert_eq!((parsed.lines, parsed.rejected), (6, 2));
-        let rejects: Vec<String> = parsed.first_rejects.iter().map(|r| r.to_string()).collect();
         assert_eq!(
-            rejects,
+            rejects(&parsed),
             vec![
                 "entry 5 rejected (not_public): 10.0.0.1:80",
                 "entry 6 rejected (malformed): a number, not a proxy",
@@ -408,13 +375,12 @@ mod tests {
                 key(Protocol::Socks4, "2.2.2.2", 1080),
                 key(Protocol::Socks5, "2.2.2.2", 1080),
                 key(Protocol::Http, "3.3.3.3", 8080),
-                credentials(key(Protocol::Http, "4.4.4.4", 80), "u", "p"),
+                with_credentials(key(Protocol::Http, "4.4.4.4", 80), "u", Some("p")),
             ]
         );
         assert_eq!((parsed.lines, parsed.rejected), (10, 4));
-        let rejects: Vec<String> = parsed.first_rejects.iter().map(|r| r.to_string()).collect();
         assert_eq!(
-            rejects,
+            rejects(&parsed),
             vec![
                 "entry 7 rejected (invalid_port): 6.6.6.6:0",
                 "entry 8 rejected (unknown_scheme): ftp://7.7.7.7:80",
@@ -432,10 +398,10 @@ mod tests {
         );
         assert_eq!(
             parsed.proxies,
-            vec![credentials(
+            vec![with_credentials(
                 key(Protocol::Socks5, "1.2.3.4", 1080),
                 "u",
-                "p"
+                Some("p")
             )]
         );
     }

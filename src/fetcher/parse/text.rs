@@ -355,83 +355,52 @@ pub(super) fn masked_excerpt(line: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::super::testing::{key as bare, with_credentials, PUBLIC};
     use super::*;
-
-    const PUBLIC: ParseOptions = ParseOptions {
-        default_protocol: Protocol::Http,
-        allow_private_addresses: false,
-    };
-
-    fn bare(protocol: Protocol, ip: &str, port: u16) -> ProxyKey {
-        ProxyKey::new(protocol, ip.parse().unwrap(), port)
-    }
-
-    fn with_credentials(mut key: ProxyKey, user: &str, password: Option<&str>) -> ProxyKey {
-        key.username = Some(user.to_string());
-        key.password = password.map(str::to_string);
-        key
-    }
 
     #[test]
     fn three_colon_fields_are_a_proxy_and_a_trailing_field_never_a_user() {
         use Protocol::*;
-        for (line, expected) in [
-            ("1.2.3.4:8080:US", bare(Http, "1.2.3.4", 8080)),
-            ("1.2.3.4:8080:United States", bare(Http, "1.2.3.4", 8080)),
-            ("1.2.3.4:3128:3128", bare(Http, "1.2.3.4", 3128)),
-            ("1.2.3.4:3128:", bare(Http, "1.2.3.4", 3128)),
-            ("socks5://1.2.3.4:1080:DE", bare(Socks5, "1.2.3.4", 1080)),
-            ("[2a00:1450::1]:80:NL", bare(Http, "2a00:1450::1", 80)),
-            ("1.2.3.4:8080:us@er", bare(Http, "1.2.3.4", 8080)),
-        ] {
-            assert_eq!(parse_line(line, &PUBLIC), Ok(Some(expected)), "{line}");
+        let user = |key, password| with_credentials(key, "user", Some(password));
+        let cases = [
+            ("1.2.3.4:8080:US", Ok(bare(Http, "1.2.3.4", 8080))),
+            (
+                "1.2.3.4:8080:United States",
+                Ok(bare(Http, "1.2.3.4", 8080)),
+            ),
+            ("1.2.3.4:3128:3128", Ok(bare(Http, "1.2.3.4", 3128))),
+            ("1.2.3.4:3128:", Ok(bare(Http, "1.2.3.4", 3128))),
+            (
+                "socks5://1.2.3.4:1080:DE",
+                Ok(bare(Socks5, "1.2.3.4", 1080)),
+            ),
+            ("[2a00:1450::1]:80:NL", Ok(bare(Http, "2a00:1450::1", 80))),
+            ("1.2.3.4:8080:us@er", Ok(bare(Http, "1.2.3.4", 8080))),
+            // Four fields or more are credentials, as they always were.
+            (
+                "1.2.3.4:8080:user:pass",
+                Ok(user(bare(Http, "1.2.3.4", 8080), "pass")),
+            ),
+            ("1.2.3.4:8080::pass", Err(RejectReason::BadCredentials)),
+            // `=` ends the proxy, but not a password (base64 ends with it).
+            ("1.2.3.4:8080=US", Ok(bare(Http, "1.2.3.4", 8080))),
+            (
+                "socks5://1.2.3.4:1080=fast",
+                Ok(bare(Socks5, "1.2.3.4", 1080)),
+            ),
+            (
+                "http://user:dG9r=@1.2.3.4:80=x",
+                Ok(user(bare(Http, "1.2.3.4", 80), "dG9r=")),
+            ),
+            (
+                "1.2.3.4:80:user:dG9r=",
+                Ok(user(bare(Http, "1.2.3.4", 80), "dG9r=")),
+            ),
+            ("1.2.3.4:=80", Err(RejectReason::InvalidPort)),
+        ];
+        for (line, expected) in cases {
+            assert_eq!(parse_line(line, &PUBLIC), expected.map(Some), "{line}");
         }
-        // Four fields or more are credentials, as they always were.
-        assert_eq!(
-            parse_line("1.2.3.4:8080:user:pass", &PUBLIC),
-            Ok(Some(with_credentials(
-                bare(Http, "1.2.3.4", 8080),
-                "user",
-                Some("pass")
-            )))
-        );
-        assert_eq!(
-            parse_line("1.2.3.4:8080::pass", &PUBLIC),
-            Err(RejectReason::BadCredentials)
-        );
-    }
-
-    #[test]
-    fn equals_signs_end_the_proxy_but_stay_in_passwords() {
-        use Protocol::*;
-        assert_eq!(
-            parse_line("1.2.3.4:8080=US", &PUBLIC),
-            Ok(Some(bare(Http, "1.2.3.4", 8080)))
-        );
-        assert_eq!(
-            parse_line("socks5://1.2.3.4:1080=fast", &PUBLIC),
-            Ok(Some(bare(Socks5, "1.2.3.4", 1080)))
-        );
-        assert_eq!(
-            parse_line("http://u:dG9rZW4=@1.2.3.4:80=x", &PUBLIC),
-            Ok(Some(with_credentials(
-                bare(Http, "1.2.3.4", 80),
-                "u",
-                Some("dG9rZW4=")
-            )))
-        );
-        assert_eq!(
-            parse_line("1.2.3.4:80:u:dG9rZW4=", &PUBLIC),
-            Ok(Some(with_credentials(
-                bare(Http, "1.2.3.4", 80),
-                "u",
-                Some("dG9rZW4=")
-            )))
-        );
-        assert_eq!(
-            parse_line("1.2.3.4:=80", &PUBLIC),
-            Err(RejectReason::InvalidPort)
-        );
     }
 
     #[test]
