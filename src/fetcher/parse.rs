@@ -455,7 +455,7 @@ fn is_public_v4(v4: Ipv4Addr) -> bool {
 /// What the formats' tests share.
 #[cfg(test)]
 mod testing {
-    use super::{ParseOptions, ParsedList};
+    use super::{ListFormat, ParseOptions, ParsedList};
     use crate::proxy::{Protocol, ProxyKey};
 
     pub const PUBLIC: ParseOptions = ParseOptions {
@@ -476,6 +476,24 @@ mod testing {
     /// The first rejects as the log shows them.
     pub fn rejects(parsed: &ParsedList) -> Vec<String> {
         parsed.first_rejects.iter().map(|r| r.to_string()).collect()
+    }
+
+    /// Parses `text` and checks all it gives: its format, its proxies in
+    /// order, its lines (or entries) and every reject as the log shows it.
+    pub fn assert_parsed(
+        text: &str,
+        format: ListFormat,
+        proxies: Vec<ProxyKey>,
+        lines: usize,
+        expected_rejects: &[&str],
+    ) -> ParsedList {
+        let parsed = super::parse_list(text, &PUBLIC);
+        assert_eq!(parsed.format, format, "{text}");
+        assert_eq!(parsed.proxies, proxies, "{text}");
+        assert_eq!(parsed.lines, lines, "{text}");
+        assert_eq!(rejects(&parsed), expected_rejects, "{text}");
+        assert_eq!(parsed.rejected, expected_rejects.len(), "{text}");
+        parsed
     }
 }
 

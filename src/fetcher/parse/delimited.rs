@@ -139,7 +139,7 @@ pub(super) fn parse(text: &str, options: &ParseOptions) -> ParsedList {
 #[cfg(test)]
 mod tests {
     use super::super::parse_list;
-    use super::super::testing::{key, rejects, with_credentials, PUBLIC};
+    use super::super::testing::{assert_parsed, key, with_credentials, PUBLIC};
     use super::*;
 
     #[test]
@@ -153,25 +153,21 @@ mod tests {
             10.0.0.1,80,US,http,no\n\
             2.2.2.2,99999,US,http,no\n\
             IP Address,Port,Country,Protocol,Https\n";
-        let parsed = parse_list(text, &PUBLIC);
-        assert_eq!(parsed.format, ListFormat::Csv);
-        assert_eq!(
-            parsed.proxies,
+        assert_parsed(
+            text,
+            ListFormat::Csv,
             vec![
                 key(Protocol::Http, "1.2.3.4", 8080),
                 key(Protocol::Socks5, "5.6.7.8", 1080),
                 key(Protocol::Http, "9.9.9.9", 3128),
-            ]
-        );
-        assert_eq!((parsed.lines, parsed.rejected), (9, 3));
-        assert_eq!(
-            rejects(&parsed),
-            vec![
+            ],
+            9,
+            &[
                 "line 7 rejected (not_public): http://10.0.0.1:80",
                 "line 8 rejected (invalid_port): http://2.2.2.2:99999",
                 // A repeated header is a rejected row.
                 "line 9 rejected (unknown_scheme): Protocol://IP Address:Port",
-            ]
+            ],
         );
     }
 

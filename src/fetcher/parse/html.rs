@@ -342,7 +342,7 @@ fn entity(name: &str) -> Option<char> {
 #[cfg(test)]
 mod tests {
     use super::super::parse_list;
-    use super::super::testing::{key, rejects, PUBLIC};
+    use super::super::testing::{assert_parsed, key, PUBLIC};
     use super::*;
     use crate::proxy::Protocol;
 
@@ -359,25 +359,21 @@ mod tests {
             <tr><td>2.2.2.2</td><td>0</td></tr>\n\
             <tr><td>1.<span>3</span>.3.3</td><td>81</td></tr>\n\
             </tbody></table></body></html>\n";
-        let parsed = parse_list(page, &PUBLIC);
-        assert_eq!(parsed.format, ListFormat::Html);
-        assert_eq!(
-            parsed.proxies,
+        assert_parsed(
+            page,
+            ListFormat::Html,
             vec![
                 key(Protocol::Http, "1.2.3.4", 8080),
                 key(Protocol::Socks5, "5.6.7.8", 1080),
                 key(Protocol::Http, "9.9.9.9", 3128),
                 key(Protocol::Https, "9.9.9.9", 3128),
                 key(Protocol::Http, "1.3.3.3", 81),
-            ]
-        );
-        assert_eq!((parsed.lines, parsed.rejected), (12, 2));
-        assert_eq!(
-            rejects(&parsed),
-            vec![
+            ],
+            12,
+            &[
                 "line 9 rejected (not_public): 10.0.0.1:80",
                 "line 10 rejected (invalid_port): 2.2.2.2:0",
-            ]
+            ],
         );
     }
 

@@ -319,31 +319,24 @@ impl<'de> Visitor<'de> for Node<'_, '_> {
 #[cfg(test)]
 mod tests {
     use super::super::parse_list;
-    use super::super::testing::{key, rejects, with_credentials, PUBLIC};
+    use super::super::testing::{assert_parsed, key, with_credentials, PUBLIC};
     use super::*;
 
     #[test]
     fn an_array_of_strings_reads_each_as_a_line() {
-        let parsed = parse_list(
+        assert_parsed(
             r#"["1.2.3.4:8080", "socks5://5.6.7.8:1080", "9.9.9.9:80:US", "", "10.0.0.1:80", 7]"#,
-            &PUBLIC,
-        );
-        assert_eq!(parsed.format, ListFormat::Json);
-        assert_eq!(
-            parsed.proxies,
+            ListFormat::Json,
             vec![
                 key(Protocol::Http, "1.2.3.4", 8080),
                 key(Protocol::Socks5, "5.6.7.8", 1080),
                 key(Protocol::Http, "9.9.9.9", 80),
-            ]
-        );
-        assert_eq!((parsed.lines, parsed.rejected), (6, 2));
-        assert_eq!(
-            rejects(&parsed),
-            vec![
+            ],
+            6,
+            &[
                 "entry 5 rejected (not_public): 10.0.0.1:80",
                 "entry 6 rejected (malformed): a number, not a proxy",
-            ]
+            ],
         );
     }
 
@@ -364,9 +357,9 @@ mod tests {
           {"country": "US", "speed": 12},
           {"ip": "8.8.4.4", "port": 80, "password": "hunter2"}
         ]"#;
-        let parsed = parse_list(text, &PUBLIC);
-        assert_eq!(
-            parsed.proxies,
+        assert_parsed(
+            text,
+            ListFormat::Json,
             vec![
                 key(Protocol::Socks4, "1.2.3.4", 7890),
                 // ip + port win over proxy; the protocol is the object's.
@@ -376,17 +369,14 @@ mod tests {
                 key(Protocol::Socks5, "2.2.2.2", 1080),
                 key(Protocol::Http, "3.3.3.3", 8080),
                 with_credentials(key(Protocol::Http, "4.4.4.4", 80), "u", Some("p")),
-            ]
-        );
-        assert_eq!((parsed.lines, parsed.rejected), (10, 4));
-        assert_eq!(
-            rejects(&parsed),
-            vec![
+            ],
+            10,
+            &[
                 "entry 7 rejected (invalid_port): 6.6.6.6:0",
                 "entry 8 rejected (unknown_scheme): ftp://7.7.7.7:80",
                 "entry 9 rejected (malformed): no address",
                 "entry 10 rejected (bad_credentials): ***@8.8.4.4:80",
-            ]
+            ],
         );
     }
 
