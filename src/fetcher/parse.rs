@@ -18,7 +18,7 @@ mod text;
 use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
+use std::hash::BuildHasher;
 use std::net::{IpAddr, Ipv4Addr};
 
 use crate::proxy::{Protocol, ProxyKey};
@@ -341,7 +341,8 @@ type Identity = (Protocol, IpAddr, u16, Option<String>);
 /// hash collision falls back to an exact set, so no proxy is ever lost.
 struct SeenSet {
     hasher: RandomState,
-    first_by_hash: HashMap<u64, usize, BuildHasherDefault<PassThroughHasher>>,
+    /// Keyed hashes already: FxHash only folds them into buckets.
+    first_by_hash: HashMap<u64, usize, rustc_hash::FxBuildHasher>,
     collided: HashSet<Identity>,
 }
 
@@ -376,26 +377,6 @@ impl SeenSet {
         }
         self.collided
             .insert((key.protocol, key.ip, key.port, key.username.clone()))
-    }
-}
-
-/// The map's keys are already keyed hashes; hashing them again is waste.
-#[derive(Default)]
-struct PassThroughHasher(u64);
-
-impl Hasher for PassThroughHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &byte in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(byte);
-        }
-    }
-
-    fn write_u64(&mut self, value: u64) {
-        self.0 = value;
     }
 }
 

@@ -290,30 +290,10 @@ pub(super) fn parse_protocols(text: &str, into: &mut Vec<Protocol>) -> Result<()
 /// Decodes `%XX` escapes; a `%` not followed by two hex digits is kept as
 /// written (lists are sloppy), but the result must be UTF-8.
 fn percent_decode(text: &str) -> Result<String, RejectReason> {
-    if !text.contains('%') {
-        return Ok(text.to_string());
-    }
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut index = 0;
-    while index < bytes.len() {
-        let escaped = (bytes[index] == b'%')
-            .then(|| bytes.get(index + 1..index + 3))
-            .flatten()
-            .and_then(|hex| std::str::from_utf8(hex).ok())
-            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
-        match escaped {
-            Some(byte) => {
-                out.push(byte);
-                index += 3;
-            }
-            None => {
-                out.push(bytes[index]);
-                index += 1;
-            }
-        }
-    }
-    String::from_utf8(out).map_err(|_| RejectReason::BadCredentials)
+    percent_encoding::percent_decode_str(text)
+        .decode_utf8()
+        .map(|decoded| decoded.into_owned())
+        .map_err(|_| RejectReason::BadCredentials)
 }
 
 /// A rejected line for a diagnostic, credentials masked (the collector cuts
