@@ -91,8 +91,33 @@ pub struct ScoringConfig {
     pub ban_threshold: i32,
     pub ban_cooldown: Duration,
     pub ban_cooldown_max: Duration,
+    /// On a long candidate list (over 256), the best estimates of the
+    /// source that take part in the draw.
     pub top_k: usize,
+    /// On a long candidate list, the share of the draw's candidates taken
+    /// at random from the whole list (untried proxies included).
     pub explore_ratio: f64,
+    /// Each report first multiplies a proxy's discounted counts by this:
+    /// the estimate weighs about the last `1 / (1 - discount)` reports.
+    pub discount: f64,
+}
+
+impl Default for ScoringConfig {
+    /// The documented defaults of `[scoring]`.
+    fn default() -> ScoringConfig {
+        ScoringConfig {
+            initial_score: 0,
+            success_delta: 1,
+            failure_delta: -5,
+            max_score: 100,
+            ban_threshold: -15,
+            ban_cooldown: Duration::from_secs(1800),
+            ban_cooldown_max: Duration::from_secs(21600),
+            top_k: 32,
+            explore_ratio: 0.5,
+            discount: 0.9,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -199,6 +224,7 @@ const KNOWN: &[(&str, &[&str])] = &[
             "ban_cooldown_max_seconds",
             "top_k",
             "explore_ratio",
+            "discount",
         ],
     ),
     (
@@ -550,9 +576,20 @@ impl Reader<'_> {
             ban_threshold: self.integer(s, "ban_threshold", -15),
             ban_cooldown: self.seconds(s, "ban_cooldown_seconds", 1800),
             ban_cooldown_max: self.seconds(s, "ban_cooldown_max_seconds", 21600),
-            top_k: self.number(s, "top_k", 10, 1, 100_000) as usize,
-            explore_ratio: self.ratio(s, "explore_ratio", 0.1),
+            top_k: self.number(s, "top_k", 32, 1, 100_000) as usize,
+            explore_ratio: self.ratio(s, "explore_ratio", 0.5),
+            discount: self.ratio(s, "discount", 0.9),
         };
+        if scoring.discount <= 0.0 {
+            self.problem(
+                s,
+                Some("discount"),
+                format!(
+                    "expected a number above 0 and at most 1, found {}",
+                    scoring.discount
+                ),
+            );
+        }
         if scoring.success_delta < 0 {
             self.problem(
                 s,
@@ -978,6 +1015,7 @@ impl fmt::Display for Config {
         writeln!(f, "ban_cooldown_max_seconds = {}", secs(s.ban_cooldown_max))?;
         writeln!(f, "top_k = {}", s.top_k)?;
         writeln!(f, "explore_ratio = {}", s.explore_ratio)?;
+        writeln!(f, "discount = {}", s.discount)?;
         writeln!(f, "\n[state]")?;
         writeln!(f, "snapshot_path = {}", self.state.snapshot_path.display())?;
         writeln!(
@@ -1042,8 +1080,9 @@ mod tests {
         assert_eq!(config.scheduler.interval, Duration::from_secs(60));
         assert_eq!(config.scoring.failure_delta, -5);
         assert_eq!(config.scoring.ban_threshold, -15);
-        assert_eq!(config.scoring.top_k, 10);
-        assert_eq!(config.scoring.explore_ratio, 0.1);
+        assert_eq!(config.scoring.top_k, 32);
+        assert_eq!(config.scoring.explore_ratio, 0.5);
+        assert_eq!(config.scoring.discount, 0.9);
         assert_eq!(
             config.state.snapshot_path,
             PathBuf::from("source_stats.bin")
