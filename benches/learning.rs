@@ -200,6 +200,22 @@ fn main() {
     eprintln!("total {:.0}s", started.elapsed().as_secs_f64());
 }
 
+/// `[scoring]` as the defaults set it.
+fn scoring() -> ScoringConfig {
+    ScoringConfig {
+        initial_score: 0,
+        success_delta: 1,
+        failure_delta: -5,
+        max_score: 100,
+        ban_threshold: -15,
+        ban_cooldown: Duration::from_secs(1800),
+        ban_cooldown_max: Duration::from_secs(21600),
+        top_k: 32,
+        explore_ratio: 0.5,
+        discount: 0.9,
+    }
+}
+
 fn run_world(world: &World, chooser: Chooser) -> Figures {
     let sites = [
         TargetSite::start(
@@ -230,7 +246,7 @@ fn run_world(world: &World, chooser: Chooser) -> Figures {
         ),
     ]
     .map(|site| Arc::new(site.expect("a target site starts")));
-    let state = Arc::new(State::new(&ScoringConfig::default()));
+    let state = Arc::new(State::new(&scoring()));
     state.replace_active(world.active());
     let url_index: Arc<HashMap<String, usize>> = Arc::new(
         world

@@ -21,6 +21,7 @@ mod proxies;
 mod server;
 mod spec;
 pub mod targets;
+pub mod tls;
 mod wire;
 
 use std::collections::HashMap;
@@ -40,6 +41,7 @@ pub use lists::BUILT_IN as BUILT_IN_LISTS;
 pub use manifest::ManifestEntry;
 pub use proxies::{INJECTED_ORIGIN, VIA};
 pub use spec::{Behaviour, Credentials, FarmSpec, Listing, Mix, ProxyGroup};
+pub use tls::{ServerCert, TestCa, TlsJudge};
 
 use proxies::ProxyConfig;
 
