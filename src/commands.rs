@@ -112,7 +112,10 @@ pub fn import(config: &Config, file: &str, protocol: Option<&str>) -> anyhow::Re
         eprintln!("{file}: {reject}");
     }
     if let Some(reason) = parsed.not_a_list() {
-        out(&format!("{file}: {}, error: {reason}\n", counts.describe(true, false)))?;
+        out(&format!(
+            "{file}: {}, error: {reason}\n",
+            counts.describe(true, false)
+        ))?;
         anyhow::bail!("{file}: {reason}");
     }
     let store = Store::connect(&config.database)?;
