@@ -400,6 +400,8 @@ fn join_until(handles: Vec<JoinHandle<()>>, deadline: Instant) {
 }
 
 fn serve(config: Config) -> anyhow::Result<()> {
+    crate::gateway::check_not_open(&config.gateway, config.server.api_token.as_deref())
+        .map_err(|err| UsageError(err.to_string()))?;
     let shutdown = Shutdown::new();
     shutdown
         .on_signals()
@@ -459,6 +461,22 @@ fn serve(config: Config) -> anyhow::Result<()> {
     });
     let mut api = ApiServer::start(context).map_err(anyhow::Error::msg)?;
     log::info!("listening on http://{}", api.local_addr);
+    let mut gateway = match config.gateway.bind {
+        Some(_) => {
+            let gateway = crate::gateway::Gateway::start(
+                &config.gateway,
+                config.server.api_token.clone(),
+                state.clone(),
+                metrics.gateway.clone(),
+            )?;
+            log::info!(
+                "gateway listening on {} (http proxy, CONNECT, socks5)",
+                gateway.local_addr
+            );
+            Some(gateway)
+        }
+        None => None,
+    };
 
     let mut handles = Vec::new();
     // Periodic snapshots, encoded outside every lock. Started before the
@@ -568,6 +586,9 @@ fn serve(config: Config) -> anyhow::Result<()> {
         .unwrap_or_else(Instant::now)
         .max(Instant::now());
     log::info!("stopping: no new requests, finishing checks in flight");
+    if let Some(gateway) = gateway.as_mut() {
+        gateway.stop();
+    }
     api.stop();
     join_until(handles, deadline);
     snapshotter.write_logged();

@@ -23,6 +23,7 @@ pub struct Config {
     pub scoring: ScoringConfig,
     pub state: StateConfig,
     pub geoip: GeoipConfig,
+    pub gateway: GatewayConfig,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -107,6 +108,27 @@ pub struct StateConfig {
 #[derive(Clone, Debug, PartialEq)]
 pub struct GeoipConfig {
     pub database: Option<PathBuf>,
+}
+
+/// The rotating gateway: the pool as one proxy endpoint.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GatewayConfig {
+    /// `None`: no gateway (the default).
+    pub bind: Option<SocketAddr>,
+    /// Client connections at once; beyond that 503 (http) or refused (socks).
+    pub max_connections: usize,
+    /// Pool proxies tried for one request or tunnel before giving up.
+    pub attempts: usize,
+    /// One attempt: the connect to the pool proxy, its handshake, and for
+    /// plain http the answer's head.
+    pub connect_timeout: Duration,
+    /// A tunnel or kept-alive connection with no byte either way is closed.
+    pub idle_timeout: Duration,
+    /// A sticky session is forgotten this long after its last use.
+    pub session_ttl: Duration,
+    /// Targets in loopback, private, link-local and reserved ranges are
+    /// refused unless this is set.
+    pub allow_private_targets: bool,
 }
 
 /// One thing wrong with a configuration file.
@@ -211,6 +233,18 @@ const KNOWN: &[(&str, &[&str])] = &[
         ],
     ),
     ("geoip", &["database"]),
+    (
+        "gateway",
+        &[
+            "bind",
+            "max_connections",
+            "attempts",
+            "connect_timeout_ms",
+            "idle_timeout_ms",
+            "session_ttl_seconds",
+            "allow_private_targets",
+        ],
+    ),
 ];
 const SOURCE_KEYS: &[&str] = &["url", "interval_seconds", "protocol"];
 
@@ -527,6 +561,7 @@ impl Reader<'_> {
                 .filter(|p| !p.is_empty())
                 .map(PathBuf::from),
         };
+        let gateway = self.gateway();
         Config {
             database,
             server,
@@ -537,6 +572,24 @@ impl Reader<'_> {
             scoring,
             state,
             geoip,
+            gateway,
+        }
+    }
+
+    fn gateway(&mut self) -> GatewayConfig {
+        let s = "gateway";
+        let bind = match self.string(s, "bind", "").trim() {
+            "" => None,
+            _ => Some(self.socket_addr(s, "bind", "127.0.0.1:8899")),
+        };
+        GatewayConfig {
+            bind,
+            max_connections: self.number(s, "max_connections", 4096, 1, 1_000_000) as usize,
+            attempts: self.number(s, "attempts", 3, 1, 20) as usize,
+            connect_timeout: self.millis(s, "connect_timeout_ms", 5000),
+            idle_timeout: self.millis(s, "idle_timeout_ms", 120_000),
+            session_ttl: self.seconds(s, "session_ttl_seconds", 600),
+            allow_private_targets: self.boolean(s, "allow_private_targets", false),
         }
     }
 
@@ -997,7 +1050,17 @@ impl fmt::Display for Config {
             .database
             .as_ref()
             .map(|p| p.display().to_string());
-        writeln!(f, "database = {}", geoip.unwrap_or_default())
+        writeln!(f, "database = {}", geoip.unwrap_or_default())?;
+        let g = &self.gateway;
+        writeln!(f, "\n[gateway]")?;
+        let bind = g.bind.map(|b| b.to_string()).unwrap_or_default();
+        writeln!(f, "bind = {bind}")?;
+        writeln!(f, "max_connections = {}", g.max_connections)?;
+        writeln!(f, "attempts = {}", g.attempts)?;
+        writeln!(f, "connect_timeout_ms = {}", ms(g.connect_timeout))?;
+        writeln!(f, "idle_timeout_ms = {}", ms(g.idle_timeout))?;
+        writeln!(f, "session_ttl_seconds = {}", secs(g.session_ttl))?;
+        writeln!(f, "allow_private_targets = {}", g.allow_private_targets)
     }
 }
 

@@ -6,6 +6,7 @@ pub mod api;
 pub mod app;
 pub mod config;
 pub mod fetcher;
+pub mod gateway;
 pub mod health;
 pub mod judge;
 pub mod metrics;

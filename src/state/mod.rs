@@ -15,6 +15,7 @@
 //! 3. one source's Mutex: its stats. One source's traffic never waits for
 //!    another's; no registry lock is ever requested while holding one.
 
+mod gateway;
 mod registry;
 mod source;
 mod url;
@@ -32,6 +33,7 @@ use crate::config::ScoringConfig;
 use crate::proxy::{ActiveProxy, Anonymity, Protocol, ProxyKey};
 use crate::snapshot::{ActiveSnapshot, EntrySnapshot, SnapshotData, SourceSnapshot};
 
+pub use gateway::proxy_key_of_url;
 use registry::{country_code, BucketKey, Filter, IntMap, IntSet, Registry, Slot};
 use source::{Rules, SourceState, Stats};
 
