@@ -65,7 +65,6 @@ pub fn health(context: &ApiContext) -> Value {
         "database": if database_up { "up" } else { "down" },
         "active_proxies": context.state.active_count(),
         "snapshot_age_seconds": context.health.snapshot_age_seconds(),
-        "gateway": gateway(context),
     })
 }
 
@@ -232,6 +231,7 @@ pub fn stats(context: &ApiContext, now: DateTime<Utc>) -> Value {
             .collect::<Vec<_>>(),
         "database": if context.health.database_up() { "up" } else { "down" },
         "snapshot_age_seconds": context.health.snapshot_age_seconds(),
+        "gateway": gateway(context),
     })
 }
 

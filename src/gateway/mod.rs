@@ -330,22 +330,38 @@ impl Shared {
     ) -> Result<(T, Pick), NoTunnel> {
         let mut tried: Vec<(String, Failure)> = Vec::new();
         let mut tried_urls: Vec<String> = Vec::new();
-        let mut session_pick = client.session.as_deref().and_then(|id| {
-            let url = self.sessions.get(&client.source, id, Instant::now())?;
-            let pick = self
-                .state
-                .pick_if_eligible(&client.source, &url, &client.query, Utc::now());
-            if pick.is_none() {
-                self.sessions.unpin(&client.source, id, &url);
+        let mut session_pick = None;
+        if let Some(id) = &client.session {
+            let pin = self
+                .sessions
+                .get(&client.source, id, Instant::now())
+                .unwrap_or_default();
+            if let Some(url) = pin.url {
+                session_pick =
+                    self.state
+                        .pick_if_eligible(&client.source, &url, &client.query, Utc::now());
+                if session_pick.is_none() {
+                    self.sessions.fail(&client.source, id, &url, Instant::now());
+                    tried_urls.push(url);
+                }
             }
-            pick
-        });
+            // The proxy that failed the session last is not chosen again.
+            tried_urls.extend(pin.failed);
+        }
         let mut no_proxy = None;
+        let mut may_reuse_failed = true;
         while tried.len() < self.config.attempts {
             let pick = match session_pick.take() {
                 Some(pick) => pick,
                 None => match self.choose(client, &tried_urls) {
                     Ok(Some(pick)) => pick,
+                    // The session's failed proxy is the only one left: it
+                    // is better than none.
+                    Ok(None) if tried.is_empty() && !tried_urls.is_empty() && may_reuse_failed => {
+                        may_reuse_failed = false;
+                        tried_urls.clear();
+                        continue;
+                    }
                     Ok(None) => break,
                     Err(err) => {
                         no_proxy = Some(err);
@@ -375,7 +391,8 @@ impl Shared {
                     );
                     self.count_failure(client, &pick, failure.reason);
                     if let Some(id) = &client.session {
-                        self.sessions.unpin(&client.source, id, &pick.url);
+                        self.sessions
+                            .fail(&client.source, id, &pick.url, Instant::now());
                     }
                     tried_urls.push(pick.url.clone());
                     tried.push((key.redacted(), failure));
@@ -717,6 +734,11 @@ fn serve_plain(
     if refused {
         shared.count_request("target_refused");
         shared.count_failure(client, &pick, FailureReason::TargetRefused);
+        if let Some(id) = &client.session {
+            shared
+                .sessions
+                .fail(&client.source, id, &pick.url, Instant::now());
+        }
     } else {
         shared.count_request("ok");
         shared.feedback(client, &pick, true);
