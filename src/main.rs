@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use proxy_pool::app::{self, Cli};
+use proxy_pool::cli::{self, Cli};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -31,11 +31,11 @@ fn main() -> ExitCode {
         .format_timestamp_millis()
         .target(env_logger::Target::Stderr)
         .init();
-    match app::run(cli) {
+    match cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");
-            ExitCode::from(app::exit_code(&err))
+            ExitCode::from(cli::exit_code(&err))
         }
     }
 }

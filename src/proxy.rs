@@ -7,9 +7,11 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 
-/// The protocol a proxy speaks to its clients.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// The protocol a proxy speaks to its clients; `Http` by default, as for a
+/// bare `host:port` line.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Protocol {
+    #[default]
     Http,
     /// An http proxy that is expected to tunnel CONNECT.
     Https,

@@ -12,7 +12,7 @@ use postgres::types::Type;
 use postgres::NoTls;
 use r2d2_postgres::PostgresConnectionManager;
 
-use crate::config::{redact_url, DatabaseConfig};
+use crate::config::DatabaseConfig;
 use crate::proxy::{ActiveProxy, Anonymity, Protocol, ProxyKey};
 
 const SCHEMA: &str = include_str!("../schema.sql");
@@ -95,9 +95,10 @@ impl Store {
         let mut pg_config: postgres::Config =
             config
                 .url
+                .expose()
                 .parse()
                 .map_err(|err: postgres::Error| StoreError::Url {
-                    url: redact_url(&config.url),
+                    url: config.url.to_string(),
                     message: err.to_string(),
                 })?;
         pg_config.connect_timeout(config.checkout_timeout);

@@ -141,7 +141,7 @@ pub enum NoProxyReason {
     /// Every matching proxy is banned for this source.
     AllBanned,
     /// The source is new and `max_sources` exist already.
-    TooManySources,
+    TooManySources(TooManySources),
 }
 
 impl NoProxyReason {
@@ -150,7 +150,7 @@ impl NoProxyReason {
             NoProxyReason::NoActive => "no_active",
             NoProxyReason::NoMatch => "no_match",
             NoProxyReason::AllBanned => "all_banned",
-            NoProxyReason::TooManySources => "too_many_sources",
+            NoProxyReason::TooManySources(_) => "too_many_sources",
         }
     }
 }
@@ -494,7 +494,9 @@ impl State {
         let is_new = existing.is_none();
         if is_new && full {
             return Err(NoProxy {
-                reason: NoProxyReason::TooManySources,
+                reason: NoProxyReason::TooManySources(TooManySources {
+                    max_sources: self.max_sources,
+                }),
                 retry_after: None,
             });
         }
@@ -540,8 +542,8 @@ impl State {
             // clock carry over (a racing request may have created it).
             let fresh = (source_state.requests, source_state.last_request);
             drop(source_state);
-            let handle = self.source_handle_bounded(source).map_err(|_| NoProxy {
-                reason: NoProxyReason::TooManySources,
+            let handle = self.source_handle_bounded(source).map_err(|err| NoProxy {
+                reason: NoProxyReason::TooManySources(err),
                 retry_after: None,
             })?;
             let mut created = handle.lock();

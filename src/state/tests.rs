@@ -921,7 +921,10 @@ fn past_max_sources_new_names_are_refused_and_known_ones_served() {
     let err = state
         .get_proxy("d", &PickQuery::default(), t0())
         .unwrap_err();
-    assert_eq!(err.reason, NoProxyReason::TooManySources);
+    assert_eq!(
+        err.reason,
+        NoProxyReason::TooManySources(TooManySources { max_sources: 3 })
+    );
     assert_eq!(
         state.feedback("d", &url(1), true, t0()),
         Err(FeedbackError::TooManySources(TooManySources {
