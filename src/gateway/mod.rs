@@ -9,7 +9,6 @@
 //! `max_connections`), and one more per open tunnel for its second
 //! direction. Every read and write has a deadline.
 
-mod head;
 pub mod options;
 mod relay;
 mod session;
@@ -32,9 +31,9 @@ use crate::metrics::GatewayMetrics;
 use crate::proxy::ProxyKey;
 use crate::state::{proxy_key_of_url, NoProxy, Pick, PickQuery, State};
 
-use head::{Body, Head, HeadError};
+use crate::http::io::{read_request_head, Bound, ReadError};
+use crate::http::{encode_response, AnswerOptions, Framing, HeadLimits, RequestHead, ResponseHead};
 use options::{check_password, parse_username, AuthError, ClientOptions};
-use relay::Buffered;
 use session::Sessions;
 use target::Target;
 use upstream::{Failure, FailureReason, PlainRequest};
@@ -471,34 +470,74 @@ fn error_answer(status: u16, extra: &[(&str, &str)], body: &serde_json::Value) -
         .map(|(n, v)| (n.to_string(), v.to_string()))
         .collect();
     headers.push(("Content-Type".into(), "application/json".into()));
-    headers.push(("Content-Length".into(), body.len().to_string()));
-    headers.push(("Connection".into(), "close".into()));
-    let mut answer = head::encode_head(&format!("HTTP/1.1 {status} {}", reason(status)), &headers);
-    answer.extend_from_slice(body.as_bytes());
+    let mut answer = Vec::new();
+    let options = AnswerOptions {
+        close: true,
+        head_only: false,
+    };
+    encode_response(&mut answer, status, &headers, body.as_bytes(), options);
     answer
 }
 
-fn reason(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        400 => "Bad Request",
-        403 => "Forbidden",
-        407 => "Proxy Authentication Required",
-        411 => "Length Required",
-        413 => "Content Too Large",
-        431 => "Request Header Fields Too Large",
-        502 => "Bad Gateway",
-        503 => "Service Unavailable",
-        _ => "Error",
+/// A pool proxy's answer head as relayed to the client: its status and
+/// headers (its own framing included: the body is copied as it came), less
+/// the hop-by-hop ones, plus `extra`. The shared encoder computes framing
+/// from a body it holds, which a relay does not have.
+fn relayed_head(answer: &ResponseHead, extra: &[(String, String)]) -> Vec<u8> {
+    let reason = if answer.reason.is_empty() {
+        crate::http::reason(answer.status)
+    } else {
+        &answer.reason
+    };
+    let mut out = format!("HTTP/1.1 {} {reason}\r\n", answer.status).into_bytes();
+    let kept = answer
+        .headers
+        .0
+        .iter()
+        .filter(|(name, _)| !is_hop_by_hop(name));
+    for (name, value) in kept.chain(extra) {
+        if [name, value]
+            .iter()
+            .any(|t| t.bytes().any(|b| b == b'\r' || b == b'\n'))
+        {
+            continue;
+        }
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
     }
+    out.extend_from_slice(b"\r\n");
+    out
 }
+
+/// Hop-by-hop headers a proxy never forwards.
+fn is_hop_by_hop(name: &str) -> bool {
+    const HOP: &[&str] = &[
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authorization",
+        "proxy-authenticate",
+        "te",
+        "trailer",
+        "upgrade",
+    ];
+    HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+}
+
+/// The caps on a client's request head.
+const CLIENT_LIMITS: HeadLimits = HeadLimits {
+    max_head_bytes: 32 * 1024,
+    max_headers: 100,
+};
 
 fn send_error(stream: &mut TcpStream, status: u16, message: &str) {
     let _ = stream.write_all(&error_answer(status, &[], &json!({ "error": message })));
 }
 
 /// The username and password of `Proxy-Authorization: Basic`.
-fn proxy_credentials(head: &Head) -> Result<(Option<String>, Option<String>), String> {
+fn proxy_credentials(head: &RequestHead) -> Result<(Option<String>, Option<String>), String> {
     let Some(value) = head.header("proxy-authorization") else {
         return Ok((None, None));
     };
@@ -506,9 +545,11 @@ fn proxy_credentials(head: &Head) -> Result<(Option<String>, Option<String>), St
     if !scheme.eq_ignore_ascii_case("basic") {
         return Err("expected Proxy-Authorization: Basic".into());
     }
-    let decoded = upstream::base64_decode(encoded)
-        .and_then(|bytes| String::from_utf8(bytes).ok())
-        .ok_or("Proxy-Authorization is not base64 of user:password")?;
+    let decoded =
+        base64::Engine::decode(&base64::engine::general_purpose::STANDARD, encoded.trim())
+            .ok()
+            .and_then(|bytes| String::from_utf8(bytes).ok())
+            .ok_or("Proxy-Authorization is not base64 of user:password")?;
     let (user, pass) = decoded.split_once(':').unwrap_or((&decoded, ""));
     Ok((Some(user.to_string()), Some(pass.to_string())))
 }
@@ -517,19 +558,14 @@ fn serve_http(mut stream: TcpStream, shared: &Shared) {
     let mut pending = Vec::new();
     let mut wait = HEAD_TIMEOUT;
     loop {
-        let head = match head::read_head(&mut stream, &mut pending, true, Instant::now() + wait) {
+        let bound = Bound::until(Instant::now() + wait);
+        let head = match read_request_head(&mut stream, &mut pending, bound, CLIENT_LIMITS) {
             Ok(head) => head,
-            Err(HeadError::Closed | HeadError::Timeout | HeadError::Io(_)) => return,
-            Err(HeadError::TooLong) => {
-                return send_error(&mut stream, 431, "request head too long");
+            Err(ReadError::Head(err)) => {
+                let message = format!("{err}: expected an HTTP/1 proxy request");
+                return send_error(&mut stream, err.status(), &message);
             }
-            Err(HeadError::Malformed(what)) => {
-                return send_error(
-                    &mut stream,
-                    400,
-                    &format!("{what}: expected an HTTP/1 proxy request"),
-                );
-            }
+            Err(_) => return,
         };
         let Some(client) = authorize(&mut stream, &head, shared) else {
             return;
@@ -545,7 +581,7 @@ fn serve_http(mut stream: TcpStream, shared: &Shared) {
 }
 
 /// Checks the credentials and reads the options, answering 407 or 400.
-fn authorize(stream: &mut TcpStream, head: &Head, shared: &Shared) -> Option<ClientOptions> {
+fn authorize(stream: &mut TcpStream, head: &RequestHead, shared: &Shared) -> Option<ClientOptions> {
     let refuse_auth = |stream: &mut TcpStream, message: &str| {
         shared.count_request("refused");
         let answer = error_answer(
@@ -582,7 +618,7 @@ fn authorize(stream: &mut TcpStream, head: &Head, shared: &Shared) -> Option<Cli
 
 fn serve_connect(
     mut stream: TcpStream,
-    head: &Head,
+    head: &RequestHead,
     pending: Vec<u8>,
     client: &ClientOptions,
     shared: &Shared,
@@ -611,11 +647,11 @@ fn serve_connect(
             return;
         }
     };
-    let established = head::encode_head(
-        "HTTP/1.1 200 Connection established",
-        &[("X-Proxy-Pool-Proxy".to_string(), pick.url.clone())],
+    let established = format!(
+        "HTTP/1.1 200 Connection established\r\nX-Proxy-Pool-Proxy: {}\r\n\r\n",
+        pick.url
     );
-    if stream.write_all(&established).is_err() {
+    if stream.write_all(established.as_bytes()).is_err() {
         return;
     }
     run_tunnel(stream, upstream, &pending, client, &pick, &target, shared);
@@ -663,7 +699,7 @@ fn run_tunnel(
 /// next one.
 fn serve_plain(
     stream: &mut TcpStream,
-    head: &Head,
+    head: &RequestHead,
     pending: &mut Vec<u8>,
     client: &ClientOptions,
     shared: &Shared,
@@ -692,25 +728,20 @@ fn serve_plain(
     };
     let mut headers: Vec<(String, String)> = head
         .headers
+        .0
         .iter()
-        .filter(|(name, _)| !head::is_hop_by_hop(name))
+        .filter(|(name, _)| !is_hop_by_hop(name))
         .cloned()
         .collect();
     if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("host")) {
         headers.insert(0, ("Host".into(), host_header(&target)));
     }
-    headers.push(("Connection".into(), "close".into()));
-    let absolute_line = format!(
-        "{} http://{}{} HTTP/1.1",
-        head.method,
-        host_header(&target),
-        path
-    );
-    let origin_line = format!("{} {} HTTP/1.1", head.method, path);
+    let absolute_uri = format!("http://{}{}", host_header(&target), path);
     let request = PlainRequest {
         target: &target,
-        absolute_line: &absolute_line,
-        origin_line: &origin_line,
+        method: &head.method,
+        absolute_uri: &absolute_uri,
+        path: &path,
         headers: &headers,
         body: &body,
     };
@@ -743,31 +774,17 @@ fn serve_plain(
         shared.count_request("ok");
         shared.feedback(client, &pick, true);
     }
-    let body_framing = match answer.body(Some(&head.method)) {
-        Ok(framing) => framing,
-        Err(_) => Body::UntilClose,
-    };
-    let keep_alive = !head.wants_close() && body_framing != Body::UntilClose;
-    let mut out_headers: Vec<(String, String)> = answer
-        .headers
-        .iter()
-        .filter(|(name, _)| !head::is_hop_by_hop(name))
-        .cloned()
-        .collect();
-    out_headers.push(("X-Proxy-Pool-Proxy".into(), pick.url.clone()));
-    out_headers.push((
-        "Connection".into(),
-        if keep_alive { "keep-alive" } else { "close" }.into(),
-    ));
-    let reason_text = if answer.reason.is_empty() {
-        reason(answer.status)
-    } else {
-        &answer.reason
-    };
-    let out_head = head::encode_head(
-        &format!("HTTP/1.1 {} {}", answer.status, reason_text),
-        &out_headers,
-    );
+    let head_request = head.method.eq_ignore_ascii_case("HEAD");
+    let body_framing = Framing::of_response(&answer, head_request).unwrap_or(Framing::UntilClose);
+    let keep_alive = head.keep_alive() && body_framing != Framing::UntilClose;
+    let extra = [
+        ("X-Proxy-Pool-Proxy".to_string(), pick.url.clone()),
+        (
+            "Connection".to_string(),
+            if keep_alive { "keep-alive" } else { "close" }.to_string(),
+        ),
+    ];
+    let out_head = relayed_head(&answer, &extra);
     let _ = upstream
         .stream
         .set_read_timeout(Some(shared.config.idle_timeout));
@@ -775,14 +792,15 @@ fn serve_plain(
     if stream.write_all(&out_head).is_err() {
         return false;
     }
-    let mut from = Buffered {
-        pending: std::mem::take(&mut upstream.pending),
-        stream: &mut upstream.stream,
-    };
-    let copied = relay::copy_body(&mut from, stream, body_framing);
+    let copied = relay::copy_body(
+        &mut upstream.stream,
+        &mut upstream.pending,
+        stream,
+        body_framing,
+    );
     shared.count_bytes(
         out_head.len() as u64 + copied.as_ref().copied().unwrap_or(0),
-        (absolute_line.len() + body.len()) as u64,
+        body.len() as u64,
     );
     log::debug!(
         "gateway: {} {} {} -> {} via {}",
@@ -813,18 +831,18 @@ fn host_header(target: &Target) -> String {
 /// A plain request's body, read whole (it is sent again on a retry).
 fn read_request_body(
     stream: &mut TcpStream,
-    head: &Head,
+    head: &RequestHead,
     pending: &mut Vec<u8>,
 ) -> Result<Vec<u8>, (u16, &'static str)> {
-    let length = match head.body(None) {
-        Ok(Body::Length(n)) => n,
-        Ok(Body::Chunked) => {
+    let length = match Framing::of_request(&head.headers) {
+        Ok(Framing::Length(n)) => n,
+        Ok(Framing::Empty | Framing::UntilClose) => 0,
+        Ok(Framing::Chunked) => {
             return Err((
                 411,
                 "chunked request bodies are not relayed: send a Content-Length",
             ))
         }
-        Ok(Body::UntilClose) => 0,
         Err(_) => return Err((400, "bad Content-Length or Transfer-Encoding")),
     };
     if length > MAX_REQUEST_BODY {

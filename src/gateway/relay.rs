@@ -9,13 +9,12 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::head::{is_timeout, Body};
+use crate::http::io::is_timeout;
+use crate::http::{BodyDecoder, BodyError, Framing};
 
 const BUFFER: usize = 16 * 1024;
 /// The copy thread of a tunnel's second direction only copies.
 const COPY_STACK: usize = 64 * 1024;
-/// A chunk-size line longer than this is not HTTP.
-const MAX_CHUNK_LINE: usize = 4096;
 
 /// Byte counts of a finished tunnel.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -149,96 +148,44 @@ fn copy_loop(
     copied
 }
 
-/// Reads from a stream after bytes already read.
-pub struct Buffered<'a> {
-    pub pending: Vec<u8>,
-    pub stream: &'a mut TcpStream,
-}
-
-impl Read for Buffered<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if !self.pending.is_empty() {
-            let n = buf.len().min(self.pending.len());
-            buf[..n].copy_from_slice(&self.pending[..n]);
-            self.pending.drain(..n);
-            return Ok(n);
-        }
-        self.stream.read(buf)
-    }
-}
-
-/// Copies a body framed as `body` from `from` to `to`, as it is (chunked
-/// stays chunked). Returns the bytes copied; an error when the body ended
-/// early (the connection cannot be reused).
-pub fn copy_body(from: &mut Buffered, to: &mut impl Write, body: Body) -> io::Result<u64> {
-    match body {
-        Body::Length(n) => copy_exact(from, to, n),
-        Body::UntilClose => io::copy(from, to),
-        Body::Chunked => copy_chunked(from, to),
-    }
-}
-
-fn copy_exact(from: &mut impl Read, to: &mut impl Write, n: u64) -> io::Result<u64> {
-    let copied = io::copy(&mut from.take(n), to)?;
-    if copied < n {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "body ended early",
-        ));
-    }
-    Ok(copied)
-}
-
-fn copy_chunked(from: &mut Buffered, to: &mut impl Write) -> io::Result<u64> {
+/// Copies a body framed as `framing` from `from` (after the bytes already
+/// in `pending`) to `to` as it is: chunked stays chunked, the shared
+/// decoder only says where the body ends. Returns the bytes copied; an
+/// error when the body ended early (the connection cannot be reused).
+pub fn copy_body(
+    from: &mut TcpStream,
+    pending: &mut Vec<u8>,
+    to: &mut impl Write,
+    framing: Framing,
+) -> io::Result<u64> {
+    let invalid = |err: BodyError| io::Error::new(io::ErrorKind::InvalidData, err.to_string());
+    let mut decoder = BodyDecoder::new(framing, u64::MAX).map_err(invalid)?;
+    let mut decoded = Vec::new();
+    let mut buffer = vec![0u8; BUFFER];
     let mut copied = 0u64;
     loop {
-        let line = read_line(from)?;
-        to.write_all(&line)?;
-        copied += line.len() as u64;
-        let text = std::str::from_utf8(&line)
-            .map_err(|_| bad_chunk())?
-            .trim_end_matches(['\r', '\n']);
-        let size_text = text.split(';').next().unwrap_or("").trim();
-        let size = u64::from_str_radix(size_text, 16).map_err(|_| bad_chunk())?;
-        if size == 0 {
-            // Trailers, up to the empty line.
-            loop {
-                let line = read_line(from)?;
-                to.write_all(&line)?;
-                copied += line.len() as u64;
-                if line == b"\r\n" || line == b"\n" {
-                    return Ok(copied);
-                }
+        if decoder.is_done() {
+            return Ok(copied);
+        }
+        if !pending.is_empty() {
+            decoded.clear();
+            let progress = decoder.feed(pending, &mut decoded).map_err(invalid)?;
+            to.write_all(&pending[..progress.consumed])?;
+            copied += progress.consumed as u64;
+            pending.drain(..progress.consumed);
+            if progress.done {
+                return Ok(copied);
             }
         }
-        copied += copy_exact(from, to, size)?;
-        let end = read_line(from)?;
-        if end != b"\r\n" && end != b"\n" {
-            return Err(bad_chunk());
+        let n = match from.read(&mut buffer) {
+            Ok(n) => n,
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+            Err(err) => return Err(err),
+        };
+        if n == 0 {
+            decoder.finish().map_err(invalid)?;
+            return Ok(copied);
         }
-        to.write_all(&end)?;
-        copied += end.len() as u64;
+        pending.extend_from_slice(&buffer[..n]);
     }
-}
-
-fn bad_chunk() -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, "malformed chunked body")
-}
-
-fn read_line(from: &mut impl Read) -> io::Result<Vec<u8>> {
-    let mut line = Vec::with_capacity(16);
-    let mut byte = [0u8; 1];
-    while line.len() < MAX_CHUNK_LINE {
-        if from.read(&mut byte)? == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "body ended early",
-            ));
-        }
-        line.push(byte[0]);
-        if byte[0] == b'\n' {
-            return Ok(line);
-        }
-    }
-    Err(bad_chunk())
 }

@@ -5,6 +5,7 @@
 use std::net::IpAddr;
 
 use crate::fetcher::parse::is_public;
+use crate::http;
 
 /// The longest host name (RFC 1035, and what a socks request can carry).
 const MAX_HOST_CHARS: usize = 255;
@@ -38,34 +39,28 @@ impl Target {
 
     /// `host:port` of a CONNECT request (`[v6]:port` for IPv6).
     pub fn from_authority(authority: &str) -> Option<Target> {
-        let (host, port) = authority.rsplit_once(':')?;
-        Target::new(host, port.parse().ok()?)
+        match http::Target::parse(authority)? {
+            http::Target::Authority(authority) => {
+                let (host, port) = http::split_authority(authority, 0)?;
+                Target::new(host, port)
+            }
+            _ => None,
+        }
     }
 
     /// The target and origin-form path of an absolute `http://` URI.
     pub fn from_absolute_uri(uri: &str) -> Option<(Target, String)> {
-        let scheme_end = uri.find("://")?;
-        if !uri[..scheme_end].eq_ignore_ascii_case("http") {
-            return None;
-        }
-        let rest = &uri[scheme_end + 3..];
-        let path_start = rest.find(['/', '?']).unwrap_or(rest.len());
-        let authority = &rest[..path_start];
-        if authority.contains('@') {
-            return None;
-        }
-        let path = match &rest[path_start..] {
-            "" => "/".to_string(),
-            p if p.starts_with('?') => format!("/{p}"),
-            p => p.to_string(),
-        };
-        let target = match authority.rsplit_once(':') {
-            Some((host, port)) if !host.ends_with(':') && !port.contains(']') => {
-                Target::new(host, port.parse().ok()?)?
+        match http::Target::parse(uri)? {
+            http::Target::Absolute {
+                scheme,
+                authority,
+                path,
+            } if scheme.eq_ignore_ascii_case("http") && !uri.contains('@') => {
+                let (host, port) = http::split_authority(authority, 80)?;
+                Some((Target::new(host, port)?, path))
             }
-            _ => Target::new(authority, 80)?,
-        };
-        Some((target, path))
+            _ => None,
+        }
     }
 
     pub fn ip(&self) -> Option<IpAddr> {

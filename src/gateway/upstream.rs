@@ -7,9 +7,12 @@ use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use super::head::{self, Head, HeadError};
+use base64::Engine;
+
 use super::socks::{self, SocksClientError};
 use super::target::Target;
+use crate::http::io::{is_timeout, read_response_head, Bound, ReadError};
+use crate::http::{encode_request, HeadLimits, ResponseHead, Version};
 use crate::proxy::{Protocol, ProxyKey};
 
 /// Why an attempt failed, as /stats and /metrics count it.
@@ -90,7 +93,7 @@ fn connect(key: &ProxyKey, deadline: Instant) -> Result<TcpStream, Failure> {
     }
     let addr = SocketAddr::new(key.ip, key.port);
     let stream = TcpStream::connect_timeout(&addr, left).map_err(|err| {
-        if head::is_timeout(&err) {
+        if is_timeout(&err) {
             Failure::new(FailureReason::ConnectTimeout, "connect timed out")
         } else {
             Failure::new(FailureReason::ConnectRefused, err.to_string())
@@ -115,10 +118,8 @@ fn set_deadline(stream: &TcpStream, deadline: Instant) -> Result<(), Failure> {
 pub fn proxy_authorization(key: &ProxyKey) -> Option<String> {
     let user = key.username.as_deref()?;
     let pass = key.password.as_deref().unwrap_or("");
-    Some(format!(
-        "Basic {}",
-        base64_encode(format!("{user}:{pass}").as_bytes())
-    ))
+    let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
+    Some(format!("Basic {encoded}"))
 }
 
 /// Opens a tunnel to `target` through the pool proxy `key`.
@@ -135,13 +136,22 @@ pub fn open_tunnel(
             if let Some(auth) = proxy_authorization(key) {
                 headers.push(("Proxy-Authorization".to_string(), auth));
             }
-            let request = head::encode_head(&format!("CONNECT {authority} HTTP/1.1"), &headers);
+            let mut request = Vec::new();
+            encode_request(
+                &mut request,
+                "CONNECT",
+                &authority,
+                Version::Http11,
+                &headers,
+                &[],
+            );
             stream
                 .write_all(&request)
                 .map_err(|err| handshake_io(&err))?;
             let mut pending = Vec::new();
-            let answer = head::read_head(&mut stream, &mut pending, false, deadline)
-                .map_err(|err| head_failure(err, FailureReason::HandshakeTimeout))?;
+            let answer =
+                read_response_head(&mut stream, &mut pending, Bound::until(deadline), LIMITS)
+                    .map_err(|err| head_failure(err, FailureReason::HandshakeTimeout))?;
             if answer.status != 200 {
                 return Err(Failure::new(
                     FailureReason::HandshakeRefused,
@@ -172,35 +182,42 @@ pub fn open_tunnel(
     }
 }
 
-/// Sends a plain http request (`start_line`, `headers` without any
-/// `Proxy-Authorization`, `body`) through the pool proxy and reads the
-/// answer's head. For an http proxy `absolute_line` is sent (the absolute
-/// URI); through a socks proxy the tunnel carries `origin_line`.
+/// The caps on a pool proxy's answer head.
+const LIMITS: HeadLimits = HeadLimits {
+    max_head_bytes: 32 * 1024,
+    max_headers: 100,
+};
+
+/// A plain http request to send through a pool proxy: to an http proxy
+/// with the absolute URI, through a socks proxy's tunnel with the origin
+/// form. `headers` hold no `Proxy-Authorization`.
 pub struct PlainRequest<'a> {
     pub target: &'a Target,
-    pub absolute_line: &'a str,
-    pub origin_line: &'a str,
+    pub method: &'a str,
+    pub absolute_uri: &'a str,
+    pub path: &'a str,
     pub headers: &'a [(String, String)],
     pub body: &'a [u8],
 }
 
+/// Sends `request` through the pool proxy and reads the answer's head.
 pub fn send_plain(
     key: &ProxyKey,
     request: &PlainRequest,
     deadline: Instant,
-) -> Result<(Upstream, Head), Failure> {
-    let (mut upstream, start_line, auth) = match key.protocol {
+) -> Result<(Upstream, ResponseHead), Failure> {
+    let (mut upstream, request_target, auth) = match key.protocol {
         Protocol::Http | Protocol::Https => (
             Upstream {
                 stream: connect(key, deadline)?,
                 pending: Vec::new(),
             },
-            request.absolute_line,
+            request.absolute_uri,
             proxy_authorization(key),
         ),
         Protocol::Socks4 | Protocol::Socks5 => (
             open_tunnel(key, request.target, deadline)?,
-            request.origin_line,
+            request.path,
             None,
         ),
     };
@@ -208,14 +225,26 @@ pub fn send_plain(
     if let Some(auth) = auth {
         headers.push(("Proxy-Authorization".to_string(), auth));
     }
-    let mut bytes = head::encode_head(start_line, &headers);
-    bytes.extend_from_slice(request.body);
+    let mut bytes = Vec::new();
+    encode_request(
+        &mut bytes,
+        request.method,
+        request_target,
+        Version::Http11,
+        &headers,
+        request.body,
+    );
     upstream
         .stream
         .write_all(&bytes)
         .map_err(|err| Failure::new(FailureReason::BadAnswer, format!("write: {err}")))?;
-    let answer = head::read_head(&mut upstream.stream, &mut upstream.pending, false, deadline)
-        .map_err(|err| head_failure(err, FailureReason::NoAnswer))?;
+    let answer = read_response_head(
+        &mut upstream.stream,
+        &mut upstream.pending,
+        Bound::until(deadline),
+        LIMITS,
+    )
+    .map_err(|err| head_failure(err, FailureReason::NoAnswer))?;
     if matches!(answer.status, 407 | 502 | 503 | 504) {
         return Err(Failure::new(
             FailureReason::ProxyError,
@@ -226,17 +255,17 @@ pub fn send_plain(
 }
 
 fn handshake_io(err: &std::io::Error) -> Failure {
-    if head::is_timeout(err) {
+    if is_timeout(err) {
         Failure::new(FailureReason::HandshakeTimeout, "handshake timed out")
     } else {
         Failure::new(FailureReason::BadAnswer, err.to_string())
     }
 }
 
-fn head_failure(err: HeadError, timeout_reason: FailureReason) -> Failure {
+fn head_failure(err: ReadError, timeout_reason: FailureReason) -> Failure {
     match err {
-        HeadError::Timeout => Failure::new(timeout_reason, "no answer in time"),
-        HeadError::Io(err) => handshake_io(&err),
+        ReadError::Timeout => Failure::new(timeout_reason, "no answer in time"),
+        ReadError::Io(err) => handshake_io(&err),
         other => Failure::new(FailureReason::BadAnswer, other.to_string()),
     }
 }
@@ -255,66 +284,20 @@ fn socks_failure(err: SocksClientError) -> Failure {
     }
 }
 
-/// Standard base64 with padding (the Basic scheme's).
-pub fn base64_encode(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = u32::from(b[0]) << 16 | u32::from(b[1]) << 8 | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
-/// Decodes standard base64 (padding optional); `None` for anything else.
-pub fn base64_decode(text: &str) -> Option<Vec<u8>> {
-    let text = text.trim().trim_end_matches('=');
-    let mut out = Vec::with_capacity(text.len() * 3 / 4);
-    let mut acc = 0u32;
-    let mut bits = 0;
-    for byte in text.bytes() {
-        let value = match byte {
-            b'A'..=b'Z' => byte - b'A',
-            b'a'..=b'z' => byte - b'a' + 26,
-            b'0'..=b'9' => byte - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        };
-        acc = acc << 6 | u32::from(value);
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    Some(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn base64_roundtrips() {
-        for text in ["", "a", "ab", "abc", "my_app-country-DE:t0ken", "é:ü"] {
-            let encoded = base64_encode(text.as_bytes());
-            assert_eq!(base64_decode(&encoded).unwrap(), text.as_bytes(), "{text}");
-        }
-        assert_eq!(base64_encode(b"user:pass"), "dXNlcjpwYXNz");
-        assert_eq!(base64_decode("not base64!"), None);
+    fn pool_proxy_credentials_are_basic() {
+        let mut key = ProxyKey::new(Protocol::Http, "1.2.3.4".parse().unwrap(), 80);
+        assert_eq!(proxy_authorization(&key), None);
+        key.username = Some("user".into());
+        key.password = Some("pass".into());
+        assert_eq!(
+            proxy_authorization(&key).as_deref(),
+            Some("Basic dXNlcjpwYXNz")
+        );
     }
 
     #[test]
