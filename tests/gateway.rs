@@ -199,12 +199,20 @@ fn curl(args: &[&str]) -> Curl {
     }
 }
 
+/// The token of the tests that set one; sent always (ignored without one).
+const TOKEN: &str = "tok";
+
+fn api_get(gateway: &Gateway, path: &str) -> Answer {
+    let bearer = format!("Bearer {TOKEN}");
+    get_with(&gateway.service.url(path), &[("Authorization", &bearer)])
+}
+
 fn stats(gateway: &Gateway) -> Value {
-    get(&gateway.service.url("/stats")).json()["gateway"].clone()
+    api_get(gateway, "/stats").json()["gateway"].clone()
 }
 
 fn source_proxies(gateway: &Gateway, source: &str) -> Vec<Value> {
-    let answer = get(&gateway.service.url(&format!("/sources/{source}?limit=100")));
+    let answer = api_get(gateway, &format!("/sources/{source}?limit=100"));
     assert_eq!(answer.status, 200, "{}", answer.body);
     answer.json()["proxies"]
         .as_array()
@@ -256,7 +264,7 @@ fn curl_over_http_leaves_through_a_pool_proxy_that_the_header_names() {
     assert_eq!(figures["requests"]["ok"], 6);
     assert!(figures["bytes"]["to_client"].as_u64().unwrap() > 0);
     assert!(figures["connections_total"].as_u64().unwrap() >= 6);
-    let metrics = get(&gateway.service.url("/metrics")).body;
+    let metrics = api_get(&gateway, "/metrics").body;
     assert!(
         metrics.contains("proxy_pool_gateway_requests_total{outcome=\"ok\"} 6"),
         "{metrics}"
@@ -952,4 +960,185 @@ print(json.dumps({"status": r.status_code, "origin": r.json()["origin"],
 #[allow(dead_code)]
 fn _protocols_are_named(protocol: Protocol) -> &'static str {
     protocol.as_str()
+}
+
+// ---- README recipes ----
+
+const README_GATEWAY: &str = "127.0.0.1:8899";
+const README_TARGET: &str = "http://example.com/";
+
+/// The fenced blocks of `language` in the README's gateway recipes.
+fn readme_gateway_blocks(language: &str) -> Vec<String> {
+    let readme = include_str!("../README.md");
+    let start = readme
+        .find("\n### The gateway: the pool as one proxy setting\n")
+        .expect("README has the gateway recipes");
+    let section = &readme[start + 1..];
+    let end = section[4..].find("\n### ").map_or(section.len(), |i| i + 4);
+    let fence = format!("```{language}\n");
+    section[..end]
+        .split(&fence)
+        .skip(1)
+        .filter_map(|rest| rest.split("\n```").next())
+        .map(str::to_string)
+        .collect()
+}
+
+fn aim(block: &str, gateway: &Gateway) -> String {
+    block
+        .replace(README_GATEWAY, &gateway.addr)
+        .replace(README_TARGET, &gateway.farm.judge_url())
+}
+
+/// The README's curl lines: plain http, CONNECT and socks5h, through pool
+/// proxies, each a success for the source.
+#[test]
+fn readme_gateway_curl_recipes_work() {
+    let gateway = start(
+        elite_farm(3),
+        any_country,
+        &[("server", "api_token", "tok")],
+    );
+    let block = readme_gateway_blocks("sh")
+        .into_iter()
+        .find(|b| b.contains("socks5h://"))
+        .expect("the curl block");
+    let output = Command::new("bash")
+        .args(["-euo", "pipefail", "-c", &aim(&block, &gateway)])
+        .env("TOKEN", "tok")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let answers: Vec<Value> = serde_json::Deserializer::from_str(&stdout)
+        .into_iter::<Value>()
+        .map(|v| v.unwrap())
+        .collect();
+    assert_eq!(answers.len(), 3, "{stdout}");
+    let elite = ips(&gateway.pool, Behaviour::Elite);
+    for answer in &answers {
+        assert!(
+            elite.contains(answer["origin"].as_str().unwrap()),
+            "{answer}"
+        );
+    }
+    wait_for("three successes", Duration::from_secs(10), || {
+        source_counts(&gateway, "my_app") == (3, 0)
+    });
+}
+
+/// The README's requests snippet, and the Scrapy `meta["proxy"]` URL.
+#[test]
+fn readme_gateway_python_recipes_work() {
+    let has_requests = Command::new("python3")
+        .args(["-c", "import requests"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_requests {
+        assert!(!under_ci(), "python3 with requests is needed (CI is set)");
+        eprintln!("SKIPPED readme_gateway_python_recipes_work: python3 with requests is missing");
+        return;
+    }
+    let gateway = start(
+        elite_farm(2),
+        any_country,
+        &[("server", "api_token", "tok")],
+    );
+    let blocks = readme_gateway_blocks("python");
+    let snippet = blocks
+        .iter()
+        .find(|b| b.contains("requests.get"))
+        .expect("the requests block");
+    let output = Command::new("python3")
+        .args(["-c", &aim(snippet, &gateway)])
+        .env("TOKEN", "tok")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let (status, proxy) = stdout.trim().split_once(' ').unwrap();
+    assert_eq!(status, "200");
+    assert!(gateway.pool.iter().any(|p| p.url == proxy), "{stdout}");
+    // Scrapy's meta["proxy"]: the same URL form, used here by curl.
+    let scrapy = blocks
+        .iter()
+        .find(|b| b.contains("meta={\"proxy\""))
+        .expect("the Scrapy block");
+    let url = scrapy
+        .split("\"proxy\": \"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap()
+        .replace("TOKEN", "tok")
+        .replace(README_GATEWAY, &gateway.addr)
+        .replace("-country-DE", "");
+    let answer = curl(&["-x", &url, &gateway.farm.judge_url()]);
+    assert_eq!(answer.status, 200, "{url}: {}", answer.stderr);
+    assert_eq!(source_counts(&gateway, "my_spider"), (1, 0));
+}
+
+/// The README's Chromium line: headless Chromium loads a page through the
+/// gateway (`--proxy-server`; loopback is proxied only when told).
+#[test]
+fn readme_gateway_chromium_recipe_works() {
+    let browser = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+        .into_iter()
+        .map(std::path::PathBuf::from)
+        .find(|p| p.is_file())
+        .or_else(|| std::env::var_os("CHROMIUM").map(Into::into));
+    let Some(browser) = browser else {
+        assert!(!under_ci(), "chromium is needed (CI is set)");
+        eprintln!("SKIPPED readme_gateway_chromium_recipe_works: chromium is not installed (tests/dashboard.rs installs it)");
+        return;
+    };
+    let gateway = start(elite_farm(2), any_country, &[]);
+    let block = readme_gateway_blocks("sh")
+        .into_iter()
+        .find(|b| b.contains("--proxy-server"))
+        .expect("the Chromium block");
+    assert!(block.contains(&format!("--proxy-server=\"http://{README_GATEWAY}\"")));
+    let profile = tempfile::tempdir().unwrap();
+    let output = Command::new(&browser)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-dev-shm-usage",
+            "--proxy-bypass-list=<-loopback>",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(format!("--proxy-server=http://{}", gateway.addr))
+        .arg("--dump-dom")
+        .arg(gateway.farm.judge_url())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let dom = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let elite = ips(&gateway.pool, Behaviour::Elite);
+    assert!(
+        elite
+            .iter()
+            .any(|ip| dom.contains(&format!("\"origin\": \"{ip}\""))
+                || dom.contains(&format!("\"origin\":\"{ip}\""))),
+        "{dom}"
+    );
+    assert!(stats(&gateway)["requests"]["ok"].as_u64().unwrap() >= 1);
 }
