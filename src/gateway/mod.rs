@@ -33,7 +33,7 @@ use crate::state::{proxy_key_of_url, NoProxy, Pick, PickQuery, State};
 
 use crate::http::io::{read_request_head, Bound, ReadError};
 use crate::http::{encode_response, AnswerOptions, Framing, HeadLimits, RequestHead, ResponseHead};
-use options::{check_password, parse_username, AuthError, ClientOptions};
+use options::{check_password, parse_username, ClientOptions};
 use session::Sessions;
 use target::Target;
 use upstream::{Failure, FailureReason, PlainRequest};
@@ -599,11 +599,7 @@ fn authorize(stream: &mut TcpStream, head: &RequestHead, shared: &Shared) -> Opt
         }
     };
     if let Err(err) = check_password(pass.as_deref(), shared.token.as_deref()) {
-        let message = match err {
-            AuthError::Missing => err.to_string(),
-            AuthError::WrongToken => err.to_string(),
-        };
-        refuse_auth(stream, &message);
+        refuse_auth(stream, &err.to_string());
         return None;
     }
     match parse_username(user.as_deref()) {
