@@ -405,6 +405,7 @@ fn main() {
             supports_https: Some(true),
             last_validated_at: Some(Utc::now()),
             anonymity_evidence: None,
+            exit_ip: Some(e.ip),
         })
         .collect();
     state.replace_active(active);

@@ -18,7 +18,9 @@ use crate::metrics::Metrics;
 use crate::persist::Snapshotter;
 use crate::scheduler::{next_tick, run_metronome};
 use crate::shutdown::{Shutdown, ShutdownSignal};
-use crate::state::{active_snapshot_max_age, RestoreReport, State};
+use crate::state::{
+    active_snapshot_max_age, run_memory_sync, sync_from_store, RestoreReport, State,
+};
 use crate::store::{DuePolicy, Store};
 use crate::supervisor::{panic_message, Supervisor};
 use crate::validator::check::{CheckConfig, Checker};
@@ -114,26 +116,6 @@ fn wait_for_database(
             return false;
         }
         backoff = (backoff * 2).min(Duration::from_secs(30));
-    }
-}
-
-/// Reloads the active set from the database; the database's health follows.
-/// The mark is taken before the read, so that what the validator changes
-/// while the table is read is not undone by the older read.
-fn sync_active(store: &Store, state: &State, health: &Health) {
-    let mark = state.sync_mark();
-    match store.load_active() {
-        Ok(active) => {
-            health.record_database(true, None);
-            let report = state.sync_active(active, mark);
-            log::debug!(
-                "memory sync: {} activated or updated, {} deactivated, {} newer changes kept",
-                report.activated,
-                report.deactivated,
-                report.kept_newer
-            );
-        }
-        Err(err) => health.record_database(false, Some(&err)),
     }
 }
 
@@ -279,7 +261,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     if wait_for_database(&store, &health, &signal, &serving) {
         log::info!("database ready, schema applied");
         let started = Instant::now();
-        sync_active(&store, &state, &health);
+        sync_from_store(&store, &state, &health);
         health.record_pool_size(state.active_count());
         let replaced = match &restored {
             Some(report) if report.active > 0 => {
@@ -304,22 +286,9 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
             );
             let interval = config.state.sync_interval;
             move || {
-                let t0 = Instant::now();
-                loop {
-                    // A short ping interval notices an outage (and its end) quickly.
-                    let due = next_tick(t0, interval, Instant::now());
-                    while Instant::now() < due {
-                        if signal.wait(Duration::from_secs(5).min(due - Instant::now())) {
-                            return;
-                        }
-                        if !health.database_up() && store.ping().is_ok() {
-                            health.record_database(true, None);
-                        }
-                    }
-                    sync_active(&store, &state, &health);
-                    health.record_pool_size(state.active_count());
-                    fetcher.refresh_yields();
-                }
+                run_memory_sync(&store, &state, &health, &signal, interval, || {
+                    fetcher.refresh_yields()
+                })
             }
         })?);
 

@@ -20,7 +20,17 @@ use crate::state::State;
 use crate::store::Store;
 
 pub fn check_config(config: &Config) -> anyhow::Result<()> {
-    out(&config.to_string())
+    out(&config.to_string())?;
+    if config.server.max_body_bytes < crate::api::FULL_FEEDBACK_BATCH_BYTES {
+        log::warn!(
+            "[server] max_body_bytes = {} is too small for a full /feedback batch: \
+             {} items of the largest size need {} bytes",
+            config.server.max_body_bytes,
+            crate::api::MAX_FEEDBACK_ITEMS,
+            crate::api::FULL_FEEDBACK_BATCH_BYTES
+        );
+    }
+    Ok(())
 }
 
 pub fn migrate(config: &Config) -> anyhow::Result<()> {

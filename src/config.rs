@@ -12,8 +12,9 @@ use crate::proxy::Protocol;
 pub use crate::secret::redact_url;
 use crate::secret::{Secret, SecretUrl};
 
-/// `[server] max_body_bytes` when unset.
-pub const DEFAULT_MAX_BODY_BYTES: u64 = 65536;
+/// `[server] max_body_bytes` when unset: room for a full feedback batch of
+/// the largest items, and some.
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 1 << 20;
 
 /// The validated configuration of one proxy-pool instance.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -1455,7 +1456,7 @@ mod tests {
         assert_eq!(config.server.bind, "127.0.0.1:8080".parse().unwrap());
         assert_eq!(config.server.workers, 8);
         assert_eq!(config.server.api_token, None);
-        assert_eq!(config.server.max_body_bytes, 65536);
+        assert_eq!(config.server.max_body_bytes, 1_048_576);
         assert_eq!(config.server.max_connections, 1024);
         assert_eq!(config.server.max_connections_per_ip, 1024);
         assert_eq!(config.server.read_timeout, Duration::from_secs(10));

@@ -12,6 +12,7 @@ pub mod gateway;
 pub mod health;
 pub mod http;
 pub mod judge;
+pub mod logging;
 pub mod metrics;
 pub mod persist;
 pub mod proxy;

@@ -151,7 +151,7 @@ impl Store {
         let mut conn = self.conn()?;
         let rows = conn.query(
             "SELECT id, protocol, ip, port, username, password, latency_ms, anonymity,
-                    country, supports_https, last_validated_at, anonymity_evidence
+                    country, supports_https, last_validated_at, anonymity_evidence, exit_ip
              FROM proxies WHERE is_active",
             &[],
         )?;
@@ -163,6 +163,7 @@ impl Store {
             let latency: Option<i32> = row.get(6);
             let anonymity: Option<String> = row.get(7);
             proxies.push(ActiveProxy {
+                exit_ip: row.get(12),
                 id: row.get(0),
                 key,
                 latency_ms: latency.and_then(|l| u32::try_from(l).ok()),

@@ -97,6 +97,7 @@ fn proxy(id: i64) -> ActiveProxy {
         supports_https: Some(false),
         last_validated_at: Some(Utc::now()),
         anonymity_evidence: None,
+        exit_ip: None,
     }
 }
 

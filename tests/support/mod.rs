@@ -1010,3 +1010,4 @@ pub mod procfs {
             .unwrap_or(0)
     }
 }
+pub mod real;

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use crate::spec::{Behaviour, Credentials};
 use crate::wire::{self, Bound, Head};
 use crate::Shared;
+use proxy_pool::http::{self, Version};
 use proxy_pool::proxy::Protocol;
 
 /// How long a proxy waits for its upstream connection.
@@ -19,7 +20,9 @@ pub const VIA: &str = "1.1 farm-proxy";
 /// One simulated proxy's fixed settings.
 pub(crate) struct ProxyConfig {
     pub index: usize,
-    pub ip: IpAddr,
+    /// The address its outgoing connections leave from (its own unless it
+    /// is in an exit group).
+    pub exit_ip: IpAddr,
     pub behaviour: Behaviour,
     pub protocol: Protocol,
     pub connect: bool,
@@ -71,7 +74,7 @@ pub(crate) fn serve_connection(
             let body = b"<!DOCTYPE html><html><head><title>Welcome</title></head>\
                 <body><h1>Hotel WiFi</h1><p>Please log in to continue.</p></body></html>\n";
             let headers = [("Content-Type", "text/html".to_owned())];
-            wire::write_response(&mut client, 200, "OK", &headers, body, bound)
+            wire::write_response(&mut client, 200, &headers, body, bound)
         }
         Behaviour::Trickle => {
             let _ = wire::read_head(&mut client, bound);
@@ -172,35 +175,19 @@ fn serve_http(
     if needs_auth && !authorized(&head, config.credentials.as_ref()) {
         let headers = [("Proxy-Authenticate", "Basic realm=\"farm\"".to_owned())];
         let body = b"proxy authentication required\n";
-        return wire::write_response(
-            &mut client,
-            407,
-            "Proxy Authentication Required",
-            &headers,
-            body,
-            bound,
-        );
+        return wire::write_response(&mut client, 407, &headers, body, bound);
     }
     if head.method.eq_ignore_ascii_case("CONNECT") {
         if !config.connect {
             let body = b"CONNECT is not allowed here\n";
-            return wire::write_response(&mut client, 405, "Method Not Allowed", &[], body, bound);
+            return wire::write_response(&mut client, 405, &[], body, bound);
         }
         let Some(target) = wire::parse_authority(&head.target, 443) else {
-            return wire::write_response(
-                &mut client,
-                400,
-                "Bad Request",
-                &[],
-                b"bad CONNECT target\n",
-                bound,
-            );
+            return wire::write_response(&mut client, 400, &[], b"bad CONNECT target\n", bound);
         };
-        let upstream = match wire::connect_from(config.ip, target, UPSTREAM_CONNECT_TIMEOUT) {
+        let upstream = match wire::connect_from(config.exit_ip, target, UPSTREAM_CONNECT_TIMEOUT) {
             Ok(upstream) => upstream,
-            Err(_) => {
-                return wire::write_response(&mut client, 502, "Bad Gateway", &[], b"", bound)
-            }
+            Err(_) => return wire::write_response(&mut client, 502, &[], b"", bound),
         };
         wire::write_all(
             &mut client,
@@ -216,11 +203,11 @@ fn serve_http(
     }
     let Some((target, path)) = wire::parse_absolute_uri(&head.target) else {
         let body = b"this is a proxy: send an absolute URI\n";
-        return wire::write_response(&mut client, 400, "Bad Request", &[], body, bound);
+        return wire::write_response(&mut client, 400, &[], body, bound);
     };
-    let mut upstream = match wire::connect_from(config.ip, target, UPSTREAM_CONNECT_TIMEOUT) {
+    let mut upstream = match wire::connect_from(config.exit_ip, target, UPSTREAM_CONNECT_TIMEOUT) {
         Ok(upstream) => upstream,
-        Err(_) => return wire::write_response(&mut client, 502, "Bad Gateway", &[], b"", bound),
+        Err(_) => return wire::write_response(&mut client, 502, &[], b"", bound),
     };
     let forwarded = forwarded_head(&head, &path, config.behaviour, peer.ip());
     wire::write_all(&mut upstream, forwarded.as_bytes(), bound)?;
@@ -238,28 +225,30 @@ pub(crate) fn forwarded_head(
     client_ip: IpAddr,
 ) -> String {
     let version = if head.version == 0 {
-        "HTTP/1.0"
+        Version::Http10
     } else {
-        "HTTP/1.1"
+        Version::Http11
     };
-    let mut out = format!("{} {path} {version}\r\n", head.method);
-    for (name, value) in &head.headers {
-        if name.eq_ignore_ascii_case("proxy-connection")
-            || name.eq_ignore_ascii_case("proxy-authorization")
-        {
-            continue;
-        }
-        out.push_str(&format!("{name}: {value}\r\n"));
-    }
+    let mut headers: Vec<(&str, String)> = head
+        .headers
+        .iter()
+        .filter(|(name, _)| {
+            !name.eq_ignore_ascii_case("proxy-connection")
+                && !name.eq_ignore_ascii_case("proxy-authorization")
+        })
+        .map(|(name, value)| (name.as_str(), value.clone()))
+        .collect();
     match behaviour {
-        Behaviour::Anonymous => out.push_str(&format!("Via: {VIA}\r\n")),
+        Behaviour::Anonymous => headers.push(("Via", VIA.to_owned())),
         Behaviour::Transparent => {
-            out.push_str(&format!("Via: {VIA}\r\nX-Forwarded-For: {client_ip}\r\n"));
+            headers.push(("Via", VIA.to_owned()));
+            headers.push(("X-Forwarded-For", client_ip.to_string()));
         }
         _ => {}
     }
-    out.push_str("\r\n");
-    out
+    let mut out = Vec::new();
+    http::encode_request_head(&mut out, &head.method, path, version, &headers);
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn authorized(head: &Head, credentials: Option<&Credentials>) -> bool {
@@ -311,7 +300,7 @@ fn serve_socks4(
         return wire::write_all(&mut client, &reply(91), bound);
     };
     let upstream = match wire::connect_from(
-        config.ip,
+        config.exit_ip,
         SocketAddr::new(ip, port),
         UPSTREAM_CONNECT_TIMEOUT,
     ) {
@@ -414,7 +403,7 @@ fn serve_socks5(
         return wire::write_all(&mut client, &socks5_reply(2), bound);
     };
     let target = SocketAddr::new(ip, u16::from_be_bytes(port));
-    let upstream = match wire::connect_from(config.ip, target, UPSTREAM_CONNECT_TIMEOUT) {
+    let upstream = match wire::connect_from(config.exit_ip, target, UPSTREAM_CONNECT_TIMEOUT) {
         Ok(upstream) => upstream,
         Err(_) => return wire::write_all(&mut client, &socks5_reply(5), bound),
     };
@@ -479,7 +468,7 @@ fn injected_judge(
     });
     let body = serde_json::to_string_pretty(&body).unwrap_or_default();
     let headers = [("Content-Type", "application/json".to_owned())];
-    wire::write_response(client, 200, "OK", &headers, body.as_bytes(), bound)
+    wire::write_response(client, 200, &headers, body.as_bytes(), bound)
 }
 
 #[cfg(test)]
