@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use proxy_farm::{Behaviour, Farm, FarmSpec, ManifestEntry, ProxyGroup};
+use proxy_farm::{Behaviour, Farm, FarmSpec, ManifestEntry, ProxyGroup, TestCa, TlsJudge};
 use proxy_pool::proxy::Protocol;
 use serde_json::Value;
 
@@ -367,6 +367,45 @@ fn connect_tunnels_reach_the_target_and_name_their_proxy() {
     });
     assert_eq!(source_counts(&gateway, "gateway"), (1, 0));
     assert_eq!(source_counts(&gateway, "tunnels"), (1, 0));
+}
+
+/// The farm's TLS judge with its throwaway CA written to a file.
+fn tls_judge() -> (TlsJudge, tempfile::TempDir, String) {
+    let ca = TestCa::new("gateway test CA").unwrap();
+    let cert = ca.server_cert(&["127.0.0.1".parse().unwrap()]).unwrap();
+    let judge = TlsJudge::start("127.0.0.1:0".parse().unwrap(), &cert).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ca.pem");
+    ca.write_pem(&path).unwrap();
+    let path = path.display().to_string();
+    (judge, dir, path)
+}
+
+/// "CONNECT (a tunnel to any host:port, for https ...)": curl's https
+/// through the gateway, over CONNECT and over socks5h, verifies the TLS
+/// target's certificate end to end.
+#[test]
+fn https_goes_through_connect_and_socks_tunnels() {
+    let gateway = start(elite_farm(2), any_country, &[]);
+    let (judge, _dir, ca) = tls_judge();
+    let elite = ips(&gateway.pool, Behaviour::Elite);
+    for proxy in [
+        format!("http://tls_app:x@{}", gateway.addr),
+        format!("socks5h://tls_app:x@{}", gateway.addr),
+    ] {
+        let answer = curl(&["--cacert", &ca, "-x", &proxy, &judge.url()]);
+        assert_eq!(
+            (answer.code, answer.status),
+            (0, 200),
+            "{proxy}: {}",
+            answer.stderr
+        );
+        assert!(elite.contains(&answer.origin()), "{}", answer.body);
+    }
+    wait_for("two successful tunnels", Duration::from_secs(10), || {
+        stats(&gateway)["tunnels"]["ok"] == 2
+    });
+    assert_eq!(source_counts(&gateway, "tls_app"), (2, 0));
 }
 
 fn read_head(stream: &mut TcpStream) -> String {
@@ -1105,40 +1144,46 @@ fn readme_gateway_chromium_recipe_works() {
         .find(|b| b.contains("--proxy-server"))
         .expect("the Chromium block");
     assert!(block.contains(&format!("--proxy-server=\"http://{README_GATEWAY}\"")));
-    let profile = tempfile::tempdir().unwrap();
-    let output = Command::new(&browser)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--disable-dev-shm-usage",
-            "--proxy-bypass-list=<-loopback>",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .arg(format!("--proxy-server=http://{}", gateway.addr))
-        .arg("--dump-dom")
-        .arg(gateway.farm.judge_url())
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let dom = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let elite = ips(&gateway.pool, Behaviour::Elite);
-    assert!(
-        elite
-            .iter()
-            .any(|ip| dom.contains(&format!("\"origin\": \"{ip}\""))
-                || dom.contains(&format!("\"origin\":\"{ip}\""))),
-        "{dom}"
-    );
+    let (tls, _dir, _ca) = tls_judge();
+    for url in [gateway.farm.judge_url(), tls.url()] {
+        let profile = tempfile::tempdir().unwrap();
+        let output = Command::new(&browser)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--disable-dev-shm-usage",
+                "--proxy-bypass-list=<-loopback>",
+                // The TLS target's throwaway CA is not in Chromium's store.
+                "--ignore-certificate-errors",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg(format!("--proxy-server=http://{}", gateway.addr))
+            .arg("--dump-dom")
+            .arg(&url)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let dom = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let elite = ips(&gateway.pool, Behaviour::Elite);
+        assert!(
+            elite
+                .iter()
+                .any(|ip| dom.contains(&format!("\"origin\": \"{ip}\""))
+                    || dom.contains(&format!("\"origin\":\"{ip}\""))),
+            "{url}: {dom}"
+        );
+    }
     assert!(stats(&gateway)["requests"]["ok"].as_u64().unwrap() >= 1);
+    assert!(stats(&gateway)["tunnels"]["ok"].as_u64().unwrap() >= 1);
 }
