@@ -156,6 +156,13 @@ fn join_until(handles: Vec<JoinHandle<()>>, deadline: Instant) {
 }
 
 pub fn serve(config: Config) -> anyhow::Result<()> {
+    let token = config
+        .server
+        .api_token
+        .as_ref()
+        .map(|t| t.expose().to_string());
+    crate::gateway::check_not_open(&config.gateway, token.as_deref())
+        .map_err(|err| crate::cli::UsageError(err.to_string()))?;
     let shutdown = Shutdown::new();
     shutdown
         .on_signals()
@@ -216,6 +223,22 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     });
     let mut api = ApiServer::start(context).map_err(anyhow::Error::msg)?;
     log::info!("listening on http://{}", api.local_addr);
+    let mut gateway = match config.gateway.bind {
+        Some(_) => {
+            let gateway = crate::gateway::Gateway::start(
+                &config.gateway,
+                token.clone(),
+                state.clone(),
+                metrics.gateway.clone(),
+            )?;
+            log::info!(
+                "gateway listening on {} (http proxy, CONNECT, socks5)",
+                gateway.local_addr
+            );
+            Some(gateway)
+        }
+        None => None,
+    };
 
     let mut handles = Vec::new();
     // Periodic snapshots, encoded outside every lock. Started before the
@@ -313,6 +336,9 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         .unwrap_or_else(Instant::now)
         .max(Instant::now());
     log::info!("stopping: no new requests, finishing checks in flight");
+    if let Some(gateway) = gateway.as_mut() {
+        gateway.stop();
+    }
     api.stop();
     join_until(handles, deadline);
     snapshotter.write_logged();

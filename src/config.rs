@@ -29,6 +29,7 @@ pub struct Config {
     pub scoring: ScoringConfig,
     pub state: StateConfig,
     pub geoip: GeoipConfig,
+    pub gateway: GatewayConfig,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -142,6 +143,27 @@ pub struct GeoipConfig {
     pub database: Option<PathBuf>,
 }
 
+/// The rotating gateway: the pool as one proxy endpoint.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GatewayConfig {
+    /// `None`: no gateway (the default).
+    pub bind: Option<SocketAddr>,
+    /// Client connections at once; beyond that 503 (http) or refused (socks).
+    pub max_connections: usize,
+    /// Pool proxies tried for one request or tunnel before giving up.
+    pub attempts: usize,
+    /// One attempt: the connect to the pool proxy, its handshake, and for
+    /// plain http the answer's head.
+    pub connect_timeout: Duration,
+    /// A tunnel or kept-alive connection with no byte either way is closed.
+    pub idle_timeout: Duration,
+    /// A sticky session is forgotten this long after its last use.
+    pub session_ttl: Duration,
+    /// Targets in loopback, private, link-local and reserved ranges are
+    /// refused unless this is set.
+    pub allow_private_targets: bool,
+}
+
 /// One thing wrong with a configuration file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Problem {
@@ -239,6 +261,8 @@ enum Kind {
     Addr {
         default: &'static str,
     },
+    /// An IP address and port, or empty for none.
+    MaybeAddr,
     Protocol {
         default: Protocol,
     },
@@ -267,6 +291,7 @@ enum Value {
     Secret(Option<Secret>),
     Url(SecretUrl),
     Addr(SocketAddr),
+    MaybeAddr(Option<SocketAddr>),
     Protocol(Protocol),
     Path(Option<PathBuf>),
     /// Shown only; never stored (the list URLs are kept in `sources`).
@@ -594,6 +619,51 @@ const KEYS: &[Key] = &[
         Kind::Path { default: "" },
         geoip.database
     ),
+    key!("gateway", "bind", Kind::MaybeAddr, gateway.bind),
+    key!(
+        "gateway",
+        "max_connections",
+        Kind::Whole {
+            default: 4096,
+            min: 1,
+            max: 1_000_000
+        },
+        gateway.max_connections
+    ),
+    key!(
+        "gateway",
+        "attempts",
+        Kind::Whole {
+            default: 3,
+            min: 1,
+            max: 20
+        },
+        gateway.attempts
+    ),
+    key!(
+        "gateway",
+        "connect_timeout_ms",
+        Kind::Millis { default: 5000 },
+        gateway.connect_timeout
+    ),
+    key!(
+        "gateway",
+        "idle_timeout_ms",
+        Kind::Millis { default: 120_000 },
+        gateway.idle_timeout
+    ),
+    key!(
+        "gateway",
+        "session_ttl_seconds",
+        Kind::Seconds { default: 600 },
+        gateway.session_ttl
+    ),
+    key!(
+        "gateway",
+        "allow_private_targets",
+        Kind::Flag { default: false },
+        gateway.allow_private_targets
+    ),
 ];
 
 /// The keys of a `[source.NAME]` section (a proxy list of its own).
@@ -666,6 +736,7 @@ plain_field!(i32, Signed);
 plain_field!(f64, Ratio);
 plain_field!(bool, Flag);
 plain_field!(SocketAddr, Addr);
+plain_field!(Option<SocketAddr>, MaybeAddr);
 plain_field!(Protocol, Protocol);
 plain_field!(Option<Secret>, Secret);
 plain_field!(SecretUrl, Url);
@@ -719,6 +790,7 @@ impl Kind {
             (_, Value::Secret(secret)) => if secret.is_some() { "(set)" } else { "" }.to_string(),
             (_, Value::Url(url)) => url.to_string(),
             (_, Value::Addr(addr)) => addr.to_string(),
+            (_, Value::MaybeAddr(addr)) => addr.map(|a| a.to_string()).unwrap_or_default(),
             (_, Value::Protocol(protocol)) => protocol.to_string(),
             (_, Value::Path(path)) => path
                 .as_ref()
@@ -1000,6 +1072,10 @@ impl Reader<'_> {
                 Value::MaybeText(Some(url))
             }
             Kind::Addr { default } => Value::Addr(self.socket_addr(section, name, default)),
+            Kind::MaybeAddr => match self.string(section, name, "").trim() {
+                "" => Value::MaybeAddr(None),
+                _ => Value::MaybeAddr(Some(self.socket_addr(section, name, "127.0.0.1:0"))),
+            },
             Kind::Protocol { default } => Value::Protocol(self.protocol(section, name, default)),
             Kind::Path { default } => {
                 let path = self.string(section, name, default);
@@ -1421,6 +1497,25 @@ impl fmt::Display for Config {
     }
 }
 
+impl ScoringConfig {
+    /// `[scoring]` as documented (the key table's defaults), for benchmarks
+    /// and tests that build a state without a config file.
+    pub fn defaults() -> ScoringConfig {
+        let raw = RawIni::default();
+        let mut reader = Reader {
+            raw: &raw,
+            problems: Vec::new(),
+            uses: UsesDatabase::No,
+        };
+        let mut config = Config::default();
+        for key in KEYS.iter().filter(|key| key.section == "scoring") {
+            let value = reader.read(key, &config, None);
+            (key.set)(&mut config, value);
+        }
+        config.scoring
+    }
+}
+
 /// The table's entry for `section`'s `name`.
 fn find_key(section: &str, name: &str) -> &'static Key {
     KEYS.iter()
@@ -1596,6 +1691,11 @@ mod tests {
             ),
             "{err}"
         );
+    }
+
+    #[test]
+    fn scoring_defaults_are_the_parsed_ones() {
+        assert_eq!(ScoringConfig::defaults(), parse(MINIMAL).unwrap().scoring);
     }
 
     #[test]

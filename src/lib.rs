@@ -8,6 +8,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod fetcher;
+pub mod gateway;
 pub mod health;
 pub mod http;
 pub mod judge;

@@ -3,8 +3,8 @@
 //! time. Nothing here touches the database.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// The endpoints we label by: a fixed set, so a client probing random paths
@@ -40,6 +40,110 @@ pub struct Metrics {
     pub cycle_alive: IntGauge,
     pub cycle_duration_ms: IntGauge,
     pub database_up: IntGauge,
+    pub gateway: GatewayMetrics,
+}
+
+/// The rotating gateway's figures, counted as they happen.
+#[derive(Clone)]
+pub struct GatewayMetrics {
+    pub connections_open: IntGauge,
+    pub connections_total: IntCounter,
+    /// Connections refused at `max_connections`.
+    pub connections_refused: IntCounter,
+    /// Plain http requests by outcome (see `gateway::RequestOutcome`).
+    pub requests: IntCounterVec,
+    /// CONNECT and socks tunnels by outcome (see `gateway::TunnelOutcome`).
+    pub tunnels: IntCounterVec,
+    /// Pool proxies tried.
+    pub attempts: IntCounter,
+    /// Failed attempts by reason (see `gateway::FailureReason`).
+    pub failures: IntCounterVec,
+    /// Bytes relayed, by direction: `to_client` or `to_target`.
+    pub bytes: IntCounterVec,
+    pub sessions: IntGauge,
+}
+
+impl GatewayMetrics {
+    fn new() -> GatewayMetrics {
+        let counter = |name: &str, help: &str| IntCounter::new(name, help).expect("metric");
+        let counter_vec = |name: &str, help: &str, label: &str| {
+            IntCounterVec::new(Opts::new(name, help), &[label]).expect("metric")
+        };
+        let gauge = |name: &str, help: &str| IntGauge::new(name, help).expect("metric");
+        GatewayMetrics {
+            connections_open: gauge(
+                "proxy_pool_gateway_connections_open",
+                "Gateway client connections open now",
+            ),
+            connections_total: counter(
+                "proxy_pool_gateway_connections_total",
+                "Gateway client connections accepted",
+            ),
+            connections_refused: counter(
+                "proxy_pool_gateway_connections_refused_total",
+                "Gateway client connections refused at max_connections",
+            ),
+            requests: counter_vec(
+                "proxy_pool_gateway_requests_total",
+                "Plain http requests through the gateway by outcome",
+                "outcome",
+            ),
+            tunnels: counter_vec(
+                "proxy_pool_gateway_tunnels_total",
+                "CONNECT and socks tunnels through the gateway by outcome",
+                "outcome",
+            ),
+            attempts: counter(
+                "proxy_pool_gateway_attempts_total",
+                "Pool proxies tried by the gateway",
+            ),
+            failures: counter_vec(
+                "proxy_pool_gateway_failures_total",
+                "Failed gateway attempts by reason",
+                "reason",
+            ),
+            bytes: counter_vec(
+                "proxy_pool_gateway_bytes_total",
+                "Bytes relayed by the gateway by direction",
+                "direction",
+            ),
+            sessions: gauge(
+                "proxy_pool_gateway_sessions",
+                "Sticky gateway sessions in memory",
+            ),
+        }
+    }
+
+    fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
+        vec![
+            Box::new(self.connections_open.clone()),
+            Box::new(self.connections_total.clone()),
+            Box::new(self.connections_refused.clone()),
+            Box::new(self.requests.clone()),
+            Box::new(self.tunnels.clone()),
+            Box::new(self.attempts.clone()),
+            Box::new(self.failures.clone()),
+            Box::new(self.bytes.clone()),
+            Box::new(self.sessions.clone()),
+        ]
+    }
+
+    /// Each label's count of `counters`, for /stats (labels seen so far).
+    pub fn by_label(counters: &IntCounterVec) -> Vec<(String, u64)> {
+        let mut out = Vec::new();
+        for family in prometheus::core::Collector::collect(counters) {
+            for metric in family.get_metric() {
+                let label = metric
+                    .get_label()
+                    .first()
+                    .map(|l| l.value().to_string())
+                    .unwrap_or_default();
+                out.push((label, metric.get_counter().get_value() as u64));
+            }
+        }
+        out.sort();
+        out
+    }
 }
 
 impl Metrics {
@@ -130,8 +234,9 @@ impl Metrics {
                 "1 when the database answered last",
             ),
             registry,
+            gateway: GatewayMetrics::new(),
         };
-        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+        let mut collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(metrics.requests.clone()),
             Box::new(metrics.latency.clone()),
             Box::new(metrics.active_proxies.clone()),
@@ -148,6 +253,7 @@ impl Metrics {
             Box::new(metrics.cycle_duration_ms.clone()),
             Box::new(metrics.database_up.clone()),
         ];
+        collectors.extend(metrics.gateway.collectors());
         for collector in collectors {
             metrics
                 .registry

@@ -68,6 +68,37 @@ pub fn health(context: &ApiContext) -> Value {
     })
 }
 
+/// The gateway's figures; every outcome and reason is present, 0 until seen.
+fn gateway(context: &ApiContext) -> Value {
+    use crate::gateway::{GatewayFailureReason, REQUEST_OUTCOMES, TUNNEL_OUTCOMES};
+    use crate::metrics::GatewayMetrics;
+    let figures = &context.metrics.gateway;
+    let counts = |counters: &prometheus::IntCounterVec, labels: &[&str]| {
+        let mut map: Map<String, Value> =
+            labels.iter().map(|l| (l.to_string(), json!(0))).collect();
+        for (label, n) in GatewayMetrics::by_label(counters) {
+            map.insert(label, json!(n));
+        }
+        Value::Object(map)
+    };
+    let reasons: Vec<&str> = GatewayFailureReason::ALL
+        .iter()
+        .map(|r| r.as_str())
+        .collect();
+    json!({
+        "enabled": context.config.gateway.bind.is_some(),
+        "connections_open": figures.connections_open.get(),
+        "connections_total": figures.connections_total.get(),
+        "connections_refused": figures.connections_refused.get(),
+        "requests": counts(&figures.requests, REQUEST_OUTCOMES),
+        "tunnels": counts(&figures.tunnels, TUNNEL_OUTCOMES),
+        "attempts": figures.attempts.get(),
+        "failures": counts(&figures.failures, &reasons),
+        "bytes": counts(&figures.bytes, &["to_client", "to_target"]),
+        "sessions": figures.sessions.get(),
+    })
+}
+
 pub fn cycle(summary: &CycleSummary) -> Value {
     json!({
         "started_at": time(summary.started_at),
@@ -187,6 +218,7 @@ pub fn stats(context: &ApiContext, now: DateTime<Utc>) -> Value {
             .collect::<Vec<_>>(),
         "database": if context.health.database_up() { "up" } else { "down" },
         "snapshot_age_seconds": context.health.snapshot_age_seconds(),
+        "gateway": gateway(context),
     })
 }
 

@@ -16,6 +16,7 @@
 //!    another's; no registry lock is ever requested while holding one.
 
 mod estimate;
+mod gateway;
 mod pick;
 mod registry;
 mod restore;
@@ -36,6 +37,7 @@ use parking_lot::{Mutex, RwLock};
 use crate::config::ScoringConfig;
 use crate::proxy::ActiveProxy;
 
+pub use gateway::proxy_key_of_url;
 use pick::{compile_filter, Picker};
 use registry::Registry;
 use source::{Rules, SourceState};
