@@ -136,7 +136,7 @@ fn main() {
     for run in 0..RUNS {
         let db = support::TestDb::new();
         let store = Store::connect(&DatabaseConfig {
-            url: db.url.clone(),
+            url: proxy_pool::secret::SecretUrl::new(db.url.clone()),
             pool_size: 2,
             checkout_timeout: Duration::from_secs(30),
         })

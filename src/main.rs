@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use proxy_pool::app::{self, Cli};
+use proxy_pool::cli::{self, Cli};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -23,19 +23,22 @@ fn main() -> ExitCode {
     };
     // The database driver logs statement parameters (proxy passwords among
     // them) at debug level: it stays at info unless RUST_LOG names it.
-    env_logger::Builder::new()
+    let mut logger = env_logger::Builder::new();
+    logger
         .filter_level(log::LevelFilter::Info)
         .filter_module("tokio_postgres", log::LevelFilter::Info)
         .filter_module("postgres", log::LevelFilter::Info)
         .parse_env(env_logger::Env::default())
-        .format_timestamp_millis()
-        .target(env_logger::Target::Stderr)
-        .init();
-    match app::run(cli) {
+        .format_timestamp_millis();
+    proxy_pool::logging::init(logger);
+    let outcome = cli::run(cli);
+    // Lines still queued for the log writer go out before the process ends.
+    log::logger().flush();
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");
-            ExitCode::from(app::exit_code(&err))
+            ExitCode::from(cli::exit_code(&err))
         }
     }
 }

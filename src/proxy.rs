@@ -7,9 +7,11 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 
-/// The protocol a proxy speaks to its clients.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// The protocol a proxy speaks to its clients; `Http` by default, as for a
+/// bare `host:port` line.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Protocol {
+    #[default]
     Http,
     /// An http proxy that is expected to tunnel CONNECT.
     Https,
@@ -154,18 +156,28 @@ impl ProxyKey {
     }
 }
 
+/// What stays as written in the userinfo part of a URL: RFC 3986's
+/// unreserved and sub-delims characters.
+const USERINFO_KEEP: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~')
+    .remove(b'!')
+    .remove(b'$')
+    .remove(b'&')
+    .remove(b'\'')
+    .remove(b'(')
+    .remove(b')')
+    .remove(b'*')
+    .remove(b'+')
+    .remove(b',')
+    .remove(b';')
+    .remove(b'=');
+
 /// Percent-encodes the characters that would break the userinfo part of a URL.
 pub fn percent_encode_userinfo(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for byte in text.bytes() {
-        let keep = byte.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=".contains(&byte);
-        if keep {
-            out.push(byte as char);
-        } else {
-            out.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    out
+    percent_encoding::utf8_percent_encode(text, USERINFO_KEEP).to_string()
 }
 
 /// An active proxy as the state manager serves it: identity plus the findings
@@ -184,6 +196,10 @@ pub struct ActiveProxy {
     /// `"Via: 1.1 squid"`; None for an elite proxy. Shared, so that a pick
     /// copies a pointer, not the text.
     pub anonymity_evidence: Option<Arc<str>>,
+    /// The address the judge saw its last successful check come from; None
+    /// when not known. Sites ban addresses: proxies that share one are
+    /// banned together (see the state manager).
+    pub exit_ip: Option<IpAddr>,
 }
 
 #[cfg(test)]

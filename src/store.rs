@@ -12,7 +12,7 @@ use postgres::types::Type;
 use postgres::NoTls;
 use r2d2_postgres::PostgresConnectionManager;
 
-use crate::config::{redact_url, DatabaseConfig};
+use crate::config::DatabaseConfig;
 use crate::proxy::{ActiveProxy, Anonymity, Protocol, ProxyKey};
 use crate::validator::check::HttpsFailure;
 use crate::validator::judge_answer::DeadReason;
@@ -110,9 +110,10 @@ impl Store {
         let mut pg_config: postgres::Config =
             config
                 .url
+                .expose()
                 .parse()
                 .map_err(|err: postgres::Error| StoreError::Url {
-                    url: redact_url(&config.url),
+                    url: config.url.to_string(),
                     message: err.to_string(),
                 })?;
         pg_config.connect_timeout(config.checkout_timeout);
@@ -165,7 +166,7 @@ impl Store {
         let mut conn = self.conn()?;
         let rows = conn.query(
             "SELECT id, protocol, ip, port, username, password, latency_ms, anonymity,
-                    country, supports_https, last_validated_at, anonymity_evidence
+                    country, supports_https, last_validated_at, anonymity_evidence, exit_ip
              FROM proxies WHERE is_active",
             &[],
         )?;
@@ -177,6 +178,7 @@ impl Store {
             let latency: Option<i32> = row.get(6);
             let anonymity: Option<String> = row.get(7);
             proxies.push(ActiveProxy {
+                exit_ip: row.get(12),
                 id: row.get(0),
                 key,
                 latency_ms: latency.and_then(|l| u32::try_from(l).ok()),

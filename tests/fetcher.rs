@@ -40,7 +40,7 @@ impl World {
     fn on(db: TestDb, spec: FarmSpec) -> World {
         let farm = Farm::start(spec).expect("farm");
         let store = Store::connect(&DatabaseConfig {
-            url: db.url.clone(),
+            url: proxy_pool::secret::SecretUrl::new(db.url.clone()),
             pool_size: 4,
             checkout_timeout: Duration::from_secs(10),
         })
@@ -431,7 +431,10 @@ fn a_hanging_list_does_not_delay_another_lists_schedule() {
     let fetcher = world.fetcher(&config, "test");
     let shutdown = Shutdown::new();
     let started = Instant::now();
-    let handles = fetcher.start(shutdown.signal()).expect("start");
+    let supervisor = proxy_pool::supervisor::Supervisor::new(shutdown.clone());
+    let handles = fetcher
+        .start(&supervisor, shutdown.signal())
+        .expect("start");
     // Fixed rate: fetches at 0, 1, 2, 3, 4 s, while `hang` holds its thread
     // for 2.5 s at a time.
     wait_for("five fetches of plain", Duration::from_millis(5500), || {
@@ -471,7 +474,10 @@ fn a_failing_list_backs_off_and_recovers() {
     );
     let fetcher = world.fetcher(&config, "test");
     let shutdown = Shutdown::new();
-    let handles = fetcher.start(shutdown.signal()).expect("start");
+    let supervisor = proxy_pool::supervisor::Supervisor::new(shutdown.clone());
+    let handles = fetcher
+        .start(&supervisor, shutdown.signal())
+        .expect("start");
     wait_for("the first failure", Duration::from_secs(3), || {
         fetcher.statuses()[0].consecutive_failures == 1
     });
@@ -513,7 +519,10 @@ fn retry_after_is_honoured_by_the_schedule() {
     );
     let fetcher = world.fetcher(&config, "test");
     let shutdown = Shutdown::new();
-    let handles = fetcher.start(shutdown.signal()).expect("start");
+    let supervisor = proxy_pool::supervisor::Supervisor::new(shutdown.clone());
+    let handles = fetcher
+        .start(&supervisor, shutdown.signal())
+        .expect("start");
     wait_for("the first attempt", Duration::from_secs(3), || {
         world.farm.list_hits("ratelimit") >= 1
     });
@@ -1427,7 +1436,10 @@ fn a_failing_list_warns_once_and_every_fetch_logs_a_summary() {
     );
     let fetcher = world.fetcher(&config, "test");
     let shutdown = Shutdown::new();
-    let handles = fetcher.start(shutdown.signal()).expect("start");
+    let supervisor = proxy_pool::supervisor::Supervisor::new(shutdown.clone());
+    let handles = fetcher
+        .start(&supervisor, shutdown.signal())
+        .expect("start");
     // The backoff is capped at the one-second grid: a retry every second.
     wait_for("four attempts", Duration::from_secs(8), || {
         world.farm.list_hits("error500") >= 4
@@ -1468,7 +1480,8 @@ fn a_start_up_fetch_skipped_for_the_fleet_is_logged_at_info() {
     // Instance b starts (or a restarts) within the interval.
     let second = world.fetcher(&config, "instance-b");
     let shutdown = Shutdown::new();
-    let handles = second.start(shutdown.signal()).expect("start");
+    let supervisor = proxy_pool::supervisor::Supervisor::new(shutdown.clone());
+    let handles = second.start(&supervisor, shutdown.signal()).expect("start");
     wait_for("the skip to be logged", Duration::from_secs(5), || {
         !captured_log::lines("fleet-list: fetched by instance-a at ").is_empty()
     });

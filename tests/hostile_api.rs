@@ -1074,3 +1074,47 @@ fn start_with_existing_config(dir: tempfile::TempDir) -> Service {
     assert_eq!(mode, now, "the config file's mode changed");
     service
 }
+
+/// Regression guard: `GET /nope%0Aforged` once wrote a second log line (the
+/// decoded path was logged with its newline). Nothing a client sends, in the
+/// path, the query or the method, may end a log line or forge another.
+#[test]
+fn client_text_cannot_forge_log_lines() {
+    let api = seeded_service("");
+    let forgeries = [
+        "/nope%0Aforged-1%20INFO%20access",
+        "/nope%0D%0Aforged-2",
+        "/nope%1B%5B31mforged-3%E2%80%A8forged-4",
+    ];
+    for target in forgeries {
+        let answer = get(&api.service.url(target));
+        assert_eq!(answer.status, 404, "{target}: {}", answer.body);
+    }
+    let request = format!(
+        "GET /get-proxy?source=%0Aforged-5 HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        api.addr()
+    );
+    let answer = raw_http(api.addr(), request.as_bytes());
+    assert!(
+        (400..500).contains(&answer.status),
+        "{} {}",
+        answer.status,
+        answer.body
+    );
+    wait_for(
+        "the access lines of the forged paths",
+        Duration::from_secs(10),
+        || {
+            api.service.log_contains("/nope\\nforged-1")
+                && api.service.log_contains("/nope\\r\\nforged-2")
+                && api
+                    .service
+                    .log_contains("/nope\\u{1b}[31mforged-3\\u{2028}forged-4")
+        },
+    );
+    let log = api.service.log_text();
+    for line in log.lines() {
+        let forged = line.starts_with("forged") || line.contains("\u{1b}") || line.contains('\r');
+        assert!(!forged, "a forged log line: {line:?}\n{log}");
+    }
+}

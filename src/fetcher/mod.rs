@@ -20,6 +20,7 @@ use crate::health::Health;
 use crate::scheduler::next_tick;
 use crate::shutdown::ShutdownSignal;
 use crate::store::{SourceYield, Store};
+use crate::supervisor::Supervisor;
 
 use self::download::{CacheValidators, DownloadError, Downloaded};
 use self::parse::{parse_list, ParseOptions};
@@ -364,15 +365,16 @@ impl Fetcher {
     /// fixed-rate grid, with exponential backoff after failures.
     pub fn start(
         self: &Arc<Self>,
+        supervisor: &Supervisor,
         shutdown: ShutdownSignal,
     ) -> std::io::Result<Vec<JoinHandle<()>>> {
         let mut handles = Vec::new();
         for index in 0..self.sources.len() {
             let fetcher = self.clone();
             let shutdown = shutdown.clone();
-            let handle = thread::Builder::new()
-                .name(format!("fetch-{index}"))
-                .spawn(move || fetcher.source_loop(index, shutdown))?;
+            let handle = supervisor.spawn(format!("fetch-{index}"), move || {
+                fetcher.source_loop(index, shutdown)
+            })?;
             handles.push(handle);
         }
         Ok(handles)

@@ -12,7 +12,7 @@
 use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
+use std::hash::BuildHasher;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::proxy::{Protocol, ProxyKey};
@@ -151,7 +151,8 @@ type Identity = (Protocol, IpAddr, u16, Option<String>);
 /// hash collision falls back to an exact set, so no proxy is ever lost.
 struct SeenSet {
     hasher: RandomState,
-    first_by_hash: HashMap<u64, usize, BuildHasherDefault<PassThroughHasher>>,
+    /// Keyed hashes already: FxHash only folds them into buckets.
+    first_by_hash: HashMap<u64, usize, rustc_hash::FxBuildHasher>,
     collided: HashSet<Identity>,
 }
 
@@ -186,26 +187,6 @@ impl SeenSet {
         }
         self.collided
             .insert((key.protocol, key.ip, key.port, key.username.clone()))
-    }
-}
-
-/// The map's keys are already keyed hashes; hashing them again is waste.
-#[derive(Default)]
-struct PassThroughHasher(u64);
-
-impl Hasher for PassThroughHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &byte in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(byte);
-        }
-    }
-
-    fn write_u64(&mut self, value: u64) {
-        self.0 = value;
     }
 }
 
@@ -394,30 +375,10 @@ fn parse_port(text: &str) -> Result<u16, RejectReason> {
 /// Decodes `%XX` escapes; a `%` not followed by two hex digits is kept as
 /// written (lists are sloppy), but the result must be UTF-8.
 fn percent_decode(text: &str) -> Result<String, RejectReason> {
-    if !text.contains('%') {
-        return Ok(text.to_string());
-    }
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut index = 0;
-    while index < bytes.len() {
-        let escaped = (bytes[index] == b'%')
-            .then(|| bytes.get(index + 1..index + 3))
-            .flatten()
-            .and_then(|hex| std::str::from_utf8(hex).ok())
-            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
-        match escaped {
-            Some(byte) => {
-                out.push(byte);
-                index += 3;
-            }
-            None => {
-                out.push(bytes[index]);
-                index += 1;
-            }
-        }
-    }
-    String::from_utf8(out).map_err(|_| RejectReason::BadCredentials)
+    percent_encoding::percent_decode_str(text)
+        .decode_utf8()
+        .map(|decoded| decoded.into_owned())
+        .map_err(|_| RejectReason::BadCredentials)
 }
 
 /// Whether `ip` is a globally routable unicast address a public proxy can

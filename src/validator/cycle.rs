@@ -450,6 +450,7 @@ fn write_results(
                         written.alive += 1;
                         progress.alive.fetch_add(1, Ordering::Relaxed);
                         activated.push(ActiveProxy {
+                            exit_ip: record.exit_ip,
                             id: due.id,
                             key: due.key,
                             latency_ms: Some(alive.latency_ms),

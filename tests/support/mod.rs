@@ -1016,3 +1016,4 @@ pub mod procfs {
             .unwrap_or(0)
     }
 }
+pub mod real;

@@ -151,6 +151,10 @@ pub struct ProxyGroup {
     pub connect_443_only: bool,
     /// How the credentials appear in the lists and the manifest.
     pub listing: Listing,
+    /// Proxies per exit: every `exit_group` consecutive proxies of this
+    /// group open their outgoing connections from one address, the first
+    /// one's (one exit behind many entry points). 1: each its own exit.
+    pub exit_group: usize,
 }
 
 impl ProxyGroup {
@@ -163,6 +167,7 @@ impl ProxyGroup {
             connect: behaviour == Behaviour::TlsIntercept,
             connect_443_only: false,
             listing: Listing::AsRequired,
+            exit_group: 1,
         }
     }
 
@@ -194,6 +199,13 @@ impl ProxyGroup {
 
     pub fn listed(mut self, listing: Listing) -> ProxyGroup {
         self.listing = listing;
+        self
+    }
+
+    /// Makes every `size` consecutive proxies of the group share one exit
+    /// address (at least 1).
+    pub fn exit_group(mut self, size: usize) -> ProxyGroup {
+        self.exit_group = size.max(1);
         self
     }
 }
