@@ -11,7 +11,7 @@ use anyhow::Context;
 use crate::app::{build_validator, instance_name};
 use crate::cli::UsageError;
 use crate::config::Config;
-use crate::fetcher::parse::{parse_list, ParseOptions};
+use crate::fetcher::parse::ParseOptions;
 use crate::fetcher::{FetchKind, Fetcher};
 use crate::health::Health;
 use crate::proxy::Protocol;
@@ -106,12 +106,17 @@ pub fn import(config: &Config, file: &str, protocol: Option<&str>) -> anyhow::Re
         allow_private_addresses: config.fetcher.allow_private_addresses,
     };
     let started = Instant::now();
-    let parsed = parse_list(&String::from_utf8_lossy(&bytes), &options);
-    for reject in parsed.first_rejects.iter() {
-        eprintln!(
-            "{file}:{}: rejected ({}): {}",
-            reject.line, reject.reason, reject.text
-        );
+    let crate::fetcher::ReadList { parsed, mut counts } =
+        crate::fetcher::read_list(&bytes, false, &options);
+    for reject in &parsed.first_rejects {
+        eprintln!("{file}: {reject}");
+    }
+    if let Some(reason) = parsed.not_a_list() {
+        out(&format!(
+            "{file}: {}, error: {reason}\n",
+            counts.describe(true, false)
+        ))?;
+        anyhow::bail!("{file}: {reason}");
     }
     let store = Store::connect(&config.database)?;
     store.migrate().context("migration failed")?;
@@ -120,16 +125,13 @@ pub fn import(config: &Config, file: &str, protocol: Option<&str>) -> anyhow::Re
     } else {
         format!("import:{file}")
     };
-    let counts = store
+    counts.new = store
         .upsert_listed(&source, &parsed.proxies)
-        .context("cannot store the proxies")?;
+        .context("cannot store the proxies")?
+        .new;
     out(&format!(
-        "{file}: {} lines, {} parsed, {} new, {} rejected, {} duplicates in {} ms",
-        parsed.lines,
-        parsed.proxies.len(),
-        counts.new,
-        parsed.rejected,
-        parsed.duplicates,
+        "{file}: {} in {} ms\n",
+        counts.describe(true, true),
         started.elapsed().as_millis()
     ))?;
     Ok(())

@@ -220,12 +220,12 @@ enum Kind {
     },
     /// A credential: empty means none; shown as `(set)`.
     Secret,
-    /// An absolute http(s) URL, required.
-    Url {
+    /// An absolute https URL, or nothing (empty).
+    MaybeHttpsUrl {
         default: &'static str,
     },
-    /// An absolute https URL; empty means none.
-    HttpsUrlOrNone {
+    /// An absolute http(s) URL, required.
+    Url {
         default: &'static str,
     },
     /// An IP address and port.
@@ -436,7 +436,7 @@ const KEYS: &[Key] = &[
     key!(
         "validator",
         "https_target",
-        Kind::HttpsUrlOrNone {
+        Kind::MaybeHttpsUrl {
             default: "https://httpbin.org/get?show_env=1"
         },
         validator.https_target
@@ -969,19 +969,22 @@ impl Reader<'_> {
                 )
             }
             Kind::Url { default } => Value::Text(self.url(section, name, default)),
-            Kind::HttpsUrlOrNone { default } => {
+            Kind::MaybeHttpsUrl { default } => {
                 let url = self.string(section, name, default);
+                if url.is_empty() {
+                    return Value::MaybeText(None);
+                }
                 let https = url
                     .get(..8)
                     .is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://"));
-                if !url.is_empty() && (!https || check_http_url(&url).is_err()) {
+                if !https || check_http_url(&url).is_err() {
                     self.problem(
                         section,
                         Some(name),
                         format!("expected an https:// URL or nothing, found {url:?}"),
                     );
                 }
-                Value::MaybeText(Some(url).filter(|url| !url.is_empty()))
+                Value::MaybeText(Some(url))
             }
             Kind::Addr { default } => Value::Addr(self.socket_addr(section, name, default)),
             Kind::Protocol { default } => Value::Protocol(self.protocol(section, name, default)),

@@ -468,6 +468,23 @@ impl Store {
     /// Each list's yield: proxies it listed, how many are active now, and how
     /// many were ever found alive.
     pub fn source_yields(&self) -> Result<Vec<SourceYield>, StoreError> {
+        self.yields_of(None)
+    }
+
+    /// One list's yield (zeros for a list that gave nothing yet), read at
+    /// once: a fetch's summary line must not wait for the next refresh.
+    pub fn source_yield(&self, source: &str) -> Result<SourceYield, StoreError> {
+        let found = self.yields_of(Some(source))?.pop();
+        Ok(found.unwrap_or_else(|| SourceYield {
+            source: source.to_string(),
+            listed: 0,
+            active_now: 0,
+            ever_active: 0,
+        }))
+    }
+
+    /// The yields of every list, or of `only` that one.
+    fn yields_of(&self, only: Option<&str>) -> Result<Vec<SourceYield>, StoreError> {
         let mut conn = self.conn()?;
         let rows = conn.query(
             // proxy_lists, without its join of proxies to itself.
@@ -476,16 +493,17 @@ impl Store {
                         count(*) FILTER (WHERE p.is_active) AS active,
                         count(*) FILTER (WHERE p.alive_count > 0) AS ever
                  FROM proxies p JOIN lists l ON l.id = p.first_list_id
+                 WHERE $1::text IS NULL OR l.name = $1
                  GROUP BY l.name
                  UNION ALL
                  SELECT s.source, count(*), count(*) FILTER (WHERE p.is_active),
                         count(*) FILTER (WHERE p.alive_count > 0)
                  FROM proxy_sources s JOIN proxies p ON p.id = s.proxy_id
                      LEFT JOIN lists f ON f.id = p.first_list_id
-                 WHERE f.name IS DISTINCT FROM s.source
+                 WHERE f.name IS DISTINCT FROM s.source AND ($1::text IS NULL OR s.source = $1)
                  GROUP BY s.source
              ) y GROUP BY source ORDER BY source",
-            &[],
+            &[&only],
         )?;
         Ok(rows
             .iter()
