@@ -1550,6 +1550,11 @@ mod tests {
         assert_eq!(config.fetcher.max_bytes, 10_485_760);
         assert!(!config.fetcher.allow_private_addresses);
         assert_eq!(config.validator.target, "http://httpbin.org/get?show_env=1");
+        assert_eq!(
+            config.validator.https_target.as_deref(),
+            Some("https://httpbin.org/get?show_env=1")
+        );
+        assert_eq!(config.validator.https_ca_file, None);
         assert_eq!(config.validator.timeout, Duration::from_millis(5000));
         assert_eq!(
             config.validator.connect_timeout,

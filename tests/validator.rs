@@ -54,23 +54,46 @@ use support::{wait_for, Service, TestConfig, TestDb};
 const TIMEOUT_MS: u64 = 3000;
 const CONNECT_TIMEOUT_MS: u64 = 1000;
 
-/// The farm's https judge for every test of this file, started once.
-fn https_judge() -> SocketAddr {
-    static JUDGE: OnceLock<SocketAddr> = OnceLock::new();
-    *JUDGE.get_or_init(|| {
+/// The farm's https judge for every test of this file, started once, and
+/// the file with the CA that verifies it.
+struct HttpsJudge {
+    judge: proxy_farm::TlsJudge,
+    ca_file: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+fn https_judge() -> &'static HttpsJudge {
+    static JUDGE: OnceLock<HttpsJudge> = OnceLock::new();
+    JUDGE.get_or_init(|| {
+        let ca = proxy_farm::TestCa::new("proxy-pool validator tests").expect("test CA");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca_file = dir.path().join("ca.pem");
+        ca.write_pem(&ca_file).expect("write the CA");
         // Port 443 where the tests may bind it, on an address of its own
         // (another test run may hold one).
         let start = fastrand::u8(1..=64);
         for offset in 0..64u8 {
             let last = (start + offset - 1) % 64 + 1;
-            let address = SocketAddr::from(([127, 44, 0, last], 443));
-            if let Ok(bound) = proxy_farm::start_tls_judge(address) {
-                return bound;
+            let ip = IpAddr::from([127, 44, 0, last]);
+            let cert = ca.server_cert(&[ip]).expect("judge certificate");
+            if let Ok(judge) = proxy_farm::TlsJudge::start(SocketAddr::new(ip, 443), &cert) {
+                return HttpsJudge {
+                    judge,
+                    ca_file,
+                    _dir: dir,
+                };
             }
         }
         eprintln!("cannot bind port 443 (not root?): the https judge takes any port");
-        proxy_farm::start_tls_judge(SocketAddr::from(([127, 44, 0, 1], 0)))
-            .expect("start the https judge")
+        let ip = IpAddr::from([127, 44, 0, 1]);
+        let cert = ca.server_cert(&[ip]).expect("judge certificate");
+        let judge = proxy_farm::TlsJudge::start(SocketAddr::new(ip, 0), &cert)
+            .expect("start the https judge");
+        HttpsJudge {
+            judge,
+            ca_file,
+            _dir: dir,
+        }
     })
 }
 
@@ -86,7 +109,7 @@ struct Rig {
 impl Rig {
     fn new(spec: FarmSpec) -> Rig {
         let db = TestDb::new();
-        let spec = spec.https_judge_port(https_judge().port());
+        let spec = spec.https_judge_port(https_judge().judge.address().port());
         let farm = Farm::start(spec).expect("start the farm");
         let config = config(&db.url, &farm, 16);
         let store = Store::connect(&config.database).expect("store");
@@ -242,9 +265,8 @@ fn config(database_url: &str, farm: &Farm, workers: usize) -> Config {
 fn config_ini(database_url: &str, farm: &Farm, workers: usize) -> String {
     let judge_url = farm.judge_url();
     let list_url = farm.list_url("plain");
-    let https_url = format!("https://{}/get?show_env=1", https_judge());
-    let ca_file = proxy_farm::tls_judge_ca_file();
-    let ca_file = ca_file.display();
+    let https_url = format!("{}?show_env=1", https_judge().judge.url());
+    let ca_file = https_judge().ca_file.display();
     format!(
         "[database]\nurl = {database_url}\npool_size = 8\n\
          [server]\nbind = 127.0.0.1:0\n\

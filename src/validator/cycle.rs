@@ -103,13 +103,14 @@ impl CycleSummary {
             .iter()
             .map(|(reason, n)| format!("{reason}={n}"))
             .collect();
+        // Last, so that the line's start keeps its shape for its readers.
         let leased = if self.leased_by_others > 0 {
-            format!(", {} leased by other instances", self.leased_by_others)
+            format!("; {} due leased by other instances", self.leased_by_others)
         } else {
             String::new()
         };
         format!(
-            "validation cycle: {} due{leased}, {} checked, {} alive, {} dead ({}) in {} ms (writes {} ms){}",
+            "validation cycle: {} due, {} checked, {} alive, {} dead ({}) in {} ms (writes {} ms){leased}{}",
             self.due,
             self.checked,
             self.alive,
@@ -617,7 +618,11 @@ mod tests {
         assert_eq!(counts.get("refused"), Some(&1));
         let line = summary.summary_line();
         assert!(
-            line.contains("200 due, 197 leased by other instances, 3 checked"),
+            line.starts_with("validation cycle: 200 due, 3 checked"),
+            "{line}"
+        );
+        assert!(
+            line.ends_with("; 197 due leased by other instances"),
             "{line}"
         );
         let all_leased = CycleSummary {

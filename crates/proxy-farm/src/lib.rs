@@ -39,7 +39,7 @@ use socket2::{Domain, Socket, Type};
 
 pub use lists::BUILT_IN as BUILT_IN_LISTS;
 pub use manifest::ManifestEntry;
-pub use proxies::{start_tls_judge, tls_judge_ca_file, INJECTED_ORIGIN, VIA};
+pub use proxies::{INJECTED_ORIGIN, VIA};
 pub use spec::{Behaviour, Credentials, FarmSpec, Listing, Mix, ProxyGroup};
 pub use tls::{ServerCert, TestCa, TlsJudge};
 

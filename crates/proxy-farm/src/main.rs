@@ -1,7 +1,7 @@
 //! `proxy-farm`: runs the test proxy farm standalone, so that a user can point
 //! proxy-pool at it and watch the pool fill up with no internet at all.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -10,7 +10,7 @@ use clap::Parser;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
-use proxy_farm::{Farm, FarmSpec, Mix, BUILT_IN_LISTS};
+use proxy_farm::{Farm, FarmSpec, Mix, TestCa, TlsJudge, BUILT_IN_LISTS};
 
 /// A judge, proxy lists and simulated proxies on loopback, for offline demos
 /// and benchmarks of proxy-pool.
@@ -63,13 +63,25 @@ fn run(args: Args) -> anyhow::Result<()> {
     };
     // The https judge of the demo: port 443 where it may bind (as root), so
     // that proxies tunnelling to 443 only support https, as stock squid does.
-    let https_judge = proxy_farm::start_tls_judge(SocketAddr::from(([127, 44, 0, 1], 443)))
-        .or_else(|_| proxy_farm::start_tls_judge(SocketAddr::from(([127, 44, 0, 1], 0))))
+    let ca = TestCa::new("proxy-farm demo CA").context("cannot make the demo's CA")?;
+    let judge_ip = IpAddr::from([127, 44, 0, 1]);
+    let cert = ca
+        .server_cert(&[judge_ip])
+        .context("cannot make the https judge's certificate")?;
+    let https_judge = TlsJudge::start(SocketAddr::new(judge_ip, 443), &cert)
+        .or_else(|_| TlsJudge::start(SocketAddr::new(judge_ip, 0), &cert))
         .context("cannot start the farm's https judge")?;
+    let ca_file = std::env::temp_dir().join(format!("proxy-farm-ca-{}.pem", std::process::id()));
+    ca.write_pem(&ca_file)
+        .with_context(|| format!("cannot write the CA to {}", ca_file.display()))?;
+    let https = HttpsJudgeLines {
+        url: format!("{}?show_env=1", https_judge.url()),
+        ca_file,
+    };
     let spec = spec
         .listen(args.listen)
         .huge_lines(args.huge_lines)
-        .https_judge_port(https_judge.port());
+        .https_judge_port(https_judge.address().port());
     let mut signals = Signals::new([SIGINT, SIGTERM]).context("cannot install signal handlers")?;
     let farm =
         Farm::start(spec).with_context(|| format!("cannot start the farm on {}", args.listen))?;
@@ -78,11 +90,11 @@ fn run(args: Args) -> anyhow::Result<()> {
             .with_context(|| format!("cannot write the manifest to {}", path.display()))?;
     }
     if let Some(path) = &args.write_config {
-        std::fs::write(path, demo_config(&farm, https_judge))
+        std::fs::write(path, demo_config(&farm, &https))
             .with_context(|| format!("cannot write the config to {}", path.display()))?;
         println!("proxy-pool config written to {}", path.display());
     }
-    print_summary(&farm, https_judge, args.manifest.as_deref());
+    print_summary(&farm, &https, args.manifest.as_deref());
     if let Some(signal) = signals.forever().next() {
         log::info!("signal {signal} received, stopping the farm");
     }
@@ -125,7 +137,7 @@ fn parse_mix(shares: &str, latency: &str) -> anyhow::Result<Mix> {
     })
 }
 
-fn print_summary(farm: &Farm, https_judge: SocketAddr, manifest: Option<&std::path::Path>) {
+fn print_summary(farm: &Farm, https: &HttpsJudgeLines, manifest: Option<&std::path::Path>) {
     let alive = farm.manifest().iter().filter(|entry| entry.alive).count();
     println!(
         "proxy farm: {} proxies ({alive} expected alive)",
@@ -141,14 +153,20 @@ fn print_summary(farm: &Farm, https_judge: SocketAddr, manifest: Option<&std::pa
     }
     println!();
     println!("config.ini for proxy-pool (add a [database] url unless DATABASE_URL is set):");
-    print!("{}", demo_config(farm, https_judge));
+    print!("{}", demo_config(farm, https));
     println!();
     println!("stop with Ctrl-C");
 }
 
 /// A proxy-pool configuration that fetches this farm's lists and validates
 /// against its judge, on a short schedule so the pool fills within seconds.
-fn demo_config(farm: &Farm, https_judge: SocketAddr) -> String {
+/// The https judge's lines of the demo config.
+struct HttpsJudgeLines {
+    url: String,
+    ca_file: PathBuf,
+}
+
+fn demo_config(farm: &Farm, https: &HttpsJudgeLines) -> String {
     // Debian's tor-geoipdb, when installed, gives the demo its countries.
     let geoip = if std::path::Path::new(TOR_GEOIP).is_file() {
         format!("\n[geoip]\ndatabase = {TOR_GEOIP}\n")
@@ -166,14 +184,15 @@ fn demo_config(farm: &Farm, https_judge: SocketAddr) -> String {
          interval_seconds = 120\n\n\
          [validator]\n\
          validation_target = {judge}\n\
-         https_target = https://{https_judge}/get?show_env=1\n\
+         https_target = {https_url}\n\
          https_ca_file = {ca_file}\n\
          validation_timeout_ms = 2000\n\
          connect_timeout_ms = 1000\n\
          revalidate_after_seconds = 60\n\n\
          [scheduler]\n\
          interval_seconds = 15\n{geoip}",
-        ca_file = proxy_farm::tls_judge_ca_file().display(),
+        https_url = https.url,
+        ca_file = https.ca_file.display(),
         schemes = farm.list_url("schemes"),
         junk = farm.list_url("junk"),
         judge = farm.judge_url(),

@@ -2,12 +2,9 @@
 //! Every upstream connection leaves from the proxy's own loopback address, so
 //! the judge sees the proxy as the origin, and goes only to loopback.
 
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::sync::{Arc, OnceLock};
-use std::thread;
 use std::time::{Duration, Instant};
-
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 use crate::spec::{Behaviour, Credentials};
 use crate::wire::{self, Bound, Head};
@@ -199,7 +196,9 @@ fn serve_http(
                 b"HTTP/1.1 200 Connection established\r\n\r\n",
                 bound,
             )?;
-            serve_tls_echo(client, intercepting_tls(), config.exit_ip);
+            if let Some(tls) = intercepting_tls() {
+                let _ = crate::tls::serve_judge_tls(client, peer, tls);
+            }
             return Ok(());
         }
         let upstream = match wire::connect_from(config.exit_ip, target, UPSTREAM_CONNECT_TIMEOUT) {
@@ -465,81 +464,19 @@ fn huge_header(client: &mut TcpStream, bound: Bound) -> std::io::Result<()> {
     )
 }
 
-/// The test https judge's certificate, key and CA (throwaway, for loopback
-/// tests only): valid for 127.0.0.1, `localhost` and 127.44.0.1-64.
-const JUDGE_CERT: &[u8] = include_bytes!("../../../src/validator/testdata/judge.pem");
-const JUDGE_KEY: &[u8] = include_bytes!("../../../src/validator/testdata/judge.key");
-/// A certificate for 127.0.0.1 that no root vouches for: what a proxy reading
-/// its clients' TLS presents.
-const INTERCEPT_CERT: &[u8] = include_bytes!("../../../src/validator/testdata/intercept.pem");
-const INTERCEPT_KEY: &[u8] = include_bytes!("../../../src/validator/testdata/intercept.key");
-
-/// The CA file a validator needs (`https_ca_file`) to trust [`start_tls_judge`].
-pub fn tls_judge_ca_file() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../src/validator/testdata/ca.pem")
-}
-
-fn server_tls(cert_pem: &[u8], key_pem: &[u8]) -> Arc<rustls::ServerConfig> {
-    use rustls::pki_types::pem::PemObject;
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
-        .collect::<Result<_, _>>()
-        .expect("the farm's test certificate");
-    let key = PrivatePkcs8KeyDer::from_pem_slice(key_pem).expect("the farm's test key");
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .and_then(|builder| {
-            builder
-                .with_no_client_auth()
-                .with_single_cert(certs, PrivateKeyDer::Pkcs8(key))
+/// What a TLS-intercepting proxy presents: a certificate for loopback that
+/// no root vouches for (made once per process).
+fn intercepting_tls() -> Option<Arc<rustls::ServerConfig>> {
+    static CONFIG: OnceLock<Option<Arc<rustls::ServerConfig>>> = OnceLock::new();
+    CONFIG
+        .get_or_init(|| {
+            let loopback = [IpAddr::from([127, 0, 0, 1])];
+            crate::tls::ServerCert::interceptor(&loopback)
+                .and_then(|cert| cert.server_config())
+                .map_err(|error| log::warn!("no interceptor certificate: {error}"))
+                .ok()
         })
-        .expect("the farm's TLS configuration");
-    Arc::new(config)
-}
-
-fn judge_tls() -> Arc<rustls::ServerConfig> {
-    static CONFIG: OnceLock<Arc<rustls::ServerConfig>> = OnceLock::new();
-    CONFIG
-        .get_or_init(|| server_tls(JUDGE_CERT, JUDGE_KEY))
         .clone()
-}
-
-fn intercepting_tls() -> Arc<rustls::ServerConfig> {
-    static CONFIG: OnceLock<Arc<rustls::ServerConfig>> = OnceLock::new();
-    CONFIG
-        .get_or_init(|| server_tls(INTERCEPT_CERT, INTERCEPT_KEY))
-        .clone()
-}
-
-/// Starts an https judge (the judge's echo over TLS, certificate signed by
-/// [`tls_judge_ca_file`]) on `address` (port 443 on a 127.44.0.x address
-/// as root: the port stock proxies tunnel to). Its threads live as long as
-/// the process. Returns the address it listens on.
-pub fn start_tls_judge(address: SocketAddr) -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind(address)?;
-    let bound = listener.local_addr()?;
-    thread::Builder::new()
-        .name("farm-tls-judge".into())
-        .stack_size(128 * 1024)
-        .spawn(move || {
-            for stream in listener.incoming().flatten() {
-                let Ok(peer) = stream.peer_addr() else {
-                    continue;
-                };
-                let _ = thread::Builder::new()
-                    .stack_size(256 * 1024)
-                    .spawn(move || serve_tls_echo(stream, judge_tls(), peer.ip()));
-            }
-        })?;
-    Ok(bound)
-}
-
-/// Answers one request on `stream` over TLS with `tls`'s certificate: the
-/// judge's echo, with `origin` as the origin.
-fn serve_tls_echo(stream: TcpStream, tls: Arc<rustls::ServerConfig>, origin: IpAddr) {
-    if let Err(error) = crate::tls::serve_judge_tls(stream, SocketAddr::new(origin, 0), tls) {
-        log::debug!("farm tls judge: {error}");
-    }
 }
 
 /// A fake origin in a documentation range (RFC 5737): never a real host.
