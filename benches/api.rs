@@ -4,7 +4,12 @@
 //! at concurrency 1, 16 and 64 against the real binary and against a bare
 //! rouille server answering the same bytes with the same worker count (the
 //! ceiling of the HTTP stack), plus in-process call times, snapshot write
-//! time and size, start-up time, RSS, and what the access log costs.
+//! time and size, start-up time, RSS, and what the access log costs; and the
+//! front end as a user runs it (the default config, so `RUST_LOG=info` and
+//! its access log) beside nginx answering the same body with `return 200`
+//! (Debian's nginx-light, its own config, pid and log files in a temporary
+//! directory, never the system service), at c=16 and c=64, with the
+//! targets: get-proxy at c=64 at least 75% of nginx's req/s, p99 no higher.
 //!
 //! Run with `scripts/with-postgres.sh -- cargo bench --bench api`; skips
 //! without DATABASE_URL or wrk. BENCH_SECONDS (default 3) sets each wrk run,
@@ -13,7 +18,8 @@
 //! PROXY_POOL_BIN the service binary (default: the one cargo built),
 //! BENCH_DIR where the service's directory and snapshot go (default: the
 //! system's temporary directory), BENCH_ONLY=sync runs only the get-proxy
-//! comparison with and without a memory sync every second.
+//! comparison with and without a memory sync every second, BENCH_ONLY=nginx
+//! only the comparison with nginx (skipped when nginx is not installed).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -118,6 +124,20 @@ fn main() {
     if std::env::var("BENCH_ONLY").as_deref() == Ok("sync") {
         sync_phase.run(&service, &baseline, &mut report);
         service.stop();
+        report.print(workers, seconds, rounds);
+        return;
+    }
+    let nginx_phase = NginxPhase {
+        snapshot_path: &snapshot_path,
+        config: service_config(&db.url, workers, 86400),
+        get_path: &get_path,
+        body: &sample,
+        seconds,
+        rounds,
+    };
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("nginx") {
+        service.stop();
+        nginx_phase.run(&mut report);
         report.print(workers, seconds, rounds);
         return;
     }
@@ -228,7 +248,188 @@ fn main() {
 
     sync_phase.run(&service, &baseline, &mut report);
     service.stop();
+    nginx_phase.run(&mut report);
     report.print(workers, seconds, rounds);
+}
+
+/// get-proxy under the default config (RUST_LOG=info, access log on) beside
+/// nginx's `return 200` of the same body, interleaved, at c=16 and c=64.
+struct NginxPhase<'a> {
+    snapshot_path: &'a Path,
+    config: String,
+    get_path: &'a str,
+    body: &'a str,
+    seconds: u64,
+    rounds: usize,
+}
+
+impl NginxPhase<'_> {
+    fn run(&self, report: &mut Report) {
+        report.line(String::new());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let nginx = match Nginx::start(dir.path(), self.body) {
+            Ok(nginx) => nginx,
+            Err(reason) => {
+                report.line(format!("nginx comparison skipped: {reason}"));
+                return;
+            }
+        };
+        let service_dir = tempfile::tempdir().expect("tempdir");
+        std::fs::copy(self.snapshot_path, service_dir.path().join("stats.bin"))
+            .expect("copy the snapshot");
+        let mut service = RunningService::start(service_dir.path(), &self.config, "info");
+        let check = http_get(&nginx.addr, self.get_path);
+        assert_eq!(check, self.body, "nginx answers the same body");
+        let mut rows = Vec::new();
+        for c in [16, 64] {
+            let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+            for _ in 0..self.rounds {
+                ours.push(wrk(&service.addr, self.get_path, None, c, self.seconds));
+                theirs.push(wrk(&nginx.addr, self.get_path, None, c, self.seconds));
+            }
+            rows.push((c, WrkResult::median(ours), WrkResult::median(theirs)));
+        }
+        let lines = service.lines();
+        service.stop();
+        report.line(format!(
+            "get-proxy with the default config (RUST_LOG=info, {lines} log lines drained) beside {} (`return 200` of the same {} bytes, access log on):",
+            nginx.version,
+            self.body.len()
+        ));
+        report.line(format!(
+            "{:>3} | {:>9} {:>8} {:>8} | {:>9} {:>8} {:>8} | {:>9} {:>9}",
+            "c",
+            "svc req/s",
+            "p50 ms",
+            "p99 ms",
+            "nginx r/s",
+            "p50 ms",
+            "p99 ms",
+            "req/s %",
+            "p99 x"
+        ));
+        for (c, ours, theirs) in &rows {
+            report.line(format!(
+                "{:>3} | {:>9.0} {:>8.3} {:>8.3} | {:>9.0} {:>8.3} {:>8.3} | {:>8.0}% {:>8.2}x{}",
+                c,
+                ours.rps,
+                ours.p50_ms,
+                ours.p99_ms,
+                theirs.rps,
+                theirs.p50_ms,
+                theirs.p99_ms,
+                100.0 * ours.rps / theirs.rps.max(1.0),
+                ours.p99_ms / theirs.p99_ms.max(1e-3),
+                if ours.errors > 0 {
+                    format!("  ({} non-2xx)", ours.errors)
+                } else {
+                    String::new()
+                }
+            ));
+        }
+        if let Some((_, ours, theirs)) = rows.iter().find(|(c, _, _)| *c == 64) {
+            let rps_ok = ours.rps >= 0.75 * theirs.rps;
+            let p99_ok = ours.p99_ms <= theirs.p99_ms;
+            report.line(format!(
+                "targets at c=64: req/s >= 75% of nginx: {}; p99 <= nginx's: {}",
+                if rps_ok { "met" } else { "NOT met" },
+                if p99_ok { "met" } else { "NOT met" }
+            ));
+        }
+        if let Some(c16) = rows.iter().find(|(c, _, _)| *c == 16) {
+            if let Some(c64) = rows.iter().find(|(c, _, _)| *c == 64) {
+                report.line(format!(
+                    "c=64 / c=16 req/s: {:.0}%",
+                    100.0 * c64.1.rps / c16.1.rps.max(1.0)
+                ));
+            }
+        }
+    }
+}
+
+/// nginx on a free loopback port, its config, pid and logs in `dir`.
+struct Nginx {
+    child: Child,
+    addr: String,
+    version: String,
+}
+
+impl Nginx {
+    fn start(dir: &Path, body: &str) -> Result<Nginx, String> {
+        let binary = ["/usr/sbin/nginx", "nginx"]
+            .into_iter()
+            .find(|b| Command::new(b).arg("-v").output().is_ok())
+            .ok_or("nginx is not installed (apt-get install -y nginx-light)")?;
+        let version = Command::new(binary)
+            .arg("-v")
+            .output()
+            .map(|o| {
+                let text = String::from_utf8_lossy(&o.stderr);
+                text.trim()
+                    .trim_start_matches("nginx version: ")
+                    .to_string()
+            })
+            .unwrap_or_default();
+        if body.contains('$') {
+            return Err("the body holds a '$', which nginx would take for a variable".into());
+        }
+        let literal = body.replace('\\', "\\\\").replace('\'', "\\'");
+        // A free port: bound here, released, then taken by nginx.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| e.to_string())?
+            .port();
+        let d = dir.display();
+        // Debian's defaults where they matter (worker_processes auto, an
+        // access log), every path inside `dir`.
+        let config = format!(
+            "worker_processes auto;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+             events {{ worker_connections 1024; }}\n\
+             http {{\n  access_log {d}/access.log;\n  client_body_temp_path {d}/body;\n\
+             proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n\
+             uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+             keepalive_timeout 65;\n\
+             server {{\n    listen 127.0.0.1:{port};\n\
+             location / {{\n      default_type application/json;\n      return 200 '{literal}';\n    }}\n  }}\n}}\n"
+        );
+        let path = dir.join("nginx.conf");
+        std::fs::write(&path, config).map_err(|e| e.to_string())?;
+        let child = Command::new(binary)
+            .arg("-p")
+            .arg(dir)
+            .arg("-c")
+            .arg(&path)
+            .args(["-g", "daemon off;"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start nginx: {e}"))?;
+        let addr = format!("127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(&addr).is_err() {
+            if Instant::now() > deadline {
+                let log = std::fs::read_to_string(dir.join("error.log")).unwrap_or_default();
+                return Err(format!("nginx did not listen on {addr}: {log}"));
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        Ok(Nginx {
+            child,
+            addr,
+            version,
+        })
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SIGQUIT: the master stops its workers and exits.
+        let _ = Command::new("kill")
+            .args(["-QUIT", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
 }
 
 /// get-proxy at c=64 against a second service whose memory sync reloads the
@@ -562,7 +763,7 @@ fn service_config(database_url: &str, workers: usize, sync_seconds: u64) -> Stri
         "[database]\nurl = {database_url}\n\
          [server]\nbind = 127.0.0.1:0\nworkers = {workers}\nmax_body_bytes = 1048576\n\
          [fetcher]\nsource_urls = http://127.0.0.1:9/list.txt\ninterval_seconds = 86400\ntimeout_ms = 500\nallow_private_addresses = true\n\
-         [validator]\nvalidation_target = http://127.0.0.1:9/get\nvalidation_timeout_ms = 1000\nconnect_timeout_ms = 500\n\
+         [validator]\nvalidation_target = http://127.0.0.1:9/get\nhttps_target =\nvalidation_timeout_ms = 1000\nconnect_timeout_ms = 500\n\
          [scheduler]\ninterval_seconds = 86400\n\
          [state]\nsnapshot_path = stats.bin\nsnapshot_interval_seconds = 86400\nsync_interval_seconds = {sync_seconds}\n"
     )

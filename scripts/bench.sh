@@ -16,13 +16,27 @@ echo "date:    $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 
 cargo build --release --workspace --bins --benches --locked >&2
 
-# The API benchmark drives the service with wrk (and skips without it).
-if [[ " ${selected[*]} " == *" api "* ]] && ! command -v wrk >/dev/null 2>&1; then
-  echo "wrk not found: installing Debian's wrk package" >&2
-  sudo=""
-  [ "$(id -u)" -ne 0 ] && sudo="sudo"
-  $sudo apt-get update -qq >&2
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq wrk >&2
+# The API benchmark drives the service with wrk (and skips without it), and
+# compares it with nginx answering the same body (Debian's nginx-light, run
+# from a temporary directory by the benchmark, never as the system service).
+if [[ " ${selected[*]} " == *" api "* ]]; then
+  missing=()
+  command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+  [ -x /usr/sbin/nginx ] || command -v nginx >/dev/null 2>&1 || missing+=(nginx-light)
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing Debian's ${missing[*]}" >&2
+    sudo=""
+    [ "$(id -u)" -ne 0 ] && sudo="sudo"
+    $sudo apt-get update -qq >&2
+    # policy-rc.d exit 101: the package must not start the system service.
+    policy=/usr/sbin/policy-rc.d
+    if [ ! -e "$policy" ]; then
+      printf '#!/bin/sh\nexit 101\n' | $sudo tee "$policy" >/dev/null
+      $sudo chmod +x "$policy"
+      trap '$sudo rm -f "$policy"' EXIT
+    fi
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >&2
+  fi
 fi
 
 run() {

@@ -71,7 +71,8 @@ pub fn due_policy(config: &Config) -> DuePolicy {
         // A claimed proxy waits behind at most two rounds of checks in
         // flight, each within the timeout; after the lease, another
         // instance may take it over (its claimer died).
-        lease: config.validator.timeout * 4 + Duration::from_secs(5),
+        lease: crate::validator::check::max_check_duration(&config.validator) * 4
+            + Duration::from_secs(5),
     }
 }
 

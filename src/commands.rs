@@ -11,16 +11,27 @@ use anyhow::Context;
 use crate::app::{build_validator, instance_name};
 use crate::cli::UsageError;
 use crate::config::Config;
-use crate::fetcher::parse::{parse_list, ParseOptions};
+use crate::fetcher::parse::ParseOptions;
 use crate::fetcher::{FetchKind, Fetcher};
 use crate::health::Health;
 use crate::proxy::Protocol;
 use crate::shutdown::ShutdownSignal;
 use crate::state::State;
 use crate::store::Store;
+use crate::validator::cycle::SkipReason;
 
 pub fn check_config(config: &Config) -> anyhow::Result<()> {
-    out(&config.to_string())
+    out(&config.to_string())?;
+    if config.server.max_body_bytes < crate::api::FULL_FEEDBACK_BATCH_BYTES {
+        log::warn!(
+            "[server] max_body_bytes = {} is too small for a full /feedback batch: \
+             {} items of the largest size need {} bytes",
+            config.server.max_body_bytes,
+            crate::api::MAX_FEEDBACK_ITEMS,
+            crate::api::FULL_FEEDBACK_BATCH_BYTES
+        );
+    }
+    Ok(())
 }
 
 pub fn migrate(config: &Config) -> anyhow::Result<()> {
@@ -95,12 +106,17 @@ pub fn import(config: &Config, file: &str, protocol: Option<&str>) -> anyhow::Re
         allow_private_addresses: config.fetcher.allow_private_addresses,
     };
     let started = Instant::now();
-    let parsed = parse_list(&String::from_utf8_lossy(&bytes), &options);
-    for reject in parsed.first_rejects.iter() {
-        eprintln!(
-            "{file}:{}: rejected ({}): {}",
-            reject.line, reject.reason, reject.text
-        );
+    let crate::fetcher::ReadList { parsed, mut counts } =
+        crate::fetcher::read_list(&bytes, false, &options);
+    for reject in &parsed.first_rejects {
+        eprintln!("{file}: {reject}");
+    }
+    if let Some(reason) = parsed.not_a_list() {
+        out(&format!(
+            "{file}: {}, error: {reason}\n",
+            counts.describe(true, false)
+        ))?;
+        anyhow::bail!("{file}: {reason}");
     }
     let store = Store::connect(&config.database)?;
     store.migrate().context("migration failed")?;
@@ -109,16 +125,13 @@ pub fn import(config: &Config, file: &str, protocol: Option<&str>) -> anyhow::Re
     } else {
         format!("import:{file}")
     };
-    let counts = store
+    counts.new = store
         .upsert_listed(&source, &parsed.proxies)
-        .context("cannot store the proxies")?;
+        .context("cannot store the proxies")?
+        .new;
     out(&format!(
-        "{file}: {} lines, {} parsed, {} new, {} rejected, {} duplicates in {} ms",
-        parsed.lines,
-        parsed.proxies.len(),
-        counts.new,
-        parsed.rejected,
-        parsed.duplicates,
+        "{file}: {} in {} ms\n",
+        counts.describe(true, true),
         started.elapsed().as_millis()
     ))?;
     Ok(())
@@ -147,8 +160,8 @@ pub fn validate(config: &Config) -> anyhow::Result<()> {
     let validator = build_validator(config, store, state, health)?;
     let summary = validator.run_cycle(&ShutdownSignal::never());
     out(&format!("{}\n", summary.summary_line()))?;
-    if let Some(reason) = summary.skipped {
-        if summary.checked == 0 && reason.starts_with("judge") {
+    if let Some(reason @ SkipReason::JudgeUnreachable(_)) = summary.skipped {
+        if summary.checked == 0 {
             anyhow::bail!("{reason}");
         }
     }

@@ -12,8 +12,9 @@ use crate::proxy::Protocol;
 pub use crate::secret::redact_url;
 use crate::secret::{Secret, SecretUrl};
 
-/// `[server] max_body_bytes` when unset.
-pub const DEFAULT_MAX_BODY_BYTES: u64 = 65536;
+/// `[server] max_body_bytes` when unset: room for a full feedback batch of
+/// the largest items, and some.
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 1 << 20;
 
 /// The validated configuration of one proxy-pool instance.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -90,6 +91,10 @@ pub struct SourceConfig {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ValidatorConfig {
     pub target: String,
+    /// The https check's judge; `None` (empty): no https check.
+    pub https_target: Option<String>,
+    /// Extra PEM roots for `https_target`, beside the system's.
+    pub https_ca_file: Option<PathBuf>,
     pub timeout: Duration,
     pub connect_timeout: Duration,
     pub workers: usize,
@@ -222,6 +227,10 @@ enum Kind {
     },
     /// A credential: empty means none; shown as `(set)`.
     Secret,
+    /// An absolute https URL, or nothing (empty).
+    MaybeHttpsUrl {
+        default: &'static str,
+    },
     /// An absolute http(s) URL, required.
     Url {
         default: &'static str,
@@ -254,6 +263,7 @@ enum Value {
     Ratio(f64),
     Flag(bool),
     Text(String),
+    MaybeText(Option<String>),
     Secret(Option<Secret>),
     Url(SecretUrl),
     Addr(SocketAddr),
@@ -429,6 +439,20 @@ const KEYS: &[Key] = &[
             default: "http://httpbin.org/get?show_env=1"
         },
         validator.target
+    ),
+    key!(
+        "validator",
+        "https_target",
+        Kind::MaybeHttpsUrl {
+            default: "https://httpbin.org/get?show_env=1"
+        },
+        validator.https_target
+    ),
+    key!(
+        "validator",
+        "https_ca_file",
+        Kind::Path { default: "" },
+        validator.https_ca_file
     ),
     key!(
         "validator",
@@ -647,6 +671,7 @@ plain_field!(Option<Secret>, Secret);
 plain_field!(SecretUrl, Url);
 plain_field!(Option<Duration>, MaybeDuration);
 plain_field!(Option<PathBuf>, Path);
+plain_field!(Option<String>, MaybeText);
 
 plain_field!(Duration, Duration);
 
@@ -690,6 +715,7 @@ impl Kind {
             (_, Value::Ratio(x)) => x.to_string(),
             (_, Value::Flag(b)) => b.to_string(),
             (_, Value::Text(text)) => text.clone(),
+            (_, Value::MaybeText(text)) => text.clone().unwrap_or_default(),
             (_, Value::Secret(secret)) => if secret.is_some() { "(set)" } else { "" }.to_string(),
             (_, Value::Url(url)) => url.to_string(),
             (_, Value::Addr(addr)) => addr.to_string(),
@@ -956,6 +982,23 @@ impl Reader<'_> {
                 )
             }
             Kind::Url { default } => Value::Text(self.url(section, name, default)),
+            Kind::MaybeHttpsUrl { default } => {
+                let url = self.string(section, name, default);
+                if url.is_empty() {
+                    return Value::MaybeText(None);
+                }
+                let https = url
+                    .get(..8)
+                    .is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://"));
+                if !https || check_http_url(&url).is_err() {
+                    self.problem(
+                        section,
+                        Some(name),
+                        format!("expected an https:// URL or nothing, found {url:?}"),
+                    );
+                }
+                Value::MaybeText(Some(url))
+            }
             Kind::Addr { default } => Value::Addr(self.socket_addr(section, name, default)),
             Kind::Protocol { default } => Value::Protocol(self.protocol(section, name, default)),
             Kind::Path { default } => {
@@ -1402,7 +1445,7 @@ mod tests {
         assert_eq!(config.server.bind, "127.0.0.1:8080".parse().unwrap());
         assert_eq!(config.server.workers, 8);
         assert_eq!(config.server.api_token, None);
-        assert_eq!(config.server.max_body_bytes, 65536);
+        assert_eq!(config.server.max_body_bytes, 1_048_576);
         assert_eq!(config.server.max_connections, 1024);
         assert_eq!(config.server.max_connections_per_ip, 1024);
         assert_eq!(config.server.read_timeout, Duration::from_secs(10));

@@ -76,10 +76,11 @@ fn query_args(path_and_query: &str) -> Map<String, Value> {
     };
     // A fragment is never sent by a client, but a hostile one might.
     let query = query.split('#').next().unwrap_or("");
-    for pair in query.split('&').filter(|pair| !pair.is_empty()) {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let key = percent_decode(key);
-        let value = Value::String(percent_decode(value));
+    // Form decoding: `%XX` escapes and `+` for a space; invalid escapes are
+    // kept as they are, invalid UTF-8 becomes U+FFFD.
+    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+        let key = key.into_owned();
+        let value = Value::String(value.into_owned());
         match args.get_mut(&key) {
             Some(Value::Array(values)) => values.push(value),
             Some(existing) => {
@@ -92,40 +93,6 @@ fn query_args(path_and_query: &str) -> Map<String, Value> {
         }
     }
     args
-}
-
-/// Decodes `%XX` escapes and `+` (form encoding's space). Invalid escapes are
-/// kept as they are; invalid UTF-8 becomes U+FFFD.
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => {
-                match (hex_value(bytes[i + 1]), hex_value(bytes[i + 2])) {
-                    (Some(high), Some(low)) => {
-                        out.push(high * 16 + low);
-                        i += 2;
-                    }
-                    _ => out.push(b'%'),
-                }
-            }
-            byte => out.push(byte),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn hex_value(byte: u8) -> Option<u8> {
-    match byte {
-        b'0'..=b'9' => Some(byte - b'0'),
-        b'a'..=b'f' => Some(byte - b'a' + 10),
-        b'A'..=b'F' => Some(byte - b'A' + 10),
-        _ => None,
-    }
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ pub mod fetcher;
 pub mod health;
 pub mod http;
 pub mod judge;
+pub mod logging;
 pub mod metrics;
 pub mod persist;
 pub mod proxy;

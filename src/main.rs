@@ -23,15 +23,18 @@ fn main() -> ExitCode {
     };
     // The database driver logs statement parameters (proxy passwords among
     // them) at debug level: it stays at info unless RUST_LOG names it.
-    env_logger::Builder::new()
+    let mut logger = env_logger::Builder::new();
+    logger
         .filter_level(log::LevelFilter::Info)
         .filter_module("tokio_postgres", log::LevelFilter::Info)
         .filter_module("postgres", log::LevelFilter::Info)
         .parse_env(env_logger::Env::default())
-        .format_timestamp_millis()
-        .target(env_logger::Target::Stderr)
-        .init();
-    match cli::run(cli) {
+        .format_timestamp_millis();
+    proxy_pool::logging::init(logger);
+    let outcome = cli::run(cli);
+    // Lines still queued for the log writer go out before the process ends.
+    log::logger().flush();
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");

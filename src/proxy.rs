@@ -156,18 +156,28 @@ impl ProxyKey {
     }
 }
 
+/// What stays as written in the userinfo part of a URL: RFC 3986's
+/// unreserved and sub-delims characters.
+const USERINFO_KEEP: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~')
+    .remove(b'!')
+    .remove(b'$')
+    .remove(b'&')
+    .remove(b'\'')
+    .remove(b'(')
+    .remove(b')')
+    .remove(b'*')
+    .remove(b'+')
+    .remove(b',')
+    .remove(b';')
+    .remove(b'=');
+
 /// Percent-encodes the characters that would break the userinfo part of a URL.
 pub fn percent_encode_userinfo(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for byte in text.bytes() {
-        let keep = byte.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=".contains(&byte);
-        if keep {
-            out.push(byte as char);
-        } else {
-            out.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    out
+    percent_encoding::utf8_percent_encode(text, USERINFO_KEEP).to_string()
 }
 
 /// An active proxy as the state manager serves it: identity plus the findings

@@ -571,3 +571,25 @@ fn a_second_sigterm_exits_at_once_with_143() {
         service.log_contains("second SIGTERM received: exiting now")
     });
 }
+
+/// max_body_bytes holds for /feedback too, so a value below a full batch of
+/// the largest items refuses legal batches: check-config says so, and stays
+/// quiet at the default.
+#[test]
+fn check_config_warns_when_max_body_bytes_is_below_a_full_feedback_batch() {
+    let small = format!(
+        "[database]\nurl = postgres://x@127.0.0.1/db\n{SOURCES}[server]\nmax_body_bytes = 65536\n"
+    );
+    let (code, stdout, stderr) = run(&["check-config"], &small, None);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("max_body_bytes = 65536"), "{stdout}");
+    assert!(
+        stderr.contains("max_body_bytes = 65536 is too small for a full /feedback batch"),
+        "{stderr}"
+    );
+    let default = format!("[database]\nurl = postgres://x@127.0.0.1/db\n{SOURCES}");
+    let (code, stdout, stderr) = run(&["check-config"], &default, None);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("max_body_bytes = 1048576"), "{stdout}");
+    assert!(!stderr.contains("too small"), "{stderr}");
+}

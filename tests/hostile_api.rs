@@ -100,7 +100,7 @@ fn seeded_service(server: &str) -> Api {
         "[database]\nurl = {}\n\
          [server]\nbind = 127.0.0.1:0\n{server}\n\
          [fetcher]\nallow_private_addresses = true\nsource_urls = {}\n\
-         [validator]\nvalidation_target = {}\nvalidation_timeout_ms = 1000\nconnect_timeout_ms = 500\n\
+         [validator]\nvalidation_target = {}\nhttps_target =\nvalidation_timeout_ms = 1000\nconnect_timeout_ms = 500\n\
          validation_workers = 4\n",
         db.url,
         farm.list_url("plain"),
@@ -866,7 +866,7 @@ fn proxy_passwords_never_reach_logs_stats_or_metrics() {
     let config = format!(
         "[database]\nurl = {}\n[server]\nbind = 127.0.0.1:0\n\
          [fetcher]\nallow_private_addresses = true\nsource_urls = {}\n\
-         [validator]\nvalidation_target = {}\nvalidation_timeout_ms = 1000\nconnect_timeout_ms = 500\n\
+         [validator]\nvalidation_target = {}\nhttps_target =\nvalidation_timeout_ms = 1000\nconnect_timeout_ms = 500\n\
          validation_workers = 4\n[state]\nsync_interval_seconds = 1\n",
         db.url,
         farm.list_url("schemes"),
@@ -940,7 +940,7 @@ fn binds_loopback_by_default_and_warns_when_public_without_a_token() {
         format!(
             "[database]\nurl = {}\n[server]\nbind = {bind}\n{token}\n\
              [fetcher]\nsource_urls = http://127.0.0.1:9/x\n\
-             [validator]\nvalidation_target = http://127.0.0.1:9/get\n",
+             [validator]\nvalidation_target = http://127.0.0.1:9/get\nhttps_target =\n",
             db.url
         )
     };
@@ -1030,7 +1030,7 @@ fn a_world_writable_config_file_is_warned_about() {
     let db = TestDb::new();
     let config = format!(
         "[database]\nurl = {}\n[server]\nbind = 127.0.0.1:0\n[fetcher]\nsource_urls = http://127.0.0.1:9/x\n\
-         [validator]\nvalidation_target = http://127.0.0.1:9/get\n",
+         [validator]\nvalidation_target = http://127.0.0.1:9/get\nhttps_target =\n",
         db.url
     );
     // Written first, then made world-writable, then the service started.
@@ -1073,4 +1073,48 @@ fn start_with_existing_config(dir: tempfile::TempDir) -> Service {
     };
     assert_eq!(mode, now, "the config file's mode changed");
     service
+}
+
+/// Regression guard: `GET /nope%0Aforged` once wrote a second log line (the
+/// decoded path was logged with its newline). Nothing a client sends, in the
+/// path, the query or the method, may end a log line or forge another.
+#[test]
+fn client_text_cannot_forge_log_lines() {
+    let api = seeded_service("");
+    let forgeries = [
+        "/nope%0Aforged-1%20INFO%20access",
+        "/nope%0D%0Aforged-2",
+        "/nope%1B%5B31mforged-3%E2%80%A8forged-4",
+    ];
+    for target in forgeries {
+        let answer = get(&api.service.url(target));
+        assert_eq!(answer.status, 404, "{target}: {}", answer.body);
+    }
+    let request = format!(
+        "GET /get-proxy?source=%0Aforged-5 HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        api.addr()
+    );
+    let answer = raw_http(api.addr(), request.as_bytes());
+    assert!(
+        (400..500).contains(&answer.status),
+        "{} {}",
+        answer.status,
+        answer.body
+    );
+    wait_for(
+        "the access lines of the forged paths",
+        Duration::from_secs(10),
+        || {
+            api.service.log_contains("/nope\\nforged-1")
+                && api.service.log_contains("/nope\\r\\nforged-2")
+                && api
+                    .service
+                    .log_contains("/nope\\u{1b}[31mforged-3\\u{2028}forged-4")
+        },
+    );
+    let log = api.service.log_text();
+    for line in log.lines() {
+        let forged = line.starts_with("forged") || line.contains("\u{1b}") || line.contains('\r');
+        assert!(!forged, "a forged log line: {line:?}\n{log}");
+    }
 }

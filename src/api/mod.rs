@@ -20,6 +20,7 @@ use serde_json::{json, Value};
 use crate::config::{is_valid_source_name, Config};
 use crate::fetcher::Fetcher;
 use crate::health::Health;
+use crate::logging::{self, Escaped};
 use crate::metrics::Metrics;
 use crate::persist::Snapshotter;
 use crate::state::{NoProxyReason, State};
@@ -42,16 +43,9 @@ const MAX_FEEDBACK_URL_BYTES: usize = 512;
 /// [`MAX_FEEDBACK_URL_BYTES`] URL, `false`) as a pretty-printing serializer
 /// writes it inside an array, separator included.
 const MAX_FEEDBACK_ITEM_BYTES: usize = 700;
-
-/// The body limit of `path`: `max_body_bytes`, except that POST /feedback
-/// always takes a batch of [`MAX_FEEDBACK_ITEMS`] of the largest items.
-pub fn body_limit(path: &str, max_body_bytes: usize) -> usize {
-    if path == "/feedback" {
-        max_body_bytes.max(MAX_FEEDBACK_ITEMS * MAX_FEEDBACK_ITEM_BYTES)
-    } else {
-        max_body_bytes
-    }
-}
+/// The body of a full feedback batch of the largest items: `max_body_bytes`
+/// below this refuses some legal batches (`check-config` says so).
+pub const FULL_FEEDBACK_BATCH_BYTES: usize = MAX_FEEDBACK_ITEMS * MAX_FEEDBACK_ITEM_BYTES;
 
 /// Everything a request handler may read.
 pub struct ApiContext {
@@ -86,7 +80,8 @@ impl ApiServer {
         let server = server::HttpServer::start(
             bind,
             limits,
-            Box::new(move |path| body_limit(path, max_body_bytes)),
+            // One limit for every endpoint, /feedback included.
+            Box::new(move |_path| max_body_bytes),
             Box::new(move |request| handle(&context, request)),
         )
         .map_err(|err| format!("cannot listen on {bind}: {err}"))?;
@@ -112,10 +107,10 @@ fn handle(context: &ApiContext, request: &Request) -> Response {
         .metrics
         .observe(endpoint, response.status_code, elapsed.as_secs_f64());
     log::info!(
-        target: "access",
+        target: logging::ACCESS_TARGET,
         "{} {} {} {}us",
-        request.method(),
-        path,
+        Escaped(request.method()),
+        Escaped(&path),
         response.status_code,
         elapsed.as_micros()
     );
@@ -289,8 +284,8 @@ fn get_proxy(context: &ApiContext, request: &Request) -> Result<Response, ApiErr
     Ok(Response::json(&render::pick(first, Some(source))))
 }
 
-/// Reads the body, which the transport has read whole already, within the
-/// path's [`body_limit`] (a larger one was answered 413 there).
+/// Reads the body, which the transport has read whole already, within
+/// `max_body_bytes` (a larger one was answered 413 there).
 fn read_body(request: &Request) -> Result<Vec<u8>, ApiError> {
     let Some(mut data) = request.data() else {
         return Err(ApiError::bad_request("request body already read"));
@@ -494,10 +489,13 @@ mod limit_tests {
         );
         assert!(feedback_item(&item, None).is_ok());
         let batch = Value::Array(vec![item; MAX_FEEDBACK_ITEMS]);
-        let limit = body_limit("/feedback", 65536);
+        let limit = FULL_FEEDBACK_BATCH_BYTES;
         assert!(serde_json::to_string_pretty(&batch).unwrap().len() <= limit);
         assert!(serde_json::to_string(&batch).unwrap().len() <= limit);
-        assert_eq!(body_limit("/get-proxy", 65536), 65536);
-        assert_eq!(body_limit("/feedback", 1 << 30), 1 << 30);
+        let default = crate::config::DEFAULT_MAX_BODY_BYTES as usize;
+        assert!(
+            default >= limit,
+            "the default max_body_bytes takes a full batch"
+        );
     }
 }

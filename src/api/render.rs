@@ -76,9 +76,9 @@ pub fn cycle(summary: &CycleSummary) -> Value {
         "checked": summary.checked,
         "alive": summary.alive,
         "dead": summary.dead(),
-        "dead_by_reason": summary.dead_by_reason,
+        "dead_by_reason": summary.dead_counts(),
         "write_ms": summary.write_time.as_millis() as u64,
-        "skipped": summary.skipped,
+        "skipped": summary.skipped.as_ref().map(|reason| reason.to_string()),
     })
 }
 

@@ -29,6 +29,13 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use rouille::{Request, Response};
 
+use crate::http::io::{self as http_io, Bound, ReadError};
+use crate::http::{
+    encode_response, AnswerOptions, BodyDecoder, BodyError, Framing, HeadError, HeadLimits,
+    RequestHead,
+};
+use crate::logging::Escaped;
+
 /// The request line and headers together.
 pub const MAX_HEAD_BYTES: usize = 32 * 1024;
 const MAX_HEADERS: usize = 64;
@@ -265,38 +272,17 @@ impl HttpError {
     }
 }
 
-/// A parsed request head.
-struct Head {
-    method: String,
-    target: String,
-    /// HTTP/1.1 (true) or 1.0.
-    http11: bool,
-    headers: Vec<(String, String)>,
-}
-
-impl Head {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn wants_close(&self) -> bool {
-        let connection = self.header("Connection").unwrap_or("").to_ascii_lowercase();
-        let has = |token: &str| connection.split(',').any(|t| t.trim() == token);
-        if self.http11 {
-            has("close")
-        } else {
-            !has("keep-alive")
-        }
-    }
-}
+const HEAD_LIMITS: HeadLimits = HeadLimits {
+    max_head_bytes: MAX_HEAD_BYTES,
+    max_headers: MAX_HEADERS,
+};
 
 fn serve_connection(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
     let _ = stream.set_nodelay(true);
     // Bytes read beyond the current request (a pipelined next one).
     let mut pending: Vec<u8> = Vec::with_capacity(4096);
+    // The answer's bytes, kept for the next answer on this connection.
+    let mut answer = Vec::with_capacity(4096);
     loop {
         let read_timeout = shared.limits.read_timeout;
         let head = match read_head(&mut stream, &mut pending, read_timeout) {
@@ -304,20 +290,26 @@ fn serve_connection(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
             Ok(None) => return,
             Err(err) => return fail(&mut stream, err),
         };
-        let path = head.target.split('?').next().unwrap_or("");
-        let limit = (shared.body_limit)(path);
+        let limit = (shared.body_limit)(head.path());
         let body = match read_body(&mut stream, &mut pending, &head, limit, read_timeout) {
             Ok(body) => body,
             Err(err) => return fail(&mut stream, err),
         };
-        let close = head.wants_close() || shared.stopping.load(Ordering::SeqCst);
-        let is_head = head.method == "HEAD";
-        let request = Request::fake_http_from(peer, head.method, head.target, head.headers, body);
+        let close = !head.keep_alive() || shared.stopping.load(Ordering::SeqCst);
+        let head_only = head.method == "HEAD";
+        let request = Request::fake_http_from(peer, head.method, head.target, head.headers.0, body);
         let (status, headers, data) = {
             let _permit = shared.permits.take();
             run_handler(&shared.handler, &request)
         };
-        let answer = encode_answer(status, &headers, &data, close, is_head);
+        answer.clear();
+        encode_response(
+            &mut answer,
+            status,
+            &headers,
+            &data,
+            AnswerOptions { close, head_only },
+        );
         if write_answer(&mut stream, &answer).is_err() || close {
             let _ = stream.shutdown(Shutdown::Write);
             return;
@@ -411,8 +403,8 @@ fn run_handler(handler: &Handler, request: &Request) -> (u16, Vec<(String, Strin
         Err(_) => {
             log::error!(
                 "request handler panicked: {} {}",
-                request.method(),
-                request.url()
+                Escaped(request.method()),
+                Escaped(&request.url())
             );
             return (500, json_type(), error_body("internal error"));
         }
@@ -448,15 +440,11 @@ fn fail(stream: &mut TcpStream, err: HttpError) {
     log::debug!("http: {} {}", err.status, err.message);
     let _ = write_answer(stream, &error_answer(err.status, &err.message, true));
     let _ = stream.shutdown(Shutdown::Write);
-    let deadline = Instant::now() + LINGER;
+    let bound = Bound::within(LINGER);
     let mut drained = 0;
     let mut chunk = [0u8; 16 * 1024];
     while drained < LINGER_BYTES {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
-            return;
-        }
-        match stream.read(&mut chunk) {
+        match http_io::read_some(stream, &mut chunk, bound) {
             Ok(0) | Err(_) => return,
             Ok(n) => drained += n,
         }
@@ -464,232 +452,97 @@ fn fail(stream: &mut TcpStream, err: HttpError) {
 }
 
 /// Writes `answer` whole within [`WRITE_TIMEOUT`].
-fn write_answer(stream: &mut TcpStream, mut answer: &[u8]) -> io::Result<()> {
-    let deadline = Instant::now() + WRITE_TIMEOUT;
-    while !answer.is_empty() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io::ErrorKind::TimedOut.into());
-        }
-        stream.set_write_timeout(Some(left))?;
-        match stream.write(answer) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => answer = &answer[n..],
-            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-            Err(err) => return Err(err),
-        }
-    }
-    Ok(())
+fn write_answer(stream: &mut TcpStream, answer: &[u8]) -> io::Result<()> {
+    http_io::write_all(stream, answer, Bound::within(WRITE_TIMEOUT))
 }
 
 fn error_answer(status: u16, message: &str, close: bool) -> Vec<u8> {
-    encode_answer(status, &json_type(), &error_body(message), close, false)
+    let mut answer = Vec::new();
+    let options = AnswerOptions {
+        close,
+        head_only: false,
+    };
+    encode_response(
+        &mut answer,
+        status,
+        &json_type(),
+        &error_body(message),
+        options,
+    );
+    answer
 }
 
-fn encode_answer(
-    status: u16,
-    headers: &[(String, String)],
-    body: &[u8],
-    close: bool,
-    is_head: bool,
-) -> Vec<u8> {
-    let mut out = Vec::with_capacity(body.len() + 256);
-    out.extend_from_slice(format!("HTTP/1.1 {status} {}\r\n", reason(status)).as_bytes());
-    for (name, value) in headers {
-        let framing = [
-            "content-length",
-            "connection",
-            "transfer-encoding",
-            "upgrade",
-        ]
-        .iter()
-        .any(|h| name.eq_ignore_ascii_case(h));
-        // A header that would split the answer is dropped, not sent.
-        let unsafe_bytes = |s: &str| s.bytes().any(|b| b == b'\r' || b == b'\n');
-        if framing || unsafe_bytes(name) || unsafe_bytes(value) {
-            continue;
-        }
-        out.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
-    }
-    out.extend_from_slice(format!("Content-Length: {}\r\n", body.len()).as_bytes());
-    if close {
-        out.extend_from_slice(b"Connection: close\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
-    if !is_head {
-        out.extend_from_slice(body);
-    }
-    out
-}
-
-fn reason(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        202 => "Accepted",
-        204 => "No Content",
-        304 => "Not Modified",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        408 => "Request Timeout",
-        413 => "Content Too Large",
-        417 => "Expectation Failed",
-        431 => "Request Header Fields Too Large",
-        500 => "Internal Server Error",
-        503 => "Service Unavailable",
-        _ => "Status",
-    }
-}
-
-fn is_timeout(err: &io::Error) -> bool {
-    matches!(
-        err.kind(),
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-    )
-}
-
-/// Reads one request head. `Ok(None)`: the client closed or stayed idle
+/// Reads one request head: the client has [`IDLE_TIMEOUT`] to start it,
+/// then `timeout` to finish it. `Ok(None)`: the client closed or stayed idle
 /// between requests, nothing to answer.
 fn read_head(
     stream: &mut TcpStream,
     pending: &mut Vec<u8>,
     timeout: Duration,
-) -> Result<Option<Head>, HttpError> {
-    let mut deadline = (!pending.is_empty()).then(|| Instant::now() + timeout);
-    let mut chunk = [0u8; 8 * 1024];
-    loop {
-        if !pending.is_empty() {
-            if let Some(head) = parse_head(pending)? {
-                return Ok(Some(head));
-            }
-            if pending.len() > MAX_HEAD_BYTES {
-                return Err(HttpError::new(
-                    431,
-                    format!("request head too large: at most {MAX_HEAD_BYTES} bytes"),
-                ));
-            }
+) -> Result<Option<RequestHead>, HttpError> {
+    if pending.is_empty() {
+        match http_io::read_more(stream, pending, Bound::within(IDLE_TIMEOUT)) {
+            Ok(0) | Err(_) => return Ok(None),
+            Ok(_) => {}
         }
-        let wait = match deadline {
-            None => IDLE_TIMEOUT,
-            Some(deadline) => deadline.saturating_duration_since(Instant::now()),
-        };
-        if wait.is_zero() {
-            return Err(HttpError::new(408, "request head not received in time"));
-        }
-        if stream.set_read_timeout(Some(wait)).is_err() {
-            return Ok(None);
-        }
-        match stream.read(&mut chunk) {
-            Ok(0) if pending.is_empty() => return Ok(None),
-            Ok(0) => return Err(HttpError::new(400, "connection closed in the request head")),
-            Ok(n) => {
-                pending.extend_from_slice(&chunk[..n]);
-                deadline.get_or_insert_with(|| Instant::now() + timeout);
+    }
+    let head =
+        match http_io::read_request_head(stream, pending, Bound::within(timeout), HEAD_LIMITS) {
+            Ok(head) => head,
+            Err(ReadError::Head(err)) => return Err(head_error(&err)),
+            Err(ReadError::Closed { mid_message: true }) => {
+                return Err(HttpError::new(400, "connection closed in the request head"))
             }
-            Err(err) if is_timeout(&err) && pending.is_empty() => return Ok(None),
-            Err(err) if is_timeout(&err) => {
+            Err(ReadError::Timeout) => {
                 return Err(HttpError::new(408, "request head not received in time"))
             }
             Err(_) => return Ok(None),
-        }
-    }
+        };
+    origin_form(head).map(Some)
 }
 
-/// Parses a complete head at the start of `pending` and removes it.
-fn parse_head(pending: &mut Vec<u8>) -> Result<Option<Head>, HttpError> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut request = httparse::Request::new(&mut headers);
-    let length = match request.parse(pending) {
-        Ok(httparse::Status::Complete(length)) => length,
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(httparse::Error::TooManyHeaders) => {
-            return Err(HttpError::new(
-                431,
-                format!("too many headers: at most {MAX_HEADERS}"),
-            ))
-        }
-        Err(err) => return Err(HttpError::new(400, format!("malformed request: {err}"))),
-    };
-    let method = request.method.unwrap_or("").to_string();
-    let target = request.path.unwrap_or("").to_string();
-    if !target.starts_with('/') {
+/// The API serves paths only: no absolute URIs, authorities or `*`.
+fn origin_form(head: RequestHead) -> Result<RequestHead, HttpError> {
+    if !head.target.starts_with('/') {
         return Err(HttpError::new(
             400,
             "request target: expected a path starting with /",
         ));
     }
-    let headers = request
-        .headers
-        .iter()
-        .map(|h| {
-            (
-                h.name.to_string(),
-                String::from_utf8_lossy(h.value).into_owned(),
-            )
-        })
-        .collect();
-    let head = Head {
-        method,
-        target,
-        http11: request.version == Some(1),
-        headers,
+    Ok(head)
+}
+
+fn head_error(err: &HeadError) -> HttpError {
+    let message = match err {
+        HeadError::TooLarge { max_head_bytes } => {
+            format!("request head too large: at most {max_head_bytes} bytes")
+        }
+        HeadError::TooManyHeaders { max_headers } => {
+            format!("too many headers: at most {max_headers}")
+        }
+        HeadError::Malformed(reason) => format!("malformed request: {reason}"),
     };
-    pending.drain(..length);
-    Ok(Some(head))
+    HttpError::new(err.status(), message)
 }
 
 /// Reads the body the head announces, within `timeout` and `limit`.
 fn read_body(
     stream: &mut TcpStream,
     pending: &mut Vec<u8>,
-    head: &Head,
+    head: &RequestHead,
     limit: usize,
     timeout: Duration,
 ) -> Result<Vec<u8>, HttpError> {
+    let framing =
+        Framing::of_request(&head.headers).map_err(|err| HttpError::new(400, err.to_string()))?;
     let too_large = || {
         HttpError::new(
             413,
             format!("request body too large: at most {limit} bytes"),
         )
     };
-    let lengths: Vec<&str> = head
-        .headers
-        .iter()
-        .filter(|(n, _)| n.eq_ignore_ascii_case("Content-Length"))
-        .map(|(_, v)| v.trim())
-        .collect();
-    let chunked = match head.header("Transfer-Encoding") {
-        None => false,
-        Some(coding) if coding.trim().eq_ignore_ascii_case("chunked") => true,
-        Some(_) => {
-            return Err(HttpError::new(
-                400,
-                "Transfer-Encoding: only chunked is accepted",
-            ))
-        }
-    };
-    if chunked && !lengths.is_empty() {
-        return Err(HttpError::new(
-            400,
-            "both Transfer-Encoding and Content-Length given",
-        ));
-    }
-    let length = match lengths.as_slice() {
-        [] => None,
-        [first, rest @ ..] if rest.iter().all(|l| l == first) => match first.parse::<u64>() {
-            Ok(n) if n > limit as u64 => return Err(too_large()),
-            Ok(n) => Some(n as usize),
-            Err(_) => {
-                return Err(HttpError::new(
-                    400,
-                    "Content-Length: expected a whole number of bytes",
-                ))
-            }
-        },
-        _ => return Err(HttpError::new(400, "conflicting Content-Length headers")),
-    };
-    if !chunked && length.unwrap_or(0) == 0 {
+    let mut decoder = BodyDecoder::new(framing, limit as u64).map_err(|_| too_large())?;
+    if decoder.is_done() {
         return Ok(Vec::new());
     }
     if let Some(expect) = head.header("Expect") {
@@ -705,126 +558,48 @@ fn read_body(
             let _ = write_answer(stream, b"HTTP/1.1 100 Continue\r\n\r\n");
         }
     }
-    let mut reader = BodyReader {
-        stream,
-        pending,
-        deadline: Instant::now() + timeout,
-    };
-    match length {
-        Some(length) => {
-            let mut body = vec![0u8; length];
-            reader.read_exact(&mut body)?;
-            Ok(body)
-        }
-        None => read_chunked(&mut reader, limit).map_err(|err| match err {
-            ChunkError::Http(err) => err,
-            ChunkError::TooLarge => too_large(),
-        }),
-    }
-}
-
-/// Reads from the pending bytes first, then the socket, within a deadline.
-struct BodyReader<'a> {
-    stream: &'a mut TcpStream,
-    pending: &'a mut Vec<u8>,
-    deadline: Instant,
-}
-
-impl BodyReader<'_> {
-    fn fill(&mut self) -> Result<(), HttpError> {
-        let wait = self.deadline.saturating_duration_since(Instant::now());
-        if wait.is_zero() || self.stream.set_read_timeout(Some(wait)).is_err() {
-            return Err(HttpError::new(408, "request body not received in time"));
-        }
-        let mut chunk = [0u8; 16 * 1024];
-        match self.stream.read(&mut chunk) {
-            Ok(0) => Err(HttpError::new(400, "connection closed in the request body")),
-            Ok(n) => {
-                self.pending.extend_from_slice(&chunk[..n]);
-                Ok(())
+    http_io::read_body(stream, pending, &mut decoder, Bound::within(timeout)).map_err(|err| {
+        match err {
+            ReadError::Body(BodyError::TooLarge { .. }) => too_large(),
+            ReadError::Body(err) => HttpError::new(err.status(), err.to_string()),
+            ReadError::Timeout => HttpError::new(408, "request body not received in time"),
+            ReadError::Closed { .. } => {
+                HttpError::new(400, "connection closed in the request body")
             }
-            Err(err) if is_timeout(&err) => {
-                Err(HttpError::new(408, "request body not received in time"))
+            ReadError::Head(_) | ReadError::Io(_) => {
+                HttpError::new(400, "connection failed in the request body")
             }
-            Err(_) => Err(HttpError::new(400, "connection failed in the request body")),
         }
-    }
-
-    fn read_exact(&mut self, out: &mut [u8]) -> Result<(), HttpError> {
-        let mut filled = 0;
-        while filled < out.len() {
-            if self.pending.is_empty() {
-                self.fill()?;
-            }
-            let n = self.pending.len().min(out.len() - filled);
-            out[filled..filled + n].copy_from_slice(&self.pending[..n]);
-            self.pending.drain(..n);
-            filled += n;
-        }
-        Ok(())
-    }
-
-    /// One CRLF-terminated line of at most 4 KiB, without its end.
-    fn line(&mut self) -> Result<Vec<u8>, HttpError> {
-        loop {
-            if let Some(end) = self.pending.iter().position(|&b| b == b'\n') {
-                let mut line: Vec<u8> = self.pending.drain(..=end).collect();
-                line.pop();
-                if line.last() == Some(&b'\r') {
-                    line.pop();
-                }
-                return Ok(line);
-            }
-            if self.pending.len() > 4096 {
-                return Err(HttpError::new(400, "chunked body: line too long"));
-            }
-            self.fill()?;
-        }
-    }
-}
-
-enum ChunkError {
-    Http(HttpError),
-    TooLarge,
-}
-
-impl From<HttpError> for ChunkError {
-    fn from(err: HttpError) -> ChunkError {
-        ChunkError::Http(err)
-    }
-}
-
-fn read_chunked(reader: &mut BodyReader, limit: usize) -> Result<Vec<u8>, ChunkError> {
-    let bad = || ChunkError::Http(HttpError::new(400, "chunked body: malformed chunk size"));
-    let mut body = Vec::new();
-    loop {
-        let line = reader.line()?;
-        let text = std::str::from_utf8(&line).map_err(|_| bad())?;
-        let size_text = text.split(';').next().unwrap_or("").trim();
-        let size = usize::from_str_radix(size_text, 16).map_err(|_| bad())?;
-        if size == 0 {
-            // Trailers, up to the empty line.
-            while !reader.line()?.is_empty() {}
-            return Ok(body);
-        }
-        if body.len().saturating_add(size) > limit {
-            return Err(ChunkError::TooLarge);
-        }
-        let start = body.len();
-        body.resize(start + size, 0);
-        reader.read_exact(&mut body[start..])?;
-        if !reader.line()?.is_empty() {
-            return Err(bad());
-        }
-    }
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn head(text: &str) -> Result<Option<Head>, HttpError> {
-        parse_head(&mut text.as_bytes().to_vec())
+    fn head(text: &str) -> Result<Option<RequestHead>, HttpError> {
+        match crate::http::parse_request(text.as_bytes(), HEAD_LIMITS) {
+            Ok(Some((head, _))) => origin_form(head).map(Some),
+            Ok(None) => Ok(None),
+            Err(err) => Err(head_error(&err)),
+        }
+    }
+
+    #[test]
+    fn bad_heads_are_4xx() {
+        assert_eq!(head("GET / HTTP/2.0\r\n\r\n").err().unwrap().status, 400);
+        assert_eq!(head("GET * HTTP/1.1\r\n\r\n").err().unwrap().status, 400);
+        assert_eq!(
+            head("GET / HTTP/1.1\r\nBad Header\r\n\r\n")
+                .err()
+                .unwrap()
+                .status,
+            400
+        );
+        let many: String = (0..100).map(|i| format!("X-{i}: v\r\n")).collect();
+        let text = format!("GET / HTTP/1.1\r\n{many}\r\n");
+        assert_eq!(head(&text).err().unwrap().status, 431);
+        assert!(head("GET / HTTP/1.1\r\nHost: a\r\n").unwrap().is_none());
     }
 
     /// Regression guard: a released permit goes to the longest waiter, not
@@ -859,61 +634,5 @@ mod tests {
         assert_eq!(permits.state.lock().free, 1);
         drop(permits.take());
         assert_eq!(permits.state.lock().free, 1);
-    }
-
-    #[test]
-    fn heads_parse_and_keep_their_rest() {
-        let mut pending = b"GET /health?x=1 HTTP/1.1\r\nHost: a\r\n\r\nGET /next".to_vec();
-        let parsed = parse_head(&mut pending).unwrap().unwrap();
-        assert_eq!(parsed.method, "GET");
-        assert_eq!(parsed.target, "/health?x=1");
-        assert!(parsed.http11);
-        assert_eq!(parsed.header("host"), Some("a"));
-        assert_eq!(pending, b"GET /next");
-        assert!(head("GET / HTTP/1.1\r\nHost: a\r\n").unwrap().is_none());
-    }
-
-    #[test]
-    fn bad_heads_are_4xx() {
-        assert_eq!(head("GET / HTTP/2.0\r\n\r\n").err().unwrap().status, 400);
-        assert_eq!(head("GET * HTTP/1.1\r\n\r\n").err().unwrap().status, 400);
-        assert_eq!(
-            head("GET / HTTP/1.1\r\nBad Header\r\n\r\n")
-                .err()
-                .unwrap()
-                .status,
-            400
-        );
-        let many: String = (0..100).map(|i| format!("X-{i}: v\r\n")).collect();
-        let text = format!("GET / HTTP/1.1\r\n{many}\r\n");
-        assert_eq!(head(&text).err().unwrap().status, 431);
-    }
-
-    #[test]
-    fn connection_persistence_follows_the_version() {
-        let close = |text: &str| head(text).unwrap().unwrap().wants_close();
-        assert!(!close("GET / HTTP/1.1\r\n\r\n"));
-        assert!(close("GET / HTTP/1.1\r\nConnection: close\r\n\r\n"));
-        assert!(close("GET / HTTP/1.0\r\n\r\n"));
-        assert!(!close("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"));
-    }
-
-    #[test]
-    fn answers_carry_their_length_and_never_split() {
-        let headers = vec![
-            ("Content-Type".to_string(), "application/json".to_string()),
-            ("X-Evil".to_string(), "a\r\nSet-Cookie: x".to_string()),
-            ("Content-Length".to_string(), "999".to_string()),
-        ];
-        let answer = String::from_utf8(encode_answer(404, &headers, b"{}", true, false)).unwrap();
-        assert_eq!(
-            answer,
-            "HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\
-             Connection: close\r\n\r\n{}"
-        );
-        let head_only = encode_answer(200, &[], b"abc", false, true);
-        assert!(String::from_utf8(head_only)
-            .unwrap()
-            .ends_with("Content-Length: 3\r\n\r\n"));
     }
 }

@@ -31,7 +31,16 @@ impl Framing {
     pub fn of_request(headers: &Headers) -> Result<Framing, FramingError> {
         let length = headers.content_length()?;
         if headers.has_transfer_encoding() {
-            if !headers.is_chunked() {
+            let mut codings = headers
+                .all("Transfer-Encoding")
+                .flat_map(|value| value.split(','))
+                .map(str::trim)
+                .filter(|coding| !coding.is_empty());
+            let only_chunked = match (codings.next(), codings.next()) {
+                (Some(coding), None) => coding.eq_ignore_ascii_case("chunked"),
+                _ => false,
+            };
+            if !only_chunked {
                 return Err(FramingError::UnsupportedCoding);
             }
             if length.is_some() {
@@ -325,14 +334,13 @@ mod tests {
     use super::*;
     use crate::http::head::Version;
 
+    /// A decoded body and the bytes after it.
+    type BodyAndRest = (Vec<u8>, Vec<u8>);
+
     /// Decodes `raw` fed whole, then byte by byte (the caller keeping what
     /// was not consumed), and checks both agree; returns the body when
     /// complete and the bytes that were not part of it.
-    fn decode(
-        framing: Framing,
-        max: u64,
-        raw: &[u8],
-    ) -> Result<Option<(Vec<u8>, Vec<u8>)>, BodyError> {
+    fn decode(framing: Framing, max: u64, raw: &[u8]) -> Result<Option<BodyAndRest>, BodyError> {
         let mut whole = BodyDecoder::new(framing, max)?;
         let mut whole_body = Vec::new();
         let progress = whole.feed(raw, &mut whole_body)?;
@@ -455,9 +463,15 @@ mod tests {
             ])),
             Err(FramingError::LengthAndChunked)
         );
+        for coding in ["gzip", "gzip, chunked", "chunked, chunked"] {
+            assert_eq!(
+                Framing::of_request(&headers(&[("Transfer-Encoding", coding)])),
+                Err(FramingError::UnsupportedCoding)
+            );
+        }
         assert_eq!(
-            Framing::of_request(&headers(&[("Transfer-Encoding", "gzip")])),
-            Err(FramingError::UnsupportedCoding)
+            Framing::of_request(&headers(&[("Transfer-Encoding", " Chunked ")])),
+            Ok(Framing::Chunked)
         );
         let chunked = response(
             200,
@@ -467,6 +481,10 @@ mod tests {
             ],
         );
         assert_eq!(Framing::of_response(&chunked, false), Ok(Framing::Chunked));
+        assert_eq!(
+            Framing::of_response(&response(200, &[("Content-Length", "12")]), false),
+            Ok(Framing::Length(12))
+        );
         assert_eq!(Framing::of_response(&chunked, true), Ok(Framing::Empty));
         assert_eq!(
             Framing::of_response(&response(200, &[]), false),

@@ -37,7 +37,7 @@ pub fn encode_response<N: AsRef<str>, V: AsRef<str>>(
     out.push(b' ');
     out.extend_from_slice(reason(status).as_bytes());
     out.extend_from_slice(b"\r\n");
-    push_headers(out, headers);
+    push_headers(out, headers, Keep::NotFraming);
     out.extend_from_slice(b"Content-Length: ");
     push_number(out, body.len() as u64);
     out.extend_from_slice(b"\r\n");
@@ -50,20 +50,47 @@ pub fn encode_response<N: AsRef<str>, V: AsRef<str>>(
     }
 }
 
-/// An answer's head for a body that ends when the connection closes (no
-/// length): status line, the caller's headers, `Connection: close`.
-pub fn encode_response_head_until_close<N: AsRef<str>, V: AsRef<str>>(
+/// Appends a response head as a relay passes it on: status line and the
+/// given headers as they are (framing ones included; only a header with CR,
+/// LF or NUL is dropped), then the blank line. The caller answers for the
+/// framing.
+pub fn encode_response_head<N: AsRef<str>, V: AsRef<str>>(
     out: &mut Vec<u8>,
+    version: Version,
     status: u16,
     headers: &[(N, V)],
 ) {
-    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(version.as_str().as_bytes());
+    out.push(b' ');
     push_number(out, u64::from(status));
     out.push(b' ');
     out.extend_from_slice(reason(status).as_bytes());
     out.extend_from_slice(b"\r\n");
-    push_headers(out, headers);
-    out.extend_from_slice(b"Connection: close\r\n\r\n");
+    push_headers(out, headers, Keep::All);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends a request head as a relay passes it on, like
+/// [`encode_response_head`].
+pub fn encode_request_head<N: AsRef<str>, V: AsRef<str>>(
+    out: &mut Vec<u8>,
+    method: &str,
+    target: &str,
+    version: Version,
+    headers: &[(N, V)],
+) {
+    push_request_line(out, method, target, version);
+    push_headers(out, headers, Keep::All);
+    out.extend_from_slice(b"\r\n");
+}
+
+fn push_request_line(out: &mut Vec<u8>, method: &str, target: &str, version: Version) {
+    out.extend_from_slice(method.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(version.as_str().as_bytes());
+    out.extend_from_slice(b"\r\n");
 }
 
 /// Appends a request to `out`: request line, the caller's headers (framing
@@ -78,13 +105,8 @@ pub fn encode_request<N: AsRef<str>, V: AsRef<str>>(
     body: &[u8],
 ) {
     out.reserve(body.len() + 128);
-    out.extend_from_slice(method.as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(target.as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(version.as_str().as_bytes());
-    out.extend_from_slice(b"\r\n");
-    push_headers(out, headers);
+    push_request_line(out, method, target, version);
+    push_headers(out, headers, Keep::NotFraming);
     if !body.is_empty() || matches!(method, "POST" | "PUT" | "PATCH") {
         out.extend_from_slice(b"Content-Length: ");
         push_number(out, body.len() as u64);
@@ -94,10 +116,19 @@ pub fn encode_request<N: AsRef<str>, V: AsRef<str>>(
     out.extend_from_slice(body);
 }
 
-fn push_headers<N: AsRef<str>, V: AsRef<str>>(out: &mut Vec<u8>, headers: &[(N, V)]) {
+/// Which of the caller's headers are written.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Keep {
+    All,
+    /// All but the framing headers, which the encoder writes itself.
+    NotFraming,
+}
+
+fn push_headers<N: AsRef<str>, V: AsRef<str>>(out: &mut Vec<u8>, headers: &[(N, V)], keep: Keep) {
     for (name, value) in headers {
         let (name, value) = (name.as_ref(), value.as_ref());
-        let framing = FRAMING_HEADERS.iter().any(|h| name.eq_ignore_ascii_case(h));
+        let framing = keep == Keep::NotFraming
+            && FRAMING_HEADERS.iter().any(|h| name.eq_ignore_ascii_case(h));
         if framing || !is_safe(name) || name.is_empty() || !is_safe(value) {
             continue;
         }
@@ -195,6 +226,27 @@ mod tests {
         assert!(String::from_utf8(head_only)
             .unwrap()
             .ends_with("Content-Length: 3\r\n\r\n"));
+    }
+
+    #[test]
+    fn relayed_heads_keep_their_framing_but_never_split() {
+        let mut out = Vec::new();
+        let headers = [
+            ("Content-Length", "5"),
+            ("Connection", "close"),
+            ("X-Evil", "a\nb"),
+        ];
+        encode_response_head(&mut out, Version::Http10, 200, &headers);
+        assert_eq!(
+            out,
+            b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\n"
+        );
+        out.clear();
+        encode_request_head(&mut out, "POST", "/x", Version::Http11, &headers);
+        assert_eq!(
+            out,
+            b"POST /x HTTP/1.1\r\nContent-Length: 5\r\nConnection: close\r\n\r\n"
+        );
     }
 
     #[test]

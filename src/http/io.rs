@@ -15,6 +15,8 @@ use crate::http::head::{
 
 /// How long a blocking call waits before looking at a stop flag again.
 const STOP_POLL: Duration = Duration::from_millis(200);
+/// A head this short is parsed after every read, line end or not.
+const EAGER_PARSE_BYTES: usize = 64;
 /// Bytes asked of the socket per read.
 const READ_CHUNK: usize = 16 * 1024;
 
@@ -177,21 +179,26 @@ impl fmt::Display for ReadError {
 
 impl std::error::Error for ReadError {}
 
+/// A head parser of [`super::head`]: the head and its length, or `None` for
+/// more bytes.
+type ParseHead<H> = fn(&[u8], HeadLimits) -> Result<Option<(H, usize)>, HeadError>;
+
 /// Reads until `parse` finds a complete head at the front of `pending`, then
 /// removes the head from it (what follows stays: a body, a next message). A
-/// head can only become complete when a line ends, so `parse` runs only
-/// when a `\n` arrived: a peer sending one byte per packet costs no
-/// quadratic re-parsing.
+/// head can only become complete when a line ends, so past its first
+/// [`EAGER_PARSE_BYTES`] `parse` runs only when a `\n` arrived: a peer sending
+/// one byte per packet costs no quadratic re-parsing, and a banner that is
+/// not HTTP (`SSH-2.0-...` without a line end) is still refused at once.
 fn read_head<H>(
     stream: &mut TcpStream,
     pending: &mut Vec<u8>,
     bound: Bound,
     limits: HeadLimits,
-    parse: fn(&[u8], HeadLimits) -> Result<Option<(H, usize)>, HeadError>,
+    parse: ParseHead<H>,
 ) -> Result<H, ReadError> {
     let mut line_arrived = !pending.is_empty();
     loop {
-        if line_arrived {
+        if line_arrived || pending.len() <= EAGER_PARSE_BYTES {
             if let Some((head, length)) = parse(pending, limits).map_err(ReadError::Head)? {
                 pending.drain(..length);
                 return Ok(head);

@@ -14,7 +14,10 @@ pub mod head;
 pub mod io;
 
 pub use body::{BodyDecoder, BodyError, Framing, Progress};
-pub use encode::{encode_request, encode_response, reason, AnswerOptions};
+pub use encode::{
+    encode_request, encode_request_head, encode_response, encode_response_head, reason,
+    AnswerOptions,
+};
 pub use head::{
     parse_request, parse_response, split_authority, FramingError, HeadError, HeadLimits, Headers,
     RequestHead, ResponseHead, Target, Version,

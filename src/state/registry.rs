@@ -8,7 +8,6 @@
 //! can start from the smallest bucket its filters allow.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -20,40 +19,11 @@ pub(crate) type Slot = u32;
 /// A dense number for an exit address, assigned when first seen.
 pub(crate) type ExitId = u32;
 
-/// Hashes the small integers we assign ourselves (slots, database ids). They
-/// never come from outside, so a multiplicative hash is safe and much cheaper
-/// than SipHash on the hot path.
-#[derive(Default, Clone, Copy)]
-pub(crate) struct IntHasher(u64);
-
-impl Hasher for IntHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for &byte in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(byte)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
-
-    fn write_u32(&mut self, n: u32) {
-        self.write_u64(u64::from(n));
-    }
-
-    fn write_i64(&mut self, n: i64) {
-        self.write_u64(n as u64);
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (self.0 ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
-
-    fn finish(&self) -> u64 {
-        // hashbrown takes the bucket from the low bits and the tag from the
-        // top 7: fold the well-mixed high half into the low one.
-        self.0 ^ (self.0 >> 32)
-    }
-}
-
-pub(crate) type IntMap<K, V> = HashMap<K, V, BuildHasherDefault<IntHasher>>;
-pub(crate) type IntSet = std::collections::HashSet<i64, BuildHasherDefault<IntHasher>>;
+/// Maps keyed by the small integers we assign ourselves (slots, database
+/// ids). They never come from outside, so FxHash (one multiply) is safe and
+/// much cheaper than SipHash on the hot path.
+pub(crate) type IntMap<K, V> = rustc_hash::FxHashMap<K, V>;
+pub(crate) type IntSet = rustc_hash::FxHashSet<i64>;
 
 /// Packs an ISO 3166 alpha-2 code into two upper-case bytes; `None` for
 /// anything else.
@@ -82,7 +52,7 @@ impl Meta {
     pub fn of(proxy: &ActiveProxy) -> Meta {
         Meta {
             protocol: proxy.key.protocol,
-            https: proxy.key.protocol == Protocol::Https || proxy.supports_https == Some(true),
+            https: proxy.supports_https == Some(true),
             anonymity: proxy.anonymity,
             country: proxy.country.as_deref().and_then(country_code),
             latency_ms: proxy.latency_ms,

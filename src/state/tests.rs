@@ -337,7 +337,7 @@ fn each_filter_is_applied() {
             https_only: true,
             ..PickQuery::default()
         },
-        |p| p.key.protocol == Protocol::Https || p.supports_https == Some(true),
+        |p| p.supports_https == Some(true),
     );
     assert_all_picks(
         &state,

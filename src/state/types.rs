@@ -15,7 +15,7 @@ use crate::proxy::{Anonymity, Protocol, ProxyKey};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PickQuery {
     pub protocol: Option<Protocol>,
-    /// Only proxies that tunnel CONNECT (`supports_https`, or listed as https).
+    /// Only proxies whose last https check succeeded (`supports_https`).
     pub https_only: bool,
     /// ISO 3166 alpha-2, any case.
     pub country: Option<String>,

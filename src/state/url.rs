@@ -34,21 +34,13 @@ pub(crate) fn parse_proxy_url(url: &str) -> Option<ProxyKey> {
     (key.url() == url).then_some(key)
 }
 
+/// Decodes `%XX` escapes. An invalid escape is kept as written, and then
+/// the URL is not the one [`ProxyKey::url`] writes, so it is refused.
 fn percent_decode(text: &str) -> Option<String> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = text.get(i + 1..i + 3)?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
+    percent_encoding::percent_decode_str(text)
+        .decode_utf8()
+        .ok()
+        .map(|decoded| decoded.into_owned())
 }
 
 #[cfg(test)]

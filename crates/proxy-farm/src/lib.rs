@@ -39,7 +39,7 @@ use socket2::{Domain, Socket, Type};
 
 pub use lists::BUILT_IN as BUILT_IN_LISTS;
 pub use manifest::ManifestEntry;
-pub use proxies::{INJECTED_ORIGIN, VIA};
+pub use proxies::{start_tls_judge, tls_judge_ca_file, INJECTED_ORIGIN, VIA};
 pub use spec::{Behaviour, Credentials, FarmSpec, Listing, Mix, ProxyGroup};
 pub use tls::{ServerCert, TestCa, TlsJudge};
 
@@ -167,6 +167,7 @@ impl Farm {
                 connect,
                 credentials.as_ref(),
             )
+            .connect_443_only(group.connect_443_only, spec.https_judge_port)
             .listed(group.listing);
             if entry.exit_ip.is_some() {
                 entry.exit_ip = Some(exit_ip);
@@ -178,6 +179,7 @@ impl Farm {
                 behaviour: group.behaviour,
                 protocol,
                 connect,
+                connect_443_only: group.connect_443_only,
                 credentials,
             }));
         }

@@ -2,13 +2,17 @@
 //! Every upstream connection leaves from the proxy's own loopback address, so
 //! the judge sees the proxy as the origin, and goes only to loopback.
 
-use std::net::{IpAddr, SocketAddr, TcpStream};
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, OnceLock};
+use std::thread;
 use std::time::{Duration, Instant};
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 use crate::spec::{Behaviour, Credentials};
 use crate::wire::{self, Bound, Head};
 use crate::Shared;
+use proxy_pool::http::{self, Version};
 use proxy_pool::proxy::Protocol;
 
 /// How long a proxy waits for its upstream connection.
@@ -25,6 +29,7 @@ pub(crate) struct ProxyConfig {
     pub behaviour: Behaviour,
     pub protocol: Protocol,
     pub connect: bool,
+    pub connect_443_only: bool,
     pub credentials: Option<Credentials>,
 }
 
@@ -73,7 +78,7 @@ pub(crate) fn serve_connection(
             let body = b"<!DOCTYPE html><html><head><title>Welcome</title></head>\
                 <body><h1>Hotel WiFi</h1><p>Please log in to continue.</p></body></html>\n";
             let headers = [("Content-Type", "text/html".to_owned())];
-            wire::write_response(&mut client, 200, "OK", &headers, body, bound)
+            wire::write_response(&mut client, 200, &headers, body, bound)
         }
         Behaviour::Trickle => {
             let _ = wire::read_head(&mut client, bound);
@@ -174,35 +179,32 @@ fn serve_http(
     if needs_auth && !authorized(&head, config.credentials.as_ref()) {
         let headers = [("Proxy-Authenticate", "Basic realm=\"farm\"".to_owned())];
         let body = b"proxy authentication required\n";
-        return wire::write_response(
-            &mut client,
-            407,
-            "Proxy Authentication Required",
-            &headers,
-            body,
-            bound,
-        );
+        return wire::write_response(&mut client, 407, &headers, body, bound);
     }
     if head.method.eq_ignore_ascii_case("CONNECT") {
         if !config.connect {
             let body = b"CONNECT is not allowed here\n";
-            return wire::write_response(&mut client, 405, "Method Not Allowed", &[], body, bound);
+            return wire::write_response(&mut client, 405, &[], body, bound);
         }
         let Some(target) = wire::parse_authority(&head.target, 443) else {
-            return wire::write_response(
-                &mut client,
-                400,
-                "Bad Request",
-                &[],
-                b"bad CONNECT target\n",
-                bound,
-            );
+            return wire::write_response(&mut client, 400, &[], b"bad CONNECT target\n", bound);
         };
+        if config.connect_443_only && target.port() != 443 {
+            let body = b"CONNECT to port 443 only\n";
+            return wire::write_response(&mut client, 403, &[], body, bound);
+        }
+        if config.behaviour == Behaviour::TlsIntercept {
+            wire::write_all(
+                &mut client,
+                b"HTTP/1.1 200 Connection established\r\n\r\n",
+                bound,
+            )?;
+            serve_tls_echo(client, intercepting_tls(), config.exit_ip);
+            return Ok(());
+        }
         let upstream = match wire::connect_from(config.exit_ip, target, UPSTREAM_CONNECT_TIMEOUT) {
             Ok(upstream) => upstream,
-            Err(_) => {
-                return wire::write_response(&mut client, 502, "Bad Gateway", &[], b"", bound)
-            }
+            Err(_) => return wire::write_response(&mut client, 502, &[], b"", bound),
         };
         wire::write_all(
             &mut client,
@@ -218,11 +220,11 @@ fn serve_http(
     }
     let Some((target, path)) = wire::parse_absolute_uri(&head.target) else {
         let body = b"this is a proxy: send an absolute URI\n";
-        return wire::write_response(&mut client, 400, "Bad Request", &[], body, bound);
+        return wire::write_response(&mut client, 400, &[], body, bound);
     };
     let mut upstream = match wire::connect_from(config.exit_ip, target, UPSTREAM_CONNECT_TIMEOUT) {
         Ok(upstream) => upstream,
-        Err(_) => return wire::write_response(&mut client, 502, "Bad Gateway", &[], b"", bound),
+        Err(_) => return wire::write_response(&mut client, 502, &[], b"", bound),
     };
     let forwarded = forwarded_head(&head, &path, config.behaviour, peer.ip());
     wire::write_all(&mut upstream, forwarded.as_bytes(), bound)?;
@@ -240,28 +242,31 @@ pub(crate) fn forwarded_head(
     client_ip: IpAddr,
 ) -> String {
     let version = if head.version == 0 {
-        "HTTP/1.0"
+        Version::Http10
     } else {
-        "HTTP/1.1"
+        Version::Http11
     };
-    let mut out = format!("{} {path} {version}\r\n", head.method);
-    for (name, value) in &head.headers {
-        if name.eq_ignore_ascii_case("proxy-connection")
-            || name.eq_ignore_ascii_case("proxy-authorization")
-        {
-            continue;
-        }
-        out.push_str(&format!("{name}: {value}\r\n"));
-    }
+    let mut headers: Vec<(&str, String)> = head
+        .headers
+        .iter()
+        .filter(|(name, _)| {
+            !name.eq_ignore_ascii_case("proxy-connection")
+                && !name.eq_ignore_ascii_case("proxy-authorization")
+        })
+        .map(|(name, value)| (name.as_str(), value.clone()))
+        .collect();
     match behaviour {
-        Behaviour::Anonymous => out.push_str(&format!("Via: {VIA}\r\n")),
+        Behaviour::Anonymous => headers.push(("Via", VIA.to_owned())),
         Behaviour::Transparent => {
-            out.push_str(&format!("Via: {VIA}\r\nX-Forwarded-For: {client_ip}\r\n"));
+            headers.push(("Via", VIA.to_owned()));
+            headers.push(("X-Forwarded-For", client_ip.to_string()));
         }
+        Behaviour::XffUnknown => headers.push(("X-Forwarded-For", "unknown".to_owned())),
         _ => {}
     }
-    out.push_str("\r\n");
-    out
+    let mut out = Vec::new();
+    http::encode_request_head(&mut out, &head.method, path, version, &headers);
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn authorized(head: &Head, credentials: Option<&Credentials>) -> bool {
@@ -460,6 +465,83 @@ fn huge_header(client: &mut TcpStream, bound: Bound) -> std::io::Result<()> {
     )
 }
 
+/// The test https judge's certificate, key and CA (throwaway, for loopback
+/// tests only): valid for 127.0.0.1, `localhost` and 127.44.0.1-64.
+const JUDGE_CERT: &[u8] = include_bytes!("../../../src/validator/testdata/judge.pem");
+const JUDGE_KEY: &[u8] = include_bytes!("../../../src/validator/testdata/judge.key");
+/// A certificate for 127.0.0.1 that no root vouches for: what a proxy reading
+/// its clients' TLS presents.
+const INTERCEPT_CERT: &[u8] = include_bytes!("../../../src/validator/testdata/intercept.pem");
+const INTERCEPT_KEY: &[u8] = include_bytes!("../../../src/validator/testdata/intercept.key");
+
+/// The CA file a validator needs (`https_ca_file`) to trust [`start_tls_judge`].
+pub fn tls_judge_ca_file() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../src/validator/testdata/ca.pem")
+}
+
+fn server_tls(cert_pem: &[u8], key_pem: &[u8]) -> Arc<rustls::ServerConfig> {
+    use rustls::pki_types::pem::PemObject;
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<_, _>>()
+        .expect("the farm's test certificate");
+    let key = PrivatePkcs8KeyDer::from_pem_slice(key_pem).expect("the farm's test key");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .and_then(|builder| {
+            builder
+                .with_no_client_auth()
+                .with_single_cert(certs, PrivateKeyDer::Pkcs8(key))
+        })
+        .expect("the farm's TLS configuration");
+    Arc::new(config)
+}
+
+fn judge_tls() -> Arc<rustls::ServerConfig> {
+    static CONFIG: OnceLock<Arc<rustls::ServerConfig>> = OnceLock::new();
+    CONFIG
+        .get_or_init(|| server_tls(JUDGE_CERT, JUDGE_KEY))
+        .clone()
+}
+
+fn intercepting_tls() -> Arc<rustls::ServerConfig> {
+    static CONFIG: OnceLock<Arc<rustls::ServerConfig>> = OnceLock::new();
+    CONFIG
+        .get_or_init(|| server_tls(INTERCEPT_CERT, INTERCEPT_KEY))
+        .clone()
+}
+
+/// Starts an https judge (the judge's echo over TLS, certificate signed by
+/// [`tls_judge_ca_file`]) on `address` (port 443 on a 127.44.0.x address
+/// as root: the port stock proxies tunnel to). Its threads live as long as
+/// the process. Returns the address it listens on.
+pub fn start_tls_judge(address: SocketAddr) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(address)?;
+    let bound = listener.local_addr()?;
+    thread::Builder::new()
+        .name("farm-tls-judge".into())
+        .stack_size(128 * 1024)
+        .spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let Ok(peer) = stream.peer_addr() else {
+                    continue;
+                };
+                let _ = thread::Builder::new()
+                    .stack_size(256 * 1024)
+                    .spawn(move || serve_tls_echo(stream, judge_tls(), peer.ip()));
+            }
+        })?;
+    Ok(bound)
+}
+
+/// Answers one request on `stream` over TLS with `tls`'s certificate: the
+/// judge's echo, with `origin` as the origin.
+fn serve_tls_echo(stream: TcpStream, tls: Arc<rustls::ServerConfig>, origin: IpAddr) {
+    if let Err(error) = crate::tls::serve_judge_tls(stream, SocketAddr::new(origin, 0), tls) {
+        log::debug!("farm tls judge: {error}");
+    }
+}
+
 /// A fake origin in a documentation range (RFC 5737): never a real host.
 pub const INJECTED_ORIGIN: &str = "203.0.113.66";
 
@@ -481,7 +563,7 @@ fn injected_judge(
     });
     let body = serde_json::to_string_pretty(&body).unwrap_or_default();
     let headers = [("Content-Type", "application/json".to_owned())];
-    wire::write_response(client, 200, "OK", &headers, body.as_bytes(), bound)
+    wire::write_response(client, 200, &headers, body.as_bytes(), bound)
 }
 
 #[cfg(test)]

@@ -35,7 +35,7 @@ pub(crate) fn serve_connection(mut stream: TcpStream, peer: SocketAddr, shared: 
         serve_list(&mut stream, &head, name, &shared, bound)
     } else {
         let body = b"not found: the farm serves /get and /lists/NAME\n";
-        wire::write_response(&mut stream, 404, "Not Found", &[], body, bound)
+        wire::write_response(&mut stream, 404, &[], body, bound)
     };
     if let Err(error) = result {
         log::debug!("farm server: answer to {peer} cut short: {error}");
@@ -59,11 +59,11 @@ fn serve_judge(
     bound: Bound,
 ) -> std::io::Result<()> {
     if head.method != "GET" && head.method != "HEAD" {
-        return wire::write_response(stream, 405, "Method Not Allowed", &[], b"", bound);
+        return wire::write_response(stream, 405, &[], b"", bound);
     }
     if shared.judge_down.load(Ordering::Relaxed) {
         let body = b"<html><body>503 Service Unavailable</body></html>\n";
-        return wire::write_response(stream, 503, "Service Unavailable", &[], body, bound);
+        return wire::write_response(stream, 503, &[], body, bound);
     }
     shared.judge_hits.fetch_add(1, Ordering::Relaxed);
     let server = shared.server_addr.to_string();
@@ -77,7 +77,7 @@ fn serve_judge(
     } else {
         body.as_str()
     };
-    wire::write_response(stream, 200, "OK", &headers, body.as_bytes(), bound)
+    wire::write_response(stream, 200, &headers, body.as_bytes(), bound)
 }
 
 fn serve_list(
@@ -95,14 +95,14 @@ fn serve_list(
             ("Last-Modified", list.modified.format(HTTP_DATE).to_string()),
         ];
         if not_modified(head, &list.etag, list.modified) {
-            return write_head_only(stream, 304, "Not Modified", &validators, bound);
+            return wire::write_head(stream, 304, &validators, bound);
         }
         let headers = [
             ("Content-Type", "text/plain; charset=utf-8".to_owned()),
             validators[0].clone(),
             validators[1].clone(),
         ];
-        return wire::write_response(stream, 200, "OK", &headers, &list.body, bound);
+        return wire::write_response(stream, 200, &headers, &list.body, bound);
     }
     let spec = &shared.spec;
     match name {
@@ -152,17 +152,17 @@ fn serve_list(
         }
         "error500" => {
             let body = b"internal server error\n";
-            wire::write_response(stream, 500, "Internal Server Error", &[], body, bound)
+            wire::write_response(stream, 500, &[], body, bound)
         }
         "html" => {
             let headers = [("Content-Type", "text/html; charset=utf-8".to_owned())];
             let body = lists::html_page().as_bytes();
-            wire::write_response(stream, 200, "OK", &headers, body, bound)
+            wire::write_response(stream, 200, &headers, body, bound)
         }
         "json-error" => {
             let headers = [("Content-Type", "application/json".to_owned())];
             let body = lists::json_error_page().as_bytes();
-            wire::write_response(stream, 200, "OK", &headers, body, bound)
+            wire::write_response(stream, 200, &headers, body, bound)
         }
         "unavailable" => {
             let wait = Duration::from_secs(lists::UNAVAILABLE_RETRY_AFTER_SECONDS);
@@ -171,23 +171,16 @@ fn serve_list(
                 (Utc::now() + wait).format(HTTP_DATE).to_string(),
             )];
             let body = b"down for maintenance\n";
-            wire::write_response(stream, 503, "Service Unavailable", &headers, body, bound)
+            wire::write_response(stream, 503, &headers, body, bound)
         }
         "ratelimit" => {
             let headers = [("Retry-After", "2".to_owned())];
-            wire::write_response(
-                stream,
-                429,
-                "Too Many Requests",
-                &headers,
-                b"slow down\n",
-                bound,
-            )
+            wire::write_response(stream, 429, &headers, b"slow down\n", bound)
         }
         "redirect-loop" => {
             let location = format!("http://{}/lists/redirect-loop", shared.server_addr);
             let headers = [("Location", location)];
-            wire::write_response(stream, 302, "Found", &headers, b"", bound)
+            wire::write_response(stream, 302, &headers, b"", bound)
         }
         "longline" => {
             write_stream_head(stream, "text/plain", bound)?;
@@ -203,11 +196,11 @@ fn serve_list(
         "binary" => {
             let headers = [("Content-Type", "application/octet-stream".to_owned())];
             let body = lists::binary(spec.seed);
-            wire::write_response(stream, 200, "OK", &headers, &body, bound)
+            wire::write_response(stream, 200, &headers, &body, bound)
         }
         _ => {
             let body = format!("no list named {name:?}\n");
-            wire::write_response(stream, 404, "Not Found", &[], body.as_bytes(), bound)
+            wire::write_response(stream, 404, &[], body.as_bytes(), bound)
         }
     }
 }
@@ -235,24 +228,12 @@ fn write_stream_head(
     content_type: &str,
     bound: Bound,
 ) -> std::io::Result<()> {
-    let head =
-        format!("HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nConnection: close\r\n\r\n");
-    wire::write_all(stream, head.as_bytes(), bound)
-}
-
-fn write_head_only(
-    stream: &mut TcpStream,
-    status: u16,
-    reason: &str,
-    headers: &[(&str, String)],
-    bound: Bound,
-) -> std::io::Result<()> {
-    let mut head = format!("HTTP/1.1 {status} {reason}\r\n");
-    for (name, value) in headers {
-        head.push_str(&format!("{name}: {value}\r\n"));
-    }
-    head.push_str("Connection: close\r\n\r\n");
-    wire::write_all(stream, head.as_bytes(), bound)
+    wire::write_head(
+        stream,
+        200,
+        &[("Content-Type", content_type.to_owned())],
+        bound,
+    )
 }
 
 /// A list served as a whole, with the validators for conditional requests.

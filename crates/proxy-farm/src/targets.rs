@@ -236,13 +236,13 @@ fn serve(mut stream: TcpStream, peer: SocketAddr, shared: &SiteShared) {
         _ => return,
     }
     let status = shared.state.lock().answer(peer.ip());
-    let (reason, body): (&str, &[u8]) = match status {
-        200 => ("OK", b"ok\n"),
-        403 => ("Forbidden", b"your address is refused\n"),
-        429 => ("Too Many Requests", b"slow down\n"),
-        _ => ("Service Unavailable", b"try again\n"),
+    let body: &[u8] = match status {
+        200 => b"ok\n",
+        403 => b"your address is refused\n",
+        429 => b"slow down\n",
+        _ => b"try again\n",
     };
-    if let Err(error) = wire::write_response(&mut stream, status, reason, &[], body, bound) {
+    if let Err(error) = wire::write_response(&mut stream, status, &[], body, bound) {
         log::debug!("target site: answer to {peer} cut short: {error}");
     }
 }

@@ -321,32 +321,19 @@ pub fn read_request_head(stream: &mut impl Read) -> io::Result<Option<RequestHea
             Err(error) => return Err(error),
         };
         buf.extend_from_slice(&chunk[..read]);
-        let mut headers = [httparse::EMPTY_HEADER; 64];
-        let mut request = httparse::Request::new(&mut headers);
-        match request.parse(&buf) {
-            Ok(httparse::Status::Complete(_)) => {
+        let limits = proxy_pool::http::HeadLimits {
+            max_head_bytes: wire::MAX_HEAD_BYTES,
+            max_headers: 64,
+        };
+        match proxy_pool::http::parse_request(&buf, limits) {
+            Ok(Some((head, _))) => {
                 return Ok(Some(RequestHead {
-                    method: request.method.unwrap_or("GET").to_owned(),
-                    target: request.path.unwrap_or("/").to_owned(),
-                    headers: request
-                        .headers
-                        .iter()
-                        .map(|h| {
-                            (
-                                h.name.to_owned(),
-                                String::from_utf8_lossy(h.value).into_owned(),
-                            )
-                        })
-                        .collect(),
-                }));
+                    method: head.method,
+                    target: head.target,
+                    headers: head.headers.0,
+                }))
             }
-            Ok(httparse::Status::Partial) if buf.len() < wire::MAX_HEAD_BYTES => {}
-            Ok(httparse::Status::Partial) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "request head too long",
-                ))
-            }
+            Ok(None) => {}
             Err(error) => return Err(io::Error::new(io::ErrorKind::InvalidData, error)),
         }
     }

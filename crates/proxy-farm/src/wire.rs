@@ -1,22 +1,28 @@
-//! The small pieces of socket and HTTP/1.1 plumbing that the farm's judge,
-//! list server and simulated proxies share: reading a request head with a size
-//! cap, bounded reads and writes that notice the farm stopping, connecting out
-//! from a chosen loopback address, and relaying bytes between two sockets.
+//! The farm's side of the socket plumbing that its judge, list server and
+//! simulated proxies share: bounds that notice the farm stopping, request
+//! heads and answers through the product's HTTP module
+//! (`proxy_pool::http`), connecting out from a chosen loopback address, and
+//! relaying bytes between two sockets.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use base64::Engine;
+use proxy_pool::http::io::{self as http_io, ReadError};
+use proxy_pool::http::{self, AnswerOptions, HeadLimits, Target, Version};
 use socket2::{Domain, Protocol as SocketProtocol, Socket, Type};
 
 use crate::Shared;
 
 /// The most a request head may take before the connection is dropped.
 pub(crate) const MAX_HEAD_BYTES: usize = 64 * 1024;
-/// How long a blocking call waits before looking at the stop flag again.
+/// Header lines a request head may have.
+const MAX_HEADERS: usize = 96;
+/// How long a sleep waits before looking at the stop flag again.
 const POLL_SLICE: Duration = Duration::from_millis(200);
 /// Stack size of listener threads: they only accept.
 pub(crate) const LISTENER_STACK: usize = 64 * 1024;
@@ -30,14 +36,14 @@ pub(crate) struct Bound<'a> {
     pub stop: &'a AtomicBool,
 }
 
-impl Bound<'_> {
-    pub fn expired(&self) -> bool {
-        self.stop.load(Ordering::Relaxed) || Instant::now() >= self.deadline
+impl<'a> Bound<'a> {
+    /// The same bound as the HTTP module's I/O takes it.
+    fn io(&self) -> http_io::Bound<'a> {
+        http_io::Bound::until(self.deadline).or_stop(self.stop)
     }
 
-    fn slice(&self) -> Option<Duration> {
-        let left = self.deadline.checked_duration_since(Instant::now())?;
-        Some(left.min(POLL_SLICE).max(Duration::from_millis(1)))
+    pub fn expired(&self) -> bool {
+        self.io().expired()
     }
 
     /// Sleeps `duration`, cut short by the bound. Returns false when cut short.
@@ -55,67 +61,20 @@ impl Bound<'_> {
     }
 }
 
-fn is_timeout(error: &io::Error) -> bool {
-    matches!(
-        error.kind(),
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
-    )
-}
-
-fn expired_error() -> io::Error {
-    io::Error::new(io::ErrorKind::TimedOut, "connection bound reached")
-}
-
 /// One `read`, retried across timeouts until data, end of stream or the bound.
 pub(crate) fn read_some(stream: &mut TcpStream, buf: &mut [u8], bound: Bound) -> io::Result<usize> {
-    loop {
-        let Some(slice) = bound.slice() else {
-            return Err(expired_error());
-        };
-        if bound.stop.load(Ordering::Relaxed) {
-            return Err(expired_error());
-        }
-        stream.set_read_timeout(Some(slice))?;
-        match stream.read(buf) {
-            Ok(n) => return Ok(n),
-            Err(error) if is_timeout(&error) => continue,
-            Err(error) => return Err(error),
-        }
-    }
+    http_io::read_some(stream, buf, bound.io())
 }
 
 /// `read_exact` within the bound.
 pub(crate) fn read_exact(stream: &mut TcpStream, buf: &mut [u8], bound: Bound) -> io::Result<()> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        let n = read_some(stream, &mut buf[filled..], bound)?;
-        if n == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        filled += n;
-    }
-    Ok(())
+    http_io::read_exact(stream, buf, bound.io())
 }
 
 /// `write_all` within the bound; a reader that stops reading cannot hold the
 /// thread past it.
-pub(crate) fn write_all(stream: &mut TcpStream, mut data: &[u8], bound: Bound) -> io::Result<()> {
-    while !data.is_empty() {
-        let Some(slice) = bound.slice() else {
-            return Err(expired_error());
-        };
-        if bound.stop.load(Ordering::Relaxed) {
-            return Err(expired_error());
-        }
-        stream.set_write_timeout(Some(slice))?;
-        match stream.write(data) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => data = &data[n..],
-            Err(error) if is_timeout(&error) => continue,
-            Err(error) => return Err(error),
-        }
-    }
-    Ok(())
+pub(crate) fn write_all(stream: &mut TcpStream, data: &[u8], bound: Bound) -> io::Result<()> {
+    http_io::write_all(stream, data, bound.io())
 }
 
 /// Reads until the peer closes or the bound ends, throwing the bytes away.
@@ -150,39 +109,26 @@ impl Head {
 /// Reads and parses one request head. `Ok(None)` when the peer closed or sent
 /// something that is not HTTP or is too large.
 pub(crate) fn read_head(stream: &mut TcpStream, bound: Bound) -> io::Result<Option<Head>> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 4096];
-    loop {
-        let n = read_some(stream, &mut chunk, bound)?;
-        if n == 0 {
-            return Ok(None);
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        let mut header_slots = [httparse::EMPTY_HEADER; 96];
-        let mut request = httparse::Request::new(&mut header_slots);
-        match request.parse(&buf) {
-            Ok(httparse::Status::Complete(head_len)) => {
-                let head = Head {
-                    method: request.method.unwrap_or("").to_owned(),
-                    target: request.path.unwrap_or("").to_owned(),
-                    version: request.version.unwrap_or(1),
-                    headers: request
-                        .headers
-                        .iter()
-                        .map(|h| {
-                            (
-                                h.name.to_owned(),
-                                String::from_utf8_lossy(h.value).into_owned(),
-                            )
-                        })
-                        .collect(),
-                    rest: buf[head_len..].to_vec(),
-                };
-                return Ok(Some(head));
-            }
-            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD_BYTES => continue,
-            _ => return Ok(None),
-        }
+    let limits = HeadLimits {
+        max_head_bytes: MAX_HEAD_BYTES,
+        max_headers: MAX_HEADERS,
+    };
+    let mut pending = Vec::with_capacity(1024);
+    match http_io::read_request_head(stream, &mut pending, bound.io(), limits) {
+        Ok(head) => Ok(Some(Head {
+            method: head.method,
+            target: head.target,
+            version: match head.version {
+                Version::Http10 => 0,
+                Version::Http11 => 1,
+            },
+            headers: head.headers.0,
+            rest: pending,
+        })),
+        Err(ReadError::Head(_) | ReadError::Closed { .. }) => Ok(None),
+        Err(ReadError::Timeout) => Err(io::ErrorKind::TimedOut.into()),
+        Err(ReadError::Io(error)) => Err(error),
+        Err(ReadError::Body(error)) => Err(io::Error::other(error)),
     }
 }
 
@@ -190,22 +136,33 @@ pub(crate) fn read_head(stream: &mut TcpStream, bound: Bound) -> io::Result<Opti
 pub(crate) fn write_response(
     stream: &mut TcpStream,
     status: u16,
-    reason: &str,
     headers: &[(&str, String)],
     body: &[u8],
     bound: Bound,
 ) -> io::Result<()> {
-    let mut head = format!("HTTP/1.1 {status} {reason}\r\n");
-    for (name, value) in headers {
-        head.push_str(&format!("{name}: {value}\r\n"));
-    }
-    head.push_str(&format!(
-        "Content-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    ));
-    write_all(stream, head.as_bytes(), bound)?;
-    write_all(stream, body, bound)?;
+    let mut answer = Vec::new();
+    let options = AnswerOptions {
+        close: true,
+        head_only: false,
+    };
+    http::encode_response(&mut answer, status, headers, body, options);
+    write_all(stream, &answer, bound)?;
     stream.flush()
+}
+
+/// Writes a response head as given, with `Connection: close` added: the
+/// caller frames the body (or sends none).
+pub(crate) fn write_head(
+    stream: &mut TcpStream,
+    status: u16,
+    headers: &[(&str, String)],
+    bound: Bound,
+) -> io::Result<()> {
+    let mut head = Vec::new();
+    let mut headers = headers.to_vec();
+    headers.push(("Connection", "close".to_owned()));
+    http::encode_response_head(&mut head, Version::Http11, status, &headers);
+    write_all(stream, &head, bound)
 }
 
 /// True for the only addresses the farm ever connects to.
@@ -234,34 +191,21 @@ pub(crate) fn parse_host(host: &str) -> Option<IpAddr> {
 
 /// Splits `host:port` (`[v6]:port` allowed) into an address.
 pub(crate) fn parse_authority(authority: &str, default_port: u16) -> Option<SocketAddr> {
-    let (host, port) = match authority.rsplit_once(':') {
-        Some((host, port)) if !host.ends_with(':') && !port.contains(']') => {
-            (host, port.parse().ok()?)
-        }
-        _ => (authority, default_port),
-    };
+    let (host, port) = http::split_authority(authority, default_port)?;
     Some(SocketAddr::new(parse_host(host)?, port))
 }
 
 /// Splits an absolute URI `http://host[:port]/path?q` into the target address
 /// and the origin-form `/path?q`.
 pub(crate) fn parse_absolute_uri(uri: &str) -> Option<(SocketAddr, String)> {
-    let lower = uri.get(..7)?.to_ascii_lowercase();
-    if lower != "http://" {
-        return None;
+    match Target::parse(uri)? {
+        Target::Absolute {
+            scheme,
+            authority,
+            path,
+        } if scheme.eq_ignore_ascii_case("http") => Some((parse_authority(authority, 80)?, path)),
+        _ => None,
     }
-    let rest = &uri[7..];
-    let (authority, path) = match rest.find(['/', '?']) {
-        Some(at) => (&rest[..at], rest[at..].to_owned()),
-        None => (rest, "/".to_owned()),
-    };
-    let path = if path.starts_with('?') {
-        format!("/{path}")
-    } else {
-        path
-    };
-    let authority = authority.rsplit('@').next().unwrap_or(authority);
-    Some((parse_authority(authority, 80)?, path))
 }
 
 /// Connects to `target` from `source` (port chosen by the kernel), so that the
@@ -337,24 +281,7 @@ fn copy(mut from: TcpStream, mut to: TcpStream, bound: Bound) {
 
 /// Standard base64 with padding, for `Proxy-Authorization: Basic`.
 pub(crate) fn base64(data: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+    base64::engine::general_purpose::STANDARD.encode(data)
 }
 
 #[cfg(test)]
