@@ -210,8 +210,8 @@ fn scoring() -> ScoringConfig {
         ban_threshold: -15,
         ban_cooldown: Duration::from_secs(1800),
         ban_cooldown_max: Duration::from_secs(21600),
-        top_k: 32,
-        explore_ratio: 0.5,
+        top_k: 10,
+        explore_ratio: 0.1,
         discount: 0.9,
     }
 }

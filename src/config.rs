@@ -565,7 +565,7 @@ const KEYS: &[Key] = &[
         "scoring",
         "top_k",
         Kind::Whole {
-            default: 32,
+            default: 10,
             min: 1,
             max: 100_000
         },
@@ -574,7 +574,7 @@ const KEYS: &[Key] = &[
     key!(
         "scoring",
         "explore_ratio",
-        Kind::Ratio { default: 0.5 },
+        Kind::Ratio { default: 0.1 },
         scoring.explore_ratio
     ),
     key!(
@@ -1569,8 +1569,8 @@ mod tests {
         assert_eq!(config.scheduler.interval, Duration::from_secs(60));
         assert_eq!(config.scoring.failure_delta, -5);
         assert_eq!(config.scoring.ban_threshold, -15);
-        assert_eq!(config.scoring.top_k, 32);
-        assert_eq!(config.scoring.explore_ratio, 0.5);
+        assert_eq!(config.scoring.top_k, 10);
+        assert_eq!(config.scoring.explore_ratio, 0.1);
         assert_eq!(config.scoring.discount, 0.9);
         assert_eq!(
             config.state.snapshot_path,
