@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use crate::http::body::{BodyDecoder, BodyError};
 use crate::http::head::{
-    parse_request, parse_response, HeadError, HeadLimits, RequestHead, ResponseHead,
+    parse_request, parse_response, HeadError, HeadLimits, Parsed, RequestHead, ResponseHead,
 };
 
 /// How long a blocking call waits before looking at a stop flag again.
@@ -190,7 +190,7 @@ fn read_head<H>(
     pending: &mut Vec<u8>,
     bound: Bound,
     limits: HeadLimits,
-    parse: fn(&[u8], HeadLimits) -> Result<Option<(H, usize)>, HeadError>,
+    parse: fn(&[u8], HeadLimits) -> Parsed<H>,
 ) -> Result<H, ReadError> {
     let mut line_arrived = !pending.is_empty();
     loop {
