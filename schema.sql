@@ -33,6 +33,10 @@ ALTER TABLE proxies ADD COLUMN IF NOT EXISTS last_dead_reason text;
 ALTER TABLE proxies ADD COLUMN IF NOT EXISTS anonymity_evidence text;
 -- Validation leases, so that several instances never check one proxy twice in a cycle.
 ALTER TABLE proxies ADD COLUMN IF NOT EXISTS lease_until timestamptz;
+-- The https check: why the last one failed (tls_intercepted, connect_refused 403,
+-- timeout, ...), NULL when it succeeded or none ran; and when it last ran.
+ALTER TABLE proxies ADD COLUMN IF NOT EXISTS https_failure text;
+ALTER TABLE proxies ADD COLUMN IF NOT EXISTS https_checked_at timestamptz;
 
 -- One row per distinct proxy: NULL usernames compare equal through coalesce.
 CREATE UNIQUE INDEX IF NOT EXISTS proxies_identity

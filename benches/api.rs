@@ -558,6 +558,7 @@ fn make_proxies() -> Vec<ActiveProxy> {
         .map(|i| {
             let ip = format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255);
             ActiveProxy {
+                exit_ip: None,
                 id: i as i64 + 1,
                 key: ProxyKey::new(
                     Protocol::ALL[rng.usize(..4)],
@@ -760,7 +761,7 @@ fn service_config(database_url: &str, workers: usize, sync_seconds: u64) -> Stri
         "[database]\nurl = {database_url}\n\
          [server]\nbind = 127.0.0.1:0\nworkers = {workers}\nmax_body_bytes = 1048576\n\
          [fetcher]\nsource_urls = http://127.0.0.1:9/list.txt\ninterval_seconds = 86400\ntimeout_ms = 500\nallow_private_addresses = true\n\
-         [validator]\nvalidation_target = http://127.0.0.1:9/get\nvalidation_timeout_ms = 1000\nconnect_timeout_ms = 500\n\
+         [validator]\nvalidation_target = http://127.0.0.1:9/get\nhttps_target =\nvalidation_timeout_ms = 1000\nconnect_timeout_ms = 500\n\
          [scheduler]\ninterval_seconds = 86400\n\
          [state]\nsnapshot_path = stats.bin\nsnapshot_interval_seconds = 86400\nsync_interval_seconds = {sync_seconds}\n"
     )

@@ -7,6 +7,10 @@
 //! -- cargo bench --bench ingest` provides it). Each figure is the median of
 //! three runs, beside a baseline measured in the same run: COPY of the same
 //! rows into an unindexed table, the floor of what PostgreSQL can ingest.
+//!
+//! `INGEST_PARSE_ONLY=1` measures the parse alone, without a database:
+//! the median of more runs, for a figure that holds on a busy machine, and
+//! the same proxies as a JSON array of strings and as JSON objects.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -27,6 +31,7 @@ const DISTINCT: usize = 750_000;
 const DUPLICATES: usize = 200_000;
 const JUNK: usize = 50_000;
 const RUNS: usize = 3;
+const PARSE_ONLY_RUNS: usize = 11;
 
 #[derive(Clone, Copy)]
 enum Slot {
@@ -113,8 +118,63 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// Time this thread spent on a CPU (Linux schedstat): on a busy machine it
+/// is what the wall time would be on an idle one. Zero where unknown.
+fn thread_cpu_time() -> Duration {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|stat| stat.split_whitespace().next()?.parse::<u64>().ok())
+        .map_or(Duration::ZERO, Duration::from_nanos)
+}
+
+/// The parse alone, `PARSE_ONLY_RUNS` times, for each format of the list.
+fn parse_only(text: &str, options: &ParseOptions) {
+    let lines: Vec<&str> = text.lines().collect();
+    let strings = serde_json::to_string(&lines).expect("json");
+    let mut objects = String::from("[");
+    for (index, line) in lines.iter().enumerate() {
+        let (scheme, rest) = line.split_once("://").unwrap_or(("http", line));
+        let host_port = rest.split(['\t', ' ']).next().unwrap_or(rest);
+        let (host, port) = host_port.rsplit_once(':').unwrap_or((host_port, "0"));
+        if index > 0 {
+            objects.push(',');
+        }
+        let _ = write!(
+            objects,
+            r#"{{"protocol":{scheme:?},"host":{host:?},"port":{port:?},"country":"US"}}"#
+        );
+    }
+    objects.push(']');
+    println!(
+        "parse only, {LINES} lines or entries, median of {PARSE_ONLY_RUNS}: wall (min), cpu time"
+    );
+    for (what, body) in [
+        ("text", text),
+        ("json array of strings", &strings),
+        ("json array of objects", &objects),
+    ] {
+        let (mut times, mut cpu_times) = (Vec::new(), Vec::new());
+        for _ in 0..PARSE_ONLY_RUNS {
+            let (started, cpu_started) = (Instant::now(), thread_cpu_time());
+            let parsed = parse_list(body, options);
+            times.push(started.elapsed());
+            cpu_times.push(thread_cpu_time().saturating_sub(cpu_started));
+            assert_eq!(parsed.proxies.len(), DISTINCT, "{what}: distinct proxies");
+            drop(parsed);
+        }
+        let min = *times.iter().min().expect("runs");
+        println!(
+            "  {what:<24} {:>8.0} ms ({:.0} ms), cpu {:.0} ms",
+            ms(median(times)),
+            ms(min),
+            ms(median(cpu_times))
+        );
+    }
+}
+
 fn main() {
-    if std::env::var_os("DATABASE_URL").is_none() {
+    let parse_only_asked = std::env::var_os("INGEST_PARSE_ONLY").is_some();
+    if !parse_only_asked && std::env::var_os("DATABASE_URL").is_none() {
         eprintln!("ingest benchmark skipped: DATABASE_URL is not set (run it under scripts/with-postgres.sh)");
         return;
     }
@@ -131,12 +191,16 @@ fn main() {
         assert_eq!(check.duplicates, DUPLICATES, "duplicates");
         assert_eq!(check.rejected, JUNK, "junk lines");
     }
+    if parse_only_asked {
+        parse_only(&text, &options);
+        return;
+    }
     let (mut parse_times, mut empty_times, mut full_times, mut copy_times) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for run in 0..RUNS {
         let db = support::TestDb::new();
         let store = Store::connect(&DatabaseConfig {
-            url: db.url.clone(),
+            url: proxy_pool::secret::SecretUrl::new(db.url.clone()),
             pool_size: 2,
             checkout_timeout: Duration::from_secs(30),
         })

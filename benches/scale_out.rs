@@ -36,7 +36,7 @@ fn main() {
     for instances in 1..=3 {
         let db = support::TestDb::new();
         let store = Store::connect(&DatabaseConfig {
-            url: db.url.clone(),
+            url: proxy_pool::secret::SecretUrl::new(db.url.clone()),
             pool_size: 2,
             checkout_timeout: Duration::from_secs(30),
         })
@@ -48,7 +48,7 @@ fn main() {
             &format!(
                 "[server]\nbind = 127.0.0.1:0\n\
                  [fetcher]\nsource_urls = {}\ninterval_seconds = 3600\nallow_private_addresses = true\n\
-                 [validator]\nvalidation_target = {}\nvalidation_timeout_ms = 2000\nconnect_timeout_ms = 2000\nvalidation_workers = {WORKERS}\n\
+                 [validator]\nvalidation_target = {}\nhttps_target =\nvalidation_timeout_ms = 2000\nconnect_timeout_ms = 2000\nvalidation_workers = {WORKERS}\n\
                  [scheduler]\ninterval_seconds = 3600\n",
                 farm.list_url("error500"),
                 farm.judge_url()

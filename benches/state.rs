@@ -46,6 +46,7 @@ fn proxies(rng: &mut fastrand::Rng) -> Vec<ActiveProxy> {
             let ip = format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255);
             let protocol = Protocol::ALL[rng.usize(..4)];
             ActiveProxy {
+                exit_ip: None,
                 id: i as i64,
                 key: ProxyKey::new(protocol, ip.parse().unwrap(), 1000 + (i % 50_000) as u16),
                 latency_ms: Some(rng.u32(50..5000)),

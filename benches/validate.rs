@@ -219,7 +219,7 @@ fn main() {
     let db = support::TestDb::new();
     let text = format!(
         "[database]\nurl = {}\npool_size = 8\n[fetcher]\nsource_urls = {}\nallow_private_addresses = true\n\
-         [validator]\nvalidation_target = {}\nvalidation_timeout_ms = {}\nconnect_timeout_ms = {}\n\
+         [validator]\nvalidation_target = {}\nhttps_target =\nvalidation_timeout_ms = {}\nconnect_timeout_ms = {}\n\
          validation_workers = {WORKERS}\n",
         db.url,
         farm.list_url,

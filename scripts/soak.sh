@@ -91,6 +91,7 @@ interval_seconds = 10
 allow_private_addresses = true
 [validator]
 validation_target = http://127.0.0.1:$farm_port/get
+https_target =
 validation_timeout_ms = 2000
 connect_timeout_ms = 1000
 validation_workers = 100

@@ -10,6 +10,9 @@ cd "$(dirname "$0")/.."
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo build --workspace --all-targets --locked
+# Real proxy software for tests/real_proxies.rs (squid, tinyproxy, dante,
+# microsocks), installed from Debian when missing; their services never run.
+scripts/install-test-deps.sh
 
 # The metronome's acceptance tests (tests/scheduler.rs) assert start times
 # within 50 ms: they run on their own after the others, not beside tests that

@@ -9,9 +9,15 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::proxy::Protocol;
+pub use crate::secret::redact_url;
+use crate::secret::{Secret, SecretUrl};
+
+/// `[server] max_body_bytes` when unset: room for a full feedback batch of
+/// the largest items, and some.
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 1 << 20;
 
 /// The validated configuration of one proxy-pool instance.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Config {
     pub database: DatabaseConfig,
     pub server: ServerConfig,
@@ -25,9 +31,9 @@ pub struct Config {
     pub geoip: GeoipConfig,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct DatabaseConfig {
-    pub url: String,
+    pub url: SecretUrl,
     pub pool_size: u32,
     /// How long a thread waits for a pooled connection before giving up.
     pub checkout_timeout: Duration,
@@ -37,7 +43,7 @@ pub struct DatabaseConfig {
 pub struct ServerConfig {
     pub bind: SocketAddr,
     pub workers: usize,
-    pub api_token: Option<String>,
+    pub api_token: Option<Secret>,
     pub max_body_bytes: usize,
     /// Connections served at once; more are answered 503 and closed.
     pub max_connections: usize,
@@ -47,12 +53,23 @@ pub struct ServerConfig {
     pub read_timeout: Duration,
 }
 
-impl ServerConfig {
-    /// Room for a full feedback batch of the largest items, and some.
-    pub const DEFAULT_MAX_BODY_BYTES: usize = 1 << 20;
+/// Blank, as every `Default` of this file: [`Config`]'s values come from
+/// the key table, never from here.
+impl Default for ServerConfig {
+    fn default() -> ServerConfig {
+        ServerConfig {
+            bind: SocketAddr::from(([0, 0, 0, 0], 0)),
+            workers: 0,
+            api_token: None,
+            max_body_bytes: 0,
+            max_connections: 0,
+            max_connections_per_ip: 0,
+            read_timeout: Duration::ZERO,
+        }
+    }
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct FetcherConfig {
     pub interval: Duration,
     pub timeout: Duration,
@@ -71,9 +88,13 @@ pub struct SourceConfig {
     pub protocol: Protocol,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct ValidatorConfig {
     pub target: String,
+    /// The https check's judge; `None` (empty): no https check.
+    pub https_target: Option<String>,
+    /// Extra PEM roots for `https_target`, beside the system's.
+    pub https_ca_file: Option<PathBuf>,
     pub timeout: Duration,
     pub connect_timeout: Duration,
     pub workers: usize,
@@ -82,12 +103,12 @@ pub struct ValidatorConfig {
     pub retry_inactive_after: Option<Duration>,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct SchedulerConfig {
     pub interval: Duration,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct ScoringConfig {
     pub initial_score: i32,
     pub success_delta: i32,
@@ -100,7 +121,7 @@ pub struct ScoringConfig {
     pub explore_ratio: f64,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct StateConfig {
     pub snapshot_path: PathBuf,
     pub snapshot_interval: Duration,
@@ -109,7 +130,7 @@ pub struct StateConfig {
     pub max_sources: usize,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct GeoipConfig {
     pub database: Option<PathBuf>,
 }
@@ -154,70 +175,547 @@ impl fmt::Display for ConfigError {
     }
 }
 
-/// The keys each fixed section accepts. `[source.NAME]` sections accept SOURCE_KEYS.
-const KNOWN: &[(&str, &[&str])] = &[
-    ("database", &["url", "pool_size", "checkout_timeout_ms"]),
-    (
+/// How a key's text is read, with its default and bounds.
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    /// A whole number in `min..=max`.
+    Whole {
+        default: u64,
+        min: u64,
+        max: u64,
+    },
+    /// A whole number from -1,000,000 to 1,000,000.
+    Signed {
+        default: i32,
+    },
+    /// Seconds, 1 to a year.
+    Seconds {
+        default: u64,
+    },
+    /// Seconds, 0 to u32::MAX; 0 means never.
+    SecondsOrNever {
+        default: u64,
+    },
+    /// A whole number in `min..=max` that defaults to, and may not exceed,
+    /// the value of the key `of` of the same section (read before it).
+    WholeAtMost {
+        of: &'static str,
+        min: u64,
+        max: u64,
+    },
+    /// Milliseconds, 1 to an hour.
+    Millis {
+        default: u64,
+    },
+    /// A number from 0 to 1.
+    Ratio {
+        default: f64,
+    },
+    Flag {
+        default: bool,
+    },
+    /// A file path that must not be empty.
+    FilePath {
+        default: &'static str,
+    },
+    /// A credential: empty means none; shown as `(set)`.
+    Secret,
+    /// An absolute https URL, or nothing (empty).
+    MaybeHttpsUrl {
+        default: &'static str,
+    },
+    /// An absolute http(s) URL, required.
+    Url {
+        default: &'static str,
+    },
+    /// An IP address and port.
+    Addr {
+        default: &'static str,
+    },
+    Protocol {
+        default: Protocol,
+    },
+    /// A file path; empty is allowed and means none.
+    Path {
+        default: &'static str,
+    },
+    /// `[database] url`: a postgres URL, `DATABASE_URL` overrides it.
+    DatabaseUrl,
+    /// `[fetcher] source_urls`: read into [`Config::sources`] with the
+    /// `[source.NAME]` sections.
+    ListUrls,
+}
+
+/// A key's value once read: what the table's setters store and its getters show.
+#[derive(Clone, Debug)]
+enum Value {
+    Whole(u64),
+    Signed(i32),
+    Duration(Duration),
+    MaybeDuration(Option<Duration>),
+    Ratio(f64),
+    Flag(bool),
+    Text(String),
+    MaybeText(Option<String>),
+    Secret(Option<Secret>),
+    Url(SecretUrl),
+    Addr(SocketAddr),
+    Protocol(Protocol),
+    Path(Option<PathBuf>),
+    /// Shown only; never stored (the list URLs are kept in `sources`).
+    Shown(String),
+    /// Read elsewhere (the list URLs, with the `[source.NAME]` sections).
+    Elsewhere,
+}
+
+/// One key of config.ini, written once: where it lives, how it reads, and
+/// where its value goes in [`Config`]. The table drives parsing, the
+/// unknown-key check and `check-config`'s output.
+struct Key {
+    section: &'static str,
+    name: &'static str,
+    kind: Kind,
+    set: fn(&mut Config, Value),
+    get: fn(&Config) -> Value,
+}
+
+macro_rules! key {
+    ($section:literal, $name:literal, $kind:expr, $($field:ident).+) => {
+        Key {
+            section: $section,
+            name: $name,
+            kind: $kind,
+            set: |config, value| config.$($field).+ = FromValue::from_value(value),
+            get: |config| IntoValue::into_value(config.$($field).+.clone()),
+        }
+    };
+}
+
+/// Every key of the fixed sections, in the order `check-config` shows them.
+/// `[source.NAME]` sections take [`LIST_KEYS`].
+const KEYS: &[Key] = &[
+    Key {
+        section: "database",
+        name: "url",
+        kind: Kind::DatabaseUrl,
+        set: |config, value| config.database.url = FromValue::from_value(value),
+        get: |config| Value::Url(config.database.url.clone()),
+    },
+    key!(
+        "database",
+        "pool_size",
+        Kind::Whole {
+            default: 8,
+            min: 1,
+            max: 1000
+        },
+        database.pool_size
+    ),
+    key!(
+        "database",
+        "checkout_timeout_ms",
+        Kind::Millis { default: 5000 },
+        database.checkout_timeout
+    ),
+    key!(
         "server",
-        &[
-            "bind",
-            "workers",
-            "api_token",
-            "max_body_bytes",
-            "max_connections",
-            "max_connections_per_ip",
-            "read_timeout_ms",
-        ],
+        "bind",
+        Kind::Addr {
+            default: "127.0.0.1:8080"
+        },
+        server.bind
     ),
-    (
+    key!(
+        "server",
+        "workers",
+        Kind::Whole {
+            default: 8,
+            min: 1,
+            max: 4096
+        },
+        server.workers
+    ),
+    key!("server", "api_token", Kind::Secret, server.api_token),
+    key!(
+        "server",
+        "max_body_bytes",
+        Kind::Whole {
+            default: DEFAULT_MAX_BODY_BYTES,
+            min: 64,
+            max: 1 << 30
+        },
+        server.max_body_bytes
+    ),
+    key!(
+        "server",
+        "max_connections",
+        Kind::Whole {
+            default: 1024,
+            min: 1,
+            max: 65536
+        },
+        server.max_connections
+    ),
+    // Unset: no cap per address beyond the total one (clients of a local
+    // service all come from 127.0.0.1).
+    key!(
+        "server",
+        "max_connections_per_ip",
+        Kind::WholeAtMost {
+            of: "max_connections",
+            min: 1,
+            max: 65536
+        },
+        server.max_connections_per_ip
+    ),
+    key!(
+        "server",
+        "read_timeout_ms",
+        Kind::Millis { default: 10_000 },
+        server.read_timeout
+    ),
+    Key {
+        section: "fetcher",
+        name: "source_urls",
+        kind: Kind::ListUrls,
+        set: |_, _| {},
+        get: |config| {
+            let urls: Vec<String> = config
+                .sources
+                .iter()
+                .filter(|list| list.name == list.url)
+                .map(|list| redact_url(&list.url))
+                .collect();
+            Value::Shown(urls.join(","))
+        },
+    },
+    key!(
         "fetcher",
-        &[
-            "source_urls",
-            "interval_seconds",
-            "timeout_ms",
-            "max_bytes",
-            "default_protocol",
-            "allow_private_addresses",
-        ],
+        "interval_seconds",
+        Kind::Seconds { default: 300 },
+        fetcher.interval
     ),
-    (
+    key!(
+        "fetcher",
+        "timeout_ms",
+        Kind::Millis { default: 15000 },
+        fetcher.timeout
+    ),
+    key!(
+        "fetcher",
+        "max_bytes",
+        Kind::Whole {
+            default: 10_485_760,
+            min: 1,
+            max: 1 << 40
+        },
+        fetcher.max_bytes
+    ),
+    key!(
+        "fetcher",
+        "default_protocol",
+        Kind::Protocol {
+            default: Protocol::Http
+        },
+        fetcher.default_protocol
+    ),
+    key!(
+        "fetcher",
+        "allow_private_addresses",
+        Kind::Flag { default: false },
+        fetcher.allow_private_addresses
+    ),
+    key!(
         "validator",
-        &[
-            "validation_target",
-            "validation_timeout_ms",
-            "connect_timeout_ms",
-            "validation_workers",
-            "revalidate_after_seconds",
-            "retry_inactive_after_seconds",
-        ],
+        "validation_target",
+        Kind::Url {
+            default: "http://httpbin.org/get?show_env=1"
+        },
+        validator.target
     ),
-    ("scheduler", &["interval_seconds"]),
-    (
+    key!(
+        "validator",
+        "https_target",
+        Kind::MaybeHttpsUrl {
+            default: "https://httpbin.org/get?show_env=1"
+        },
+        validator.https_target
+    ),
+    key!(
+        "validator",
+        "https_ca_file",
+        Kind::Path { default: "" },
+        validator.https_ca_file
+    ),
+    key!(
+        "validator",
+        "validation_timeout_ms",
+        Kind::Millis { default: 5000 },
+        validator.timeout
+    ),
+    key!(
+        "validator",
+        "connect_timeout_ms",
+        Kind::Millis { default: 3000 },
+        validator.connect_timeout
+    ),
+    key!(
+        "validator",
+        "validation_workers",
+        Kind::Whole {
+            default: 100,
+            min: 1,
+            max: 10_000
+        },
+        validator.workers
+    ),
+    key!(
+        "validator",
+        "revalidate_after_seconds",
+        Kind::Seconds { default: 1800 },
+        validator.revalidate_after
+    ),
+    key!(
+        "validator",
+        "retry_inactive_after_seconds",
+        Kind::SecondsOrNever { default: 21600 },
+        validator.retry_inactive_after
+    ),
+    key!(
+        "scheduler",
+        "interval_seconds",
+        Kind::Seconds { default: 60 },
+        scheduler.interval
+    ),
+    key!(
         "scoring",
-        &[
-            "initial_score",
-            "success_delta",
-            "failure_delta",
-            "max_score",
-            "ban_threshold",
-            "ban_cooldown_seconds",
-            "ban_cooldown_max_seconds",
-            "top_k",
-            "explore_ratio",
-        ],
+        "initial_score",
+        Kind::Signed { default: 0 },
+        scoring.initial_score
     ),
-    (
+    key!(
+        "scoring",
+        "success_delta",
+        Kind::Signed { default: 1 },
+        scoring.success_delta
+    ),
+    key!(
+        "scoring",
+        "failure_delta",
+        Kind::Signed { default: -5 },
+        scoring.failure_delta
+    ),
+    key!(
+        "scoring",
+        "max_score",
+        Kind::Signed { default: 100 },
+        scoring.max_score
+    ),
+    key!(
+        "scoring",
+        "ban_threshold",
+        Kind::Signed { default: -15 },
+        scoring.ban_threshold
+    ),
+    key!(
+        "scoring",
+        "ban_cooldown_seconds",
+        Kind::Seconds { default: 1800 },
+        scoring.ban_cooldown
+    ),
+    key!(
+        "scoring",
+        "ban_cooldown_max_seconds",
+        Kind::Seconds { default: 21600 },
+        scoring.ban_cooldown_max
+    ),
+    key!(
+        "scoring",
+        "top_k",
+        Kind::Whole {
+            default: 10,
+            min: 1,
+            max: 100_000
+        },
+        scoring.top_k
+    ),
+    key!(
+        "scoring",
+        "explore_ratio",
+        Kind::Ratio { default: 0.1 },
+        scoring.explore_ratio
+    ),
+    key!(
         "state",
-        &[
-            "snapshot_path",
-            "snapshot_interval_seconds",
-            "sync_interval_seconds",
-            "max_sources",
-        ],
+        "snapshot_path",
+        Kind::FilePath {
+            default: "source_stats.bin"
+        },
+        state.snapshot_path
     ),
-    ("geoip", &["database"]),
+    key!(
+        "state",
+        "snapshot_interval_seconds",
+        Kind::Seconds { default: 60 },
+        state.snapshot_interval
+    ),
+    key!(
+        "state",
+        "sync_interval_seconds",
+        Kind::Seconds { default: 30 },
+        state.sync_interval
+    ),
+    key!(
+        "state",
+        "max_sources",
+        Kind::Whole {
+            default: 10_000,
+            min: 1,
+            max: 10_000_000
+        },
+        state.max_sources
+    ),
+    key!(
+        "geoip",
+        "database",
+        Kind::Path { default: "" },
+        geoip.database
+    ),
 ];
-const SOURCE_KEYS: &[&str] = &["url", "interval_seconds", "protocol"];
+
+/// The keys of a `[source.NAME]` section (a proxy list of its own).
+const LIST_KEYS: &[&str] = &["url", "interval_seconds", "protocol"];
+
+/// The fixed sections, in table order.
+fn sections() -> Vec<&'static str> {
+    let mut names: Vec<&'static str> = Vec::new();
+    for key in KEYS {
+        if !names.contains(&key.section) {
+            names.push(key.section);
+        }
+    }
+    names
+}
+
+/// Converts a read [`Value`] into a field's type. The table pairs each
+/// kind with fields of the matching type; a mismatch is a bug in the table,
+/// caught by `every_key_reads_its_default`.
+trait FromValue {
+    fn from_value(value: Value) -> Self;
+}
+
+/// Converts a field back into a [`Value`] for `check-config`.
+trait IntoValue {
+    fn into_value(self) -> Value;
+}
+
+macro_rules! whole_field {
+    ($($t:ty),*) => {$(
+        impl FromValue for $t {
+            fn from_value(value: Value) -> $t {
+                match value {
+                    Value::Whole(n) => n as $t,
+                    other => unreachable!("a whole number for a {} field, found {other:?}", stringify!($t)),
+                }
+            }
+        }
+        impl IntoValue for $t {
+            fn into_value(self) -> Value {
+                Value::Whole(self as u64)
+            }
+        }
+    )*};
+}
+whole_field!(u32, u64, usize);
+
+macro_rules! plain_field {
+    ($t:ty, $variant:ident) => {
+        impl FromValue for $t {
+            fn from_value(value: Value) -> $t {
+                match value {
+                    Value::$variant(v) => v,
+                    other => unreachable!(
+                        "{} for a {} field, found {other:?}",
+                        stringify!($variant),
+                        stringify!($t)
+                    ),
+                }
+            }
+        }
+        impl IntoValue for $t {
+            fn into_value(self) -> Value {
+                Value::$variant(self)
+            }
+        }
+    };
+}
+plain_field!(i32, Signed);
+plain_field!(f64, Ratio);
+plain_field!(bool, Flag);
+plain_field!(SocketAddr, Addr);
+plain_field!(Protocol, Protocol);
+plain_field!(Option<Secret>, Secret);
+plain_field!(SecretUrl, Url);
+plain_field!(Option<Duration>, MaybeDuration);
+plain_field!(Option<PathBuf>, Path);
+plain_field!(Option<String>, MaybeText);
+
+plain_field!(Duration, Duration);
+
+impl FromValue for String {
+    fn from_value(value: Value) -> String {
+        match value {
+            Value::Text(text) => text,
+            Value::Url(url) => url.expose().to_string(),
+            other => unreachable!("text, found {other:?}"),
+        }
+    }
+}
+
+impl IntoValue for String {
+    fn into_value(self) -> Value {
+        Value::Text(self)
+    }
+}
+
+impl FromValue for PathBuf {
+    fn from_value(value: Value) -> PathBuf {
+        PathBuf::from(String::from_value(value))
+    }
+}
+
+impl IntoValue for PathBuf {
+    fn into_value(self) -> Value {
+        Value::Text(self.display().to_string())
+    }
+}
+
+impl Kind {
+    /// How `check-config` writes a value of this kind.
+    fn show(self, value: &Value) -> String {
+        match (self, value) {
+            (Kind::Millis { .. }, Value::Duration(d)) => d.as_millis().to_string(),
+            (_, Value::Duration(d)) => d.as_secs().to_string(),
+            (_, Value::Whole(n)) => n.to_string(),
+            (_, Value::MaybeDuration(d)) => d.map(|d| d.as_secs()).unwrap_or(0).to_string(),
+            (_, Value::Signed(n)) => n.to_string(),
+            (_, Value::Ratio(x)) => x.to_string(),
+            (_, Value::Flag(b)) => b.to_string(),
+            (_, Value::Text(text)) => text.clone(),
+            (_, Value::MaybeText(text)) => text.clone().unwrap_or_default(),
+            (_, Value::Secret(secret)) => if secret.is_some() { "(set)" } else { "" }.to_string(),
+            (_, Value::Url(url)) => url.to_string(),
+            (_, Value::Addr(addr)) => addr.to_string(),
+            (_, Value::Protocol(protocol)) => protocol.to_string(),
+            (_, Value::Path(path)) => path
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            (_, Value::Shown(text)) => text.clone(),
+            (_, Value::Elsewhere) => String::new(),
+        }
+    }
+}
 
 /// A value as written, with the line it came from.
 #[derive(Clone, Debug)]
@@ -408,103 +906,129 @@ struct Reader<'a> {
 impl Reader<'_> {
     fn build(&mut self, database_url_env: Option<String>) -> Config {
         self.check_unknown();
-        let database_url = match database_url_env.filter(|url| !url.trim().is_empty()) {
-            Some(url) => url,
-            None => {
-                let url = self.string("database", "url", "");
-                if url.is_empty() {
-                    // A command that never connects needs none.
-                    if self.uses == UsesDatabase::Yes {
-                        self.problem(
-                            "database",
-                            Some("url"),
-                            "required: a postgres:// URL (or set DATABASE_URL)".into(),
-                        );
-                    }
-                } else if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        // Every field is set from the table below before the config is
+        // returned: the blank values are never seen.
+        let mut config = Config::default();
+        for key in KEYS {
+            let value = self.read(key, &config, database_url_env.as_deref());
+            (key.set)(&mut config, value);
+        }
+        config.sources = self.lists(&config.fetcher);
+        self.check_relations(&config);
+        config
+    }
+
+    /// Reads one key of the table, reporting what is wrong with it.
+    fn read(&mut self, key: &Key, config: &Config, database_url_env: Option<&str>) -> Value {
+        let (section, name) = (key.section, key.name);
+        match key.kind {
+            Kind::Whole { default, min, max } => {
+                Value::Whole(self.number(section, name, default, min, max))
+            }
+            Kind::WholeAtMost { of, min, max } => {
+                let cap = match (find_key(section, of).get)(config) {
+                    Value::Whole(cap) => cap,
+                    other => unreachable!("{of} is a whole number, found {other:?}"),
+                };
+                let value = self.number(section, name, cap, min, max);
+                if value > cap {
                     self.problem(
-                        "database",
-                        Some("url"),
-                        format!(
-                            "expected a postgres:// or postgresql:// URL, found {:?}",
-                            redact_url(&url)
-                        ),
+                        section,
+                        Some(name),
+                        format!("must not exceed {of} ({cap}), found {value}"),
                     );
                 }
-                url
+                Value::Whole(value)
             }
-        };
-        let database = DatabaseConfig {
-            url: database_url,
-            pool_size: self.number("database", "pool_size", 8, 1, 1000) as u32,
-            checkout_timeout: Duration::from_millis(self.number(
-                "database",
-                "checkout_timeout_ms",
-                5000,
-                1,
-                3_600_000,
-            )),
-        };
-        let max_connections = self.number("server", "max_connections", 1024, 1, 65536);
-        // Unset: no cap per address beyond the total one (clients of a local
-        // service all come from 127.0.0.1).
-        let max_connections_per_ip = self.number(
-            "server",
-            "max_connections_per_ip",
-            max_connections,
-            1,
-            65536,
-        );
-        if max_connections_per_ip > max_connections {
+            Kind::Signed { default } => Value::Signed(self.integer(section, name, default)),
+            Kind::Seconds { default } => Value::Duration(self.seconds(section, name, default)),
+            Kind::SecondsOrNever { default } => {
+                let seconds = self.number(section, name, default, 0, u32::MAX as u64);
+                Value::MaybeDuration((seconds > 0).then(|| Duration::from_secs(seconds)))
+            }
+            Kind::Millis { default } => Value::Duration(self.millis(section, name, default)),
+            Kind::Ratio { default } => Value::Ratio(self.ratio(section, name, default)),
+            Kind::Flag { default } => Value::Flag(self.boolean(section, name, default)),
+            Kind::FilePath { default } => {
+                let path = self.string(section, name, default);
+                if path.is_empty() {
+                    self.problem(
+                        section,
+                        Some(name),
+                        "expected a file path, found nothing".into(),
+                    );
+                }
+                Value::Text(path)
+            }
+            Kind::Secret => {
+                let text = self.string(section, name, "");
+                Value::Secret(
+                    Some(text)
+                        .filter(|t| !t.is_empty())
+                        .map(crate::secret::Secret::new),
+                )
+            }
+            Kind::Url { default } => Value::Text(self.url(section, name, default)),
+            Kind::MaybeHttpsUrl { default } => {
+                let url = self.string(section, name, default);
+                if url.is_empty() {
+                    return Value::MaybeText(None);
+                }
+                let https = url
+                    .get(..8)
+                    .is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://"));
+                if !https || check_http_url(&url).is_err() {
+                    self.problem(
+                        section,
+                        Some(name),
+                        format!("expected an https:// URL or nothing, found {url:?}"),
+                    );
+                }
+                Value::MaybeText(Some(url))
+            }
+            Kind::Addr { default } => Value::Addr(self.socket_addr(section, name, default)),
+            Kind::Protocol { default } => Value::Protocol(self.protocol(section, name, default)),
+            Kind::Path { default } => {
+                let path = self.string(section, name, default);
+                Value::Path(Some(path).filter(|p| !p.is_empty()).map(PathBuf::from))
+            }
+            Kind::DatabaseUrl => Value::Url(SecretUrl::new(self.database_url(database_url_env))),
+            Kind::ListUrls => Value::Elsewhere,
+        }
+    }
+
+    /// `DATABASE_URL` when set, else `[database] url`, which a command that
+    /// opens the database needs.
+    fn database_url(&mut self, database_url_env: Option<&str>) -> String {
+        if let Some(url) = database_url_env.filter(|url| !url.trim().is_empty()) {
+            return url.to_string();
+        }
+        let url = self.string("database", "url", "");
+        if url.is_empty() {
+            // A command that never connects needs none.
+            if self.uses == UsesDatabase::Yes {
+                self.problem(
+                    "database",
+                    Some("url"),
+                    "required: a postgres:// URL (or set DATABASE_URL)".into(),
+                );
+            }
+        } else if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
             self.problem(
-                "server",
-                Some("max_connections_per_ip"),
+                "database",
+                Some("url"),
                 format!(
-                    "must not exceed max_connections ({max_connections}), found {max_connections_per_ip}"
+                    "expected a postgres:// or postgresql:// URL, found {:?}",
+                    redact_url(&url)
                 ),
             );
         }
-        let server = ServerConfig {
-            bind: self.socket_addr("server", "bind", "127.0.0.1:8080"),
-            workers: self.number("server", "workers", 8, 1, 4096) as usize,
-            api_token: Some(self.string("server", "api_token", "")).filter(|t| !t.is_empty()),
-            max_body_bytes: self.number(
-                "server",
-                "max_body_bytes",
-                ServerConfig::DEFAULT_MAX_BODY_BYTES as u64,
-                64,
-                1 << 30,
-            ) as usize,
-            max_connections: max_connections as usize,
-            max_connections_per_ip: max_connections_per_ip as usize,
-            read_timeout: self.millis("server", "read_timeout_ms", 10_000),
-        };
-        let default_protocol = self.protocol("fetcher", "default_protocol", Protocol::Http);
-        let fetcher = FetcherConfig {
-            interval: self.seconds("fetcher", "interval_seconds", 300),
-            timeout: self.millis("fetcher", "timeout_ms", 15000),
-            max_bytes: self.number("fetcher", "max_bytes", 10_485_760, 1, 1 << 40),
-            default_protocol,
-            allow_private_addresses: self.boolean("fetcher", "allow_private_addresses", false),
-        };
-        let sources = self.sources(&fetcher);
-        let validator = ValidatorConfig {
-            target: self.url("validator", "validation_target", "http://httpbin.org/get"),
-            timeout: self.millis("validator", "validation_timeout_ms", 5000),
-            connect_timeout: self.millis("validator", "connect_timeout_ms", 3000),
-            workers: self.number("validator", "validation_workers", 100, 1, 10_000) as usize,
-            revalidate_after: self.seconds("validator", "revalidate_after_seconds", 1800),
-            retry_inactive_after: {
-                let seconds = self.number(
-                    "validator",
-                    "retry_inactive_after_seconds",
-                    21600,
-                    0,
-                    u32::MAX as u64,
-                );
-                (seconds > 0).then(|| Duration::from_secs(seconds))
-            },
-        };
+        url
+    }
+
+    /// What no single key can say: bounds between keys.
+    fn check_relations(&mut self, config: &Config) {
+        let validator = &config.validator;
         if validator.connect_timeout > validator.timeout {
             self.problem(
                 "validator",
@@ -516,54 +1040,8 @@ impl Reader<'_> {
                 ),
             );
         }
-        let scheduler = SchedulerConfig {
-            interval: self.seconds("scheduler", "interval_seconds", 60),
-        };
-        let scoring = self.scoring();
-        let state = StateConfig {
-            snapshot_path: PathBuf::from(self.string("state", "snapshot_path", "source_stats.bin")),
-            snapshot_interval: self.seconds("state", "snapshot_interval_seconds", 60),
-            sync_interval: self.seconds("state", "sync_interval_seconds", 30),
-            max_sources: self.number("state", "max_sources", 10_000, 1, 10_000_000) as usize,
-        };
-        if state.snapshot_path.as_os_str().is_empty() {
-            self.problem(
-                "state",
-                Some("snapshot_path"),
-                "expected a file path, found nothing".into(),
-            );
-        }
-        let geoip = GeoipConfig {
-            database: Some(self.string("geoip", "database", ""))
-                .filter(|p| !p.is_empty())
-                .map(PathBuf::from),
-        };
-        Config {
-            database,
-            server,
-            fetcher,
-            sources,
-            validator,
-            scheduler,
-            scoring,
-            state,
-            geoip,
-        }
-    }
-
-    fn scoring(&mut self) -> ScoringConfig {
         let s = "scoring";
-        let scoring = ScoringConfig {
-            initial_score: self.integer(s, "initial_score", 0),
-            success_delta: self.integer(s, "success_delta", 1),
-            failure_delta: self.integer(s, "failure_delta", -5),
-            max_score: self.integer(s, "max_score", 100),
-            ban_threshold: self.integer(s, "ban_threshold", -15),
-            ban_cooldown: self.seconds(s, "ban_cooldown_seconds", 1800),
-            ban_cooldown_max: self.seconds(s, "ban_cooldown_max_seconds", 21600),
-            top_k: self.number(s, "top_k", 10, 1, 100_000) as usize,
-            explore_ratio: self.ratio(s, "explore_ratio", 0.1),
-        };
+        let scoring = &config.scoring;
         if scoring.success_delta < 0 {
             self.problem(
                 s,
@@ -609,10 +1087,10 @@ impl Reader<'_> {
                 ),
             );
         }
-        scoring
     }
 
-    fn sources(&mut self, fetcher: &FetcherConfig) -> Vec<SourceConfig> {
+    /// Every list to fetch: `[fetcher] source_urls`, then each `[source.NAME]`.
+    fn lists(&mut self, fetcher: &FetcherConfig) -> Vec<SourceConfig> {
         let mut sources = Vec::new();
         let urls = self.string("fetcher", "source_urls", "");
         for url in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
@@ -669,14 +1147,17 @@ impl Reader<'_> {
     }
 
     fn check_unknown(&mut self) {
+        let names = sections();
         let mut found = Vec::new();
         for (section, (section_line, entries)) in &self.raw.sections {
-            let allowed: &[&str] = if section.starts_with("source.") {
-                SOURCE_KEYS
-            } else if let Some((_, keys)) = KNOWN.iter().find(|(name, _)| name == section) {
-                keys
+            let allowed: Vec<&str> = if section.starts_with("source.") {
+                LIST_KEYS.to_vec()
+            } else if names.contains(&section.as_str()) {
+                KEYS.iter()
+                    .filter(|key| key.section == section)
+                    .map(|key| key.name)
+                    .collect()
             } else {
-                let names: Vec<&str> = KNOWN.iter().map(|(name, _)| *name).collect();
                 let hint = suggestion(section, &names)
                     .map(|s| format!(" (did you mean [{s}]?)"))
                     .unwrap_or_default();
@@ -695,7 +1176,7 @@ impl Reader<'_> {
                 if allowed.contains(&key.as_str()) {
                     continue;
                 }
-                let hint = suggestion(key, allowed)
+                let hint = suggestion(key, &allowed)
                     .map(|s| format!(" (did you mean {s}?)"))
                     .unwrap_or_default();
                 found.push(Problem {
@@ -892,124 +1373,36 @@ fn suggestion<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
         .map(|(_, c)| c)
 }
 
-/// Hides the password of a `scheme://user:password@host` URL.
-pub fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_string();
-    };
-    let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let Some(at) = rest[..authority_end].rfind('@') else {
-        return url.to_string();
-    };
-    match rest[..at].find(':') {
-        Some(colon) => format!(
-            "{}{}:***{}",
-            &url[..scheme_end + 3],
-            &rest[..colon],
-            &rest[at..]
-        ),
-        None => url.to_string(),
+impl fmt::Display for Config {
+    /// The effective configuration as INI, secrets hidden: every key of the
+    /// table, and each `[source.NAME]` list after `[fetcher]`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, section) in sections().into_iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            writeln!(f, "[{section}]")?;
+            for key in KEYS.iter().filter(|key| key.section == section) {
+                writeln!(f, "{} = {}", key.name, key.kind.show(&(key.get)(self)))?;
+            }
+            if section == "fetcher" {
+                for list in self.sources.iter().filter(|list| list.name != list.url) {
+                    writeln!(f, "\n[source.{}]", list.name)?;
+                    writeln!(f, "url = {}", redact_url(&list.url))?;
+                    writeln!(f, "interval_seconds = {}", list.interval.as_secs())?;
+                    writeln!(f, "protocol = {}", list.protocol)?;
+                }
+            }
+        }
+        Ok(())
     }
 }
 
-impl fmt::Display for Config {
-    /// The effective configuration as INI, secrets hidden.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let secs = |d: Duration| d.as_secs();
-        let ms = |d: Duration| d.as_millis();
-        writeln!(f, "[database]")?;
-        writeln!(f, "url = {}", redact_url(&self.database.url))?;
-        writeln!(f, "pool_size = {}", self.database.pool_size)?;
-        writeln!(
-            f,
-            "checkout_timeout_ms = {}",
-            ms(self.database.checkout_timeout)
-        )?;
-        writeln!(f, "\n[server]")?;
-        writeln!(f, "bind = {}", self.server.bind)?;
-        writeln!(f, "workers = {}", self.server.workers)?;
-        let token = if self.server.api_token.is_some() {
-            "(set)"
-        } else {
-            ""
-        };
-        writeln!(f, "api_token = {token}")?;
-        writeln!(f, "max_body_bytes = {}", self.server.max_body_bytes)?;
-        writeln!(f, "max_connections = {}", self.server.max_connections)?;
-        writeln!(
-            f,
-            "max_connections_per_ip = {}",
-            self.server.max_connections_per_ip
-        )?;
-        writeln!(f, "read_timeout_ms = {}", ms(self.server.read_timeout))?;
-        writeln!(f, "\n[fetcher]")?;
-        let urls: Vec<&str> = self
-            .sources
-            .iter()
-            .filter(|s| s.name == s.url)
-            .map(|s| s.url.as_str())
-            .collect();
-        let urls: Vec<String> = urls.iter().map(|url| redact_url(url)).collect();
-        writeln!(f, "source_urls = {}", urls.join(","))?;
-        writeln!(f, "interval_seconds = {}", secs(self.fetcher.interval))?;
-        writeln!(f, "timeout_ms = {}", ms(self.fetcher.timeout))?;
-        writeln!(f, "max_bytes = {}", self.fetcher.max_bytes)?;
-        writeln!(f, "default_protocol = {}", self.fetcher.default_protocol)?;
-        writeln!(
-            f,
-            "allow_private_addresses = {}",
-            self.fetcher.allow_private_addresses
-        )?;
-        for source in self.sources.iter().filter(|s| s.name != s.url) {
-            writeln!(f, "\n[source.{}]", source.name)?;
-            writeln!(f, "url = {}", redact_url(&source.url))?;
-            writeln!(f, "interval_seconds = {}", secs(source.interval))?;
-            writeln!(f, "protocol = {}", source.protocol)?;
-        }
-        let v = &self.validator;
-        writeln!(f, "\n[validator]")?;
-        writeln!(f, "validation_target = {}", v.target)?;
-        writeln!(f, "validation_timeout_ms = {}", ms(v.timeout))?;
-        writeln!(f, "connect_timeout_ms = {}", ms(v.connect_timeout))?;
-        writeln!(f, "validation_workers = {}", v.workers)?;
-        writeln!(f, "revalidate_after_seconds = {}", secs(v.revalidate_after))?;
-        let retry = v.retry_inactive_after.map(secs).unwrap_or(0);
-        writeln!(f, "retry_inactive_after_seconds = {retry}")?;
-        writeln!(f, "\n[scheduler]")?;
-        writeln!(f, "interval_seconds = {}", secs(self.scheduler.interval))?;
-        let s = &self.scoring;
-        writeln!(f, "\n[scoring]")?;
-        writeln!(f, "initial_score = {}", s.initial_score)?;
-        writeln!(f, "success_delta = {}", s.success_delta)?;
-        writeln!(f, "failure_delta = {}", s.failure_delta)?;
-        writeln!(f, "max_score = {}", s.max_score)?;
-        writeln!(f, "ban_threshold = {}", s.ban_threshold)?;
-        writeln!(f, "ban_cooldown_seconds = {}", secs(s.ban_cooldown))?;
-        writeln!(f, "ban_cooldown_max_seconds = {}", secs(s.ban_cooldown_max))?;
-        writeln!(f, "top_k = {}", s.top_k)?;
-        writeln!(f, "explore_ratio = {}", s.explore_ratio)?;
-        writeln!(f, "\n[state]")?;
-        writeln!(f, "snapshot_path = {}", self.state.snapshot_path.display())?;
-        writeln!(
-            f,
-            "snapshot_interval_seconds = {}",
-            secs(self.state.snapshot_interval)
-        )?;
-        writeln!(
-            f,
-            "sync_interval_seconds = {}",
-            secs(self.state.sync_interval)
-        )?;
-        writeln!(f, "max_sources = {}", self.state.max_sources)?;
-        writeln!(f, "\n[geoip]")?;
-        let geoip = self
-            .geoip
-            .database
-            .as_ref()
-            .map(|p| p.display().to_string());
-        writeln!(f, "database = {}", geoip.unwrap_or_default())
-    }
+/// The table's entry for `section`'s `name`.
+fn find_key(section: &str, name: &str) -> &'static Key {
+    KEYS.iter()
+        .find(|key| key.section == section && key.name == name)
+        .unwrap_or_else(|| unreachable!("no key {name} in [{section}]"))
 }
 
 #[cfg(test)]
@@ -1038,7 +1431,7 @@ mod tests {
         assert_eq!(config.fetcher.timeout, Duration::from_millis(15000));
         assert_eq!(config.fetcher.max_bytes, 10_485_760);
         assert!(!config.fetcher.allow_private_addresses);
-        assert_eq!(config.validator.target, "http://httpbin.org/get");
+        assert_eq!(config.validator.target, "http://httpbin.org/get?show_env=1");
         assert_eq!(config.validator.timeout, Duration::from_millis(5000));
         assert_eq!(
             config.validator.connect_timeout,
@@ -1114,7 +1507,7 @@ mod tests {
         let err = Config::parse(text, "t.ini", None).unwrap_err().to_string();
         assert!(err.contains("[database] url"), "{err}");
         let config = Config::parse_as(text, "t.ini", None, UsesDatabase::No).unwrap();
-        assert_eq!(config.database.url, "");
+        assert!(config.database.url.is_empty());
         let bad = format!("[database]\nurl = mysql://x/y\n{text}");
         let err = Config::parse_as(&bad, "t.ini", None, UsesDatabase::No)
             .unwrap_err()
@@ -1126,7 +1519,7 @@ mod tests {
     fn database_url_from_the_environment_wins() {
         let text = "[fetcher]\nsource_urls = http://127.0.0.1:9/a\n";
         let config = Config::parse(text, "t.ini", Some("postgres://env/db".into())).unwrap();
-        assert_eq!(config.database.url, "postgres://env/db");
+        assert_eq!(config.database.url.expose(), "postgres://env/db");
     }
 
     #[test]
@@ -1143,6 +1536,45 @@ mod tests {
     }
 
     #[test]
+    fn every_key_reads_its_default_and_shows_it_back() {
+        // The table pairs each kind with a field of the matching type: a
+        // mismatch would panic here, not in a user's hands.
+        let config = parse(MINIMAL).unwrap();
+        let shown = config.to_string();
+        for key in KEYS {
+            assert!(
+                shown.contains(&format!("\n{} = ", key.name))
+                    || shown.starts_with(&format!("[{}]\n{} = ", key.section, key.name)),
+                "{} missing from:\n{shown}",
+                key.name
+            );
+        }
+        let token = format!("{MINIMAL}[server]\napi_token = t0ken\n");
+        let config = parse(&token).unwrap();
+        assert_eq!(
+            config.server.api_token.as_ref().map(|t| t.expose()),
+            Some("t0ken")
+        );
+        assert!(config.to_string().contains("api_token = (set)"));
+        assert!(!format!("{config:?}").contains("t0ken"));
+    }
+
+    #[test]
+    fn a_per_address_cap_defaults_to_and_may_not_exceed_the_total() {
+        let text = format!("{MINIMAL}[server]\nmax_connections = 50\n");
+        assert_eq!(parse(&text).unwrap().server.max_connections_per_ip, 50);
+        let text =
+            format!("{MINIMAL}[server]\nmax_connections = 50\nmax_connections_per_ip = 60\n");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(
+            err.contains(
+                "[server] max_connections_per_ip: must not exceed max_connections (50), found 60"
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn zero_retry_means_never() {
         let text = format!("{MINIMAL}[validator]\nretry_inactive_after_seconds = 0\n");
         assert_eq!(parse(&text).unwrap().validator.retry_inactive_after, None);
@@ -1156,6 +1588,7 @@ mod tests {
             "{shown}"
         );
         assert!(!shown.contains("secret"));
+        assert!(!format!("{:?}", parse(MINIMAL).unwrap()).contains("secret"));
         // What check-config prints parses back to the same configuration.
         let again = Config::parse(&shown.replace("***", "secret"), "t", None).unwrap();
         assert_eq!(again, parse(MINIMAL).unwrap());

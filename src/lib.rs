@@ -4,6 +4,8 @@
 
 pub mod api;
 pub mod app;
+pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod fetcher;
 pub mod health;
@@ -14,9 +16,11 @@ pub mod metrics;
 pub mod persist;
 pub mod proxy;
 pub mod scheduler;
+pub mod secret;
 pub mod shutdown;
 pub mod snapshot;
 pub mod state;
 pub mod stats_table;
 pub mod store;
+pub mod supervisor;
 pub mod validator;

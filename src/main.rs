@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use proxy_pool::app::{self, Cli};
+use proxy_pool::cli::{self, Cli};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -31,14 +31,14 @@ fn main() -> ExitCode {
         .parse_env(env_logger::Env::default())
         .format_timestamp_millis();
     proxy_pool::logging::init(logger);
-    let outcome = app::run(cli);
+    let outcome = cli::run(cli);
     // Lines still queued for the log writer go out before the process ends.
     log::logger().flush();
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");
-            ExitCode::from(app::exit_code(&err))
+            ExitCode::from(cli::exit_code(&err))
         }
     }
 }

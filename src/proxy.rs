@@ -7,9 +7,11 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 
-/// The protocol a proxy speaks to its clients.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// The protocol a proxy speaks to its clients; `Http` by default, as for a
+/// bare `host:port` line.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Protocol {
+    #[default]
     Http,
     /// An http proxy that is expected to tunnel CONNECT.
     Https,
@@ -194,6 +196,10 @@ pub struct ActiveProxy {
     /// `"Via: 1.1 squid"`; None for an elite proxy. Shared, so that a pick
     /// copies a pointer, not the text.
     pub anonymity_evidence: Option<Arc<str>>,
+    /// The address the judge saw its last successful check come from; None
+    /// when not known. Sites ban addresses: proxies that share one are
+    /// banned together (see the state manager).
+    pub exit_ip: Option<IpAddr>,
 }
 
 #[cfg(test)]

@@ -43,9 +43,7 @@ pub fn enqueue<T>(sender: &Sender<T>, job: T) -> Enqueued {
     }
 }
 
-/// Starts the metronome thread: `make_job()` is enqueued at every tick until
-/// shutdown or until the receiving side is dropped. The first tick is at
-/// t0 + interval (callers that want a run at start enqueue one themselves).
+/// Starts the metronome thread (see [`run_metronome`]).
 pub fn start_metronome<T: Send + 'static>(
     name: &str,
     interval: Duration,
@@ -54,23 +52,36 @@ pub fn start_metronome<T: Send + 'static>(
     make_job: impl Fn() -> T + Send + 'static,
 ) -> std::io::Result<JoinHandle<()>> {
     let name = name.to_string();
-    thread::Builder::new().name(name.clone()).spawn(move || {
-        let t0 = Instant::now();
-        let mut due = t0 + interval;
-        loop {
-            if shutdown.wait_until(due) {
-                return;
-            }
-            match enqueue(&sender, make_job()) {
-                Enqueued::Queued => {}
-                Enqueued::Coalesced => {
-                    log::debug!("{name}: previous job still waiting, tick coalesced")
-                }
-                Enqueued::Closed => return,
-            }
-            due = next_tick(t0, interval, Instant::now());
+    thread::Builder::new()
+        .name(name.clone())
+        .spawn(move || run_metronome(&name, interval, sender, shutdown, make_job))
+}
+
+/// The metronome: `make_job()` is enqueued at every tick until shutdown or
+/// until the receiving side is dropped. The first tick is at t0 + interval
+/// (callers that want a run at start enqueue one themselves).
+pub fn run_metronome<T>(
+    name: &str,
+    interval: Duration,
+    sender: Sender<T>,
+    shutdown: ShutdownSignal,
+    make_job: impl Fn() -> T,
+) {
+    let t0 = Instant::now();
+    let mut due = t0 + interval;
+    loop {
+        if shutdown.wait_until(due) {
+            return;
         }
-    })
+        match enqueue(&sender, make_job()) {
+            Enqueued::Queued => {}
+            Enqueued::Coalesced => {
+                log::debug!("{name}: previous job still waiting, tick coalesced")
+            }
+            Enqueued::Closed => return,
+        }
+        due = next_tick(t0, interval, Instant::now());
+    }
 }
 
 #[cfg(test)]

@@ -44,21 +44,35 @@ impl Shutdown {
         self.sender.lock().take();
     }
 
-    /// Triggers on the first SIGTERM or SIGINT.
+    /// Triggers on the first SIGTERM or SIGINT; a second one exits the
+    /// process at once (exit code 128 + the signal's number, as a shell
+    /// reports a process killed by it), for an operator who will not wait
+    /// for the checks in flight and the last snapshot.
     pub fn on_signals(&self) -> std::io::Result<()> {
         let mut signals = Signals::new([SIGTERM, SIGINT])?;
         let shutdown = self.clone();
         thread::Builder::new()
             .name("signals".into())
             .spawn(move || {
-                if let Some(signal) = signals.forever().next() {
+                let mut received = 0;
+                for signal in signals.forever() {
                     let name = if signal == SIGTERM {
                         "SIGTERM"
                     } else {
                         "SIGINT"
                     };
-                    log::info!("{name} received: shutting down");
-                    shutdown.trigger();
+                    received += 1;
+                    if received == 1 {
+                        log::info!(
+                            "{name} received: shutting down (send it again to exit at once)"
+                        );
+                        shutdown.trigger();
+                    } else {
+                        log::warn!(
+                            "second {name} received: exiting now, without the last snapshot"
+                        );
+                        std::process::exit(128 + signal);
+                    }
                 }
             })?;
         Ok(())

@@ -12,8 +12,10 @@ use postgres::types::Type;
 use postgres::NoTls;
 use r2d2_postgres::PostgresConnectionManager;
 
-use crate::config::{redact_url, DatabaseConfig};
+use crate::config::DatabaseConfig;
 use crate::proxy::{ActiveProxy, Anonymity, Protocol, ProxyKey};
+use crate::validator::check::HttpsFailure;
+use crate::validator::judge_answer::DeadReason;
 
 const SCHEMA: &str = include_str!("../schema.sql");
 /// Serializes migrations of concurrent instances (an arbitrary constant).
@@ -73,10 +75,23 @@ pub struct CheckRecord {
     pub latency_ms: Option<u32>,
     pub anonymity: Option<Anonymity>,
     pub supports_https: Option<bool>,
+    /// Whether an https check ran (then `supports_https` and
+    /// `https_failure` are its finding, and `https_checked_at` moves).
+    pub https_checked: bool,
+    pub https_failure: Option<HttpsFailure>,
     pub country: Option<String>,
     pub exit_ip: Option<IpAddr>,
-    pub dead_reason: Option<String>,
+    pub dead_reason: Option<DeadReason>,
     pub evidence: Option<String>,
+}
+
+/// What a cycle's selection sees at its start.
+#[derive(Clone, Copy, Debug)]
+pub struct DueCount {
+    pub due: i64,
+    /// The database's clock at the count: the cycle claims only rows last
+    /// validated before it, so that no proxy is checked twice in a cycle.
+    pub at: DateTime<Utc>,
 }
 
 /// How many of a list's proxies work now and ever did.
@@ -95,9 +110,10 @@ impl Store {
         let mut pg_config: postgres::Config =
             config
                 .url
+                .expose()
                 .parse()
                 .map_err(|err: postgres::Error| StoreError::Url {
-                    url: redact_url(&config.url),
+                    url: config.url.to_string(),
                     message: err.to_string(),
                 })?;
         pg_config.connect_timeout(config.checkout_timeout);
@@ -150,7 +166,7 @@ impl Store {
         let mut conn = self.conn()?;
         let rows = conn.query(
             "SELECT id, protocol, ip, port, username, password, latency_ms, anonymity,
-                    country, supports_https, last_validated_at, anonymity_evidence
+                    country, supports_https, last_validated_at, anonymity_evidence, exit_ip
              FROM proxies WHERE is_active",
             &[],
         )?;
@@ -162,6 +178,7 @@ impl Store {
             let latency: Option<i32> = row.get(6);
             let anonymity: Option<String> = row.get(7);
             proxies.push(ActiveProxy {
+                exit_ip: row.get(12),
                 id: row.get(0),
                 key,
                 latency_ms: latency.and_then(|l| u32::try_from(l).ok()),
@@ -312,27 +329,36 @@ impl Store {
         Ok(counts)
     }
 
-    /// How many proxies the selection would give now (for progress reports).
-    pub fn count_due(&self, policy: &DuePolicy) -> Result<i64, StoreError> {
+    /// How many proxies the selection would give now (for progress
+    /// reports), and the database's clock, where a cycle starts.
+    pub fn count_due(&self, policy: &DuePolicy) -> Result<DueCount, StoreError> {
         let mut conn = self.conn()?;
         let (revalidate, retry) = policy_seconds(policy);
         let row = conn.query_one(
-            &format!("SELECT count(*) FROM proxies WHERE {DUE_PREDICATE}"),
+            &format!("SELECT count(*), now() FROM proxies WHERE {DUE_PREDICATE}"),
             &[&revalidate, &retry],
         )?;
-        Ok(row.get(0))
+        Ok(DueCount {
+            due: row.get(0),
+            at: row.get(1),
+        })
     }
 
     /// Claims up to `limit` due proxies with an id above `after` that no
-    /// instance holds a lease on, in id order, and leases them for
-    /// `policy.lease`. A cycle passes the highest id it claimed last (keyset
-    /// paging), so each claim starts where the previous one ended instead of
-    /// rescanning the rows already checked. Concurrent instances skip each
-    /// other's locked rows, so no proxy is checked twice in a cycle; a batch
-    /// claimed by an instance that died is due again when its lease ends.
+    /// instance holds a lease on and that were not validated since
+    /// `cycle_start`, in id order, and leases them for `policy.lease`. A
+    /// cycle passes the highest id it claimed last (keyset paging), so each
+    /// claim starts where the previous one ended instead of rescanning the
+    /// rows already checked. A check writes `last_validated_at = now()`,
+    /// after the cycle's start, so no proxy is checked twice in a cycle even
+    /// when it is due again before the cycle ends (`revalidate_after`
+    /// shorter than the cycle). Concurrent instances skip each other's
+    /// locked rows; a batch claimed by an instance that died is due again
+    /// when its lease ends.
     pub fn claim_due(
         &self,
         policy: &DuePolicy,
+        cycle_start: DateTime<Utc>,
         after: i64,
         limit: i64,
     ) -> Result<Vec<DueProxy>, StoreError> {
@@ -345,12 +371,13 @@ impl Store {
                  WHERE id IN (
                      SELECT id FROM proxies
                      WHERE ({DUE_PREDICATE}) AND (lease_until IS NULL OR lease_until < now())
+                         AND (last_validated_at IS NULL OR last_validated_at < $6)
                          AND id > $5
                      ORDER BY id LIMIT $4
                      FOR UPDATE SKIP LOCKED)
                  RETURNING id, protocol, ip, port, username, password"
             ),
-            &[&revalidate, &retry, &lease, &limit, &after],
+            &[&revalidate, &retry, &lease, &limit, &after, &cycle_start],
         )?;
         let mut due: Vec<DueProxy> = rows
             .iter()
@@ -383,9 +410,17 @@ impl Store {
             .map(|r| r.anonymity.map(|a| a.as_str()))
             .collect();
         let https: Vec<Option<bool>> = results.iter().map(|r| r.supports_https).collect();
+        let https_checked: Vec<bool> = results.iter().map(|r| r.https_checked).collect();
+        let https_failure: Vec<Option<String>> = results
+            .iter()
+            .map(|r| r.https_failure.as_ref().map(|f| f.to_string()))
+            .collect();
         let country: Vec<Option<&str>> = results.iter().map(|r| r.country.as_deref()).collect();
         let exit_ip: Vec<Option<IpAddr>> = results.iter().map(|r| r.exit_ip).collect();
-        let reason: Vec<Option<&str>> = results.iter().map(|r| r.dead_reason.as_deref()).collect();
+        let reason: Vec<Option<&str>> = results
+            .iter()
+            .map(|r| r.dead_reason.as_ref().map(|d| d.as_str()))
+            .collect();
         let evidence: Vec<Option<&str>> = results.iter().map(|r| r.evidence.as_deref()).collect();
         let mut conn = self.conn()?;
         conn.execute(
@@ -393,8 +428,13 @@ impl Store {
                  is_active = r.alive,
                  latency_ms = CASE WHEN r.alive THEN r.latency_ms ELSE p.latency_ms END,
                  anonymity = CASE WHEN r.alive THEN r.anonymity ELSE p.anonymity END,
-                 supports_https = CASE WHEN r.alive THEN r.supports_https ELSE p.supports_https END,
-                 country = coalesce(r.country, p.country),
+                 supports_https = CASE WHEN r.https_checked THEN r.supports_https
+                                       ELSE p.supports_https END,
+                 https_failure = CASE WHEN r.https_checked THEN r.https_failure
+                                      ELSE p.https_failure END,
+                 https_checked_at = CASE WHEN r.https_checked THEN now()
+                                         ELSE p.https_checked_at END,
+                 country = CASE WHEN r.alive THEN r.country ELSE p.country END,
                  exit_ip = CASE WHEN r.alive THEN r.exit_ip ELSE p.exit_ip END,
                  anonymity_evidence = CASE WHEN r.alive THEN r.evidence ELSE p.anonymity_evidence END,
                  last_dead_reason = r.dead_reason,
@@ -403,13 +443,23 @@ impl Store {
                  alive_count = p.alive_count + r.alive::int,
                  lease_until = NULL
              FROM unnest($1::int8[], $2::bool[], $3::int4[], $4::text[], $5::bool[],
-                         $6::text[], $7::inet[], $8::text[], $9::text[])
+                         $6::text[], $7::inet[], $8::text[], $9::text[], $10::bool[],
+                         $11::text[])
                  AS r(id, alive, latency_ms, anonymity, supports_https, country, exit_ip,
-                      dead_reason, evidence)
+                      dead_reason, evidence, https_checked, https_failure)
              WHERE p.id = r.id",
             &[
-                &ids, &alive, &latency, &anonymity, &https, &country, &exit_ip, &reason,
+                &ids,
+                &alive,
+                &latency,
+                &anonymity,
+                &https,
+                &country,
+                &exit_ip,
+                &reason,
                 &evidence,
+                &https_checked,
+                &https_failure,
             ],
         )?;
         Ok(())
@@ -418,6 +468,23 @@ impl Store {
     /// Each list's yield: proxies it listed, how many are active now, and how
     /// many were ever found alive.
     pub fn source_yields(&self) -> Result<Vec<SourceYield>, StoreError> {
+        self.yields_of(None)
+    }
+
+    /// One list's yield (zeros for a list that gave nothing yet), read at
+    /// once: a fetch's summary line must not wait for the next refresh.
+    pub fn source_yield(&self, source: &str) -> Result<SourceYield, StoreError> {
+        let found = self.yields_of(Some(source))?.pop();
+        Ok(found.unwrap_or_else(|| SourceYield {
+            source: source.to_string(),
+            listed: 0,
+            active_now: 0,
+            ever_active: 0,
+        }))
+    }
+
+    /// The yields of every list, or of `only` that one.
+    fn yields_of(&self, only: Option<&str>) -> Result<Vec<SourceYield>, StoreError> {
         let mut conn = self.conn()?;
         let rows = conn.query(
             // proxy_lists, without its join of proxies to itself.
@@ -426,16 +493,17 @@ impl Store {
                         count(*) FILTER (WHERE p.is_active) AS active,
                         count(*) FILTER (WHERE p.alive_count > 0) AS ever
                  FROM proxies p JOIN lists l ON l.id = p.first_list_id
+                 WHERE $1::text IS NULL OR l.name = $1
                  GROUP BY l.name
                  UNION ALL
                  SELECT s.source, count(*), count(*) FILTER (WHERE p.is_active),
                         count(*) FILTER (WHERE p.alive_count > 0)
                  FROM proxy_sources s JOIN proxies p ON p.id = s.proxy_id
                      LEFT JOIN lists f ON f.id = p.first_list_id
-                 WHERE f.name IS DISTINCT FROM s.source
+                 WHERE f.name IS DISTINCT FROM s.source AND ($1::text IS NULL OR s.source = $1)
                  GROUP BY s.source
              ) y GROUP BY source ORDER BY source",
-            &[],
+            &[&only],
         )?;
         Ok(rows
             .iter()

@@ -397,41 +397,36 @@ fn stop_run_sh_with(signal_name: &str) {
     );
 }
 
-/// The (section, key) pairs the parser accepts, read from its `KNOWN` and
-/// `SOURCE_KEYS` tables in src/config.rs (they are private); `[source.NAME]`
-/// keys come under the section `source.NAME`.
+/// The (section, key) pairs the parser accepts, read from what
+/// `check-config` prints: its output and the parser are driven by one key
+/// table, so every key appears there. `[source.NAME]` keys come under the
+/// section `source.NAME`.
 fn parser_keys() -> std::collections::BTreeSet<(String, String)> {
-    let source = include_str!("../src/config.rs");
-    let quoted = |text: &str| -> Vec<String> {
-        text.split('"')
-            .skip(1)
-            .step_by(2)
-            .map(str::to_string)
-            .collect()
-    };
-    let table = |name: &str| -> &str {
-        let start = source
-            .find(&format!("const {name}: "))
-            .unwrap_or_else(|| panic!("no {name} table in src/config.rs"));
-        let start = start + source[start..].find("= &[").expect("the table's start") + 4;
-        let end = start + source[start..].find("];").expect("the table's end");
-        &source[start..end]
-    };
+    let config = format!(
+        "[database]\nurl = postgres://u@127.0.0.1/db\n{SOURCES}[source.example]\nurl = http://127.0.0.1:9/socks.txt\n"
+    );
+    let (code, shown, stderr) = run(&["check-config"], &config, None);
+    assert_eq!(code, 0, "{stderr}");
     let mut keys = std::collections::BTreeSet::new();
-    // Each entry is ("section", &["key", ...]): the first string after "(".
-    for entry in table("KNOWN").split('(').skip(1) {
-        let strings = quoted(entry);
-        let (section, section_keys) = strings.split_first().expect("a section name");
-        for key in section_keys {
-            keys.insert((section.clone(), key.clone()));
+    let mut section = String::new();
+    for line in shown.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = match name.strip_prefix("source.") {
+                Some(_) => "source.NAME".to_string(),
+                None => name.to_string(),
+            };
+            continue;
         }
-    }
-    for key in quoted(table("SOURCE_KEYS")) {
-        keys.insert(("source.NAME".to_string(), key));
+        let (key, _) = line.split_once(" = ").unwrap_or_else(|| {
+            line.strip_suffix(" =")
+                .map(|key| (key, ""))
+                .unwrap_or_else(|| panic!("not a key line: {line:?}"))
+        });
+        keys.insert((section.clone(), key.to_string()));
     }
     assert!(
         keys.len() > 30,
-        "too few keys read from src/config.rs: {keys:?}"
+        "too few keys in check-config's output: {keys:?}"
     );
     keys
 }
@@ -536,6 +531,45 @@ fn readme_and_config_ini_document_exactly_the_keys_the_parser_knows() {
             );
         }
     }
+}
+
+/// A second SIGTERM exits at once, with 128 + 15, while the first one's
+/// graceful shutdown still waits for a check in flight: here the cycle's
+/// direct request to a judge that accepts and never answers, within a
+/// 60 s timeout (a graceful exit would take that long and exit 0).
+#[test]
+fn a_second_sigterm_exits_at_once_with_143() {
+    let db = TestDb::new();
+    let silent_judge = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let judge = silent_judge.local_addr().unwrap();
+    let config = config_text(
+        &db.url,
+        &format!(
+            "[server]\nbind = 127.0.0.1:0\n{SOURCES}\n[validator]\n\
+             validation_target = http://{judge}/get\nvalidation_timeout_ms = 60000\n"
+        ),
+    );
+    let mut service = Service::start(&config);
+    wait_for("the first cycle to start", Duration::from_secs(30), || {
+        service.log_contains("active proxies loaded")
+    });
+    signal(service.child.id(), "TERM");
+    wait_for(
+        "the graceful shutdown to begin",
+        Duration::from_secs(10),
+        || service.log_contains("shutting down"),
+    );
+    assert!(
+        service.child.try_wait().unwrap().is_none(),
+        "the graceful shutdown waits for the check in flight:\n{}",
+        service.log_text()
+    );
+    signal(service.child.id(), "TERM");
+    let code = wait_exit(&mut service.child, Duration::from_secs(20), "the service");
+    assert_eq!(code, 143, "{}", service.log_text());
+    wait_for("the exit to be logged", Duration::from_secs(5), || {
+        service.log_contains("second SIGTERM received: exiting now")
+    });
 }
 
 /// max_body_bytes holds for /feedback too, so a value below a full batch of

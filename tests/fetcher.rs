@@ -40,7 +40,7 @@ impl World {
     fn on(db: TestDb, spec: FarmSpec) -> World {
         let farm = Farm::start(spec).expect("farm");
         let store = Store::connect(&DatabaseConfig {
-            url: db.url.clone(),
+            url: proxy_pool::secret::SecretUrl::new(db.url.clone()),
             pool_size: 4,
             checkout_timeout: Duration::from_secs(10),
         })
@@ -109,6 +109,14 @@ impl World {
             .collect()
     }
 
+    /// The rows whose address is in `network` (`127.40.1.0/24`).
+    fn rows_in(&self, network: &str) -> HashSet<ProxyKey> {
+        self.rows()
+            .into_iter()
+            .filter(|key| in_network(key.ip, network))
+            .collect()
+    }
+
     fn count(&self, sql: &str) -> i64 {
         self.db.client().query_one(sql, &[]).expect("count").get(0)
     }
@@ -126,6 +134,12 @@ fn key(
         key.password = password.map(str::to_string);
     }
     key
+}
+
+/// Whether `ip` is in the IPv4 `/24` `network`.
+fn in_network(ip: IpAddr, network: &str) -> bool {
+    let prefix = network.trim_end_matches("0/24");
+    ip.to_string().starts_with(prefix)
 }
 
 fn fetch(fetcher: &Arc<Fetcher>) -> SourceStatus {
@@ -248,7 +262,8 @@ fn every_accepted_line_format_arrives_in_the_table() {
         key(Socks5, "127.30.0.6", 1080, Some(("us er", Some("p@ss")))),
         key(Socks5, "127.30.0.7", 3128, Some(("user", Some("pass")))),
         key(Socks5, "127.30.0.8", 3128, Some(("user8", Some("pa:ss")))),
-        key(Socks5, "127.30.0.9", 3128, Some(("token", None))),
+        // Three fields are a proxy and a trailing field, never a user name.
+        key(Socks5, "127.30.0.9", 3128, None),
         key(Socks5, "::1", 8080, None),
         key(Socks5, "::1", 1081, None),
         key(Socks5, "127.30.0.10", 80, None),
@@ -268,6 +283,269 @@ fn every_accepted_line_format_arrives_in_the_table() {
     assert_eq!(status.counts.duplicates, 1);
     assert_eq!(status.counts.rejected, 7);
     assert_eq!(status.counts.new, expected.len() as u64);
+}
+
+/// One list of each format in tests/fixtures/lists, in the shapes public lists
+/// use, fetched from the farm into the database: the rows are exactly those
+/// the list gives, and the counts say what was dropped.
+#[test]
+fn every_list_format_stores_exactly_its_proxies() {
+    use Protocol::*;
+    struct Case {
+        file: &'static str,
+        protocol: &'static str,
+        network: &'static str,
+        /// The summary's counts, between "bytes, " and ", not truncated".
+        counts: &'static str,
+        expected: Vec<ProxyKey>,
+    }
+    let cases = [
+        Case {
+            file: "array-of-strings.json",
+            protocol: "http",
+            network: "127.40.1.0/24",
+            counts: "7 entries (json), 4 parsed, 4 new, 2 rejected, 1 duplicates",
+            expected: vec![
+                key(Http, "127.40.1.1", 8080, None),
+                key(Socks5, "127.40.1.2", 1080, None),
+                key(Http, "127.40.1.3", 3128, None),
+                key(Http, "127.40.1.4", 80, Some(("user", Some("pa@ss")))),
+            ],
+        },
+        Case {
+            file: "array-of-objects.json",
+            protocol: "http",
+            network: "127.40.2.0/24",
+            counts: "5 entries (json), 5 parsed, 5 new, 1 rejected, 0 duplicates",
+            expected: vec![
+                key(Socks4, "127.40.2.1", 7890, None),
+                key(Http, "127.40.2.2", 3128, Some(("alice", Some("s3cret")))),
+                key(Socks4, "127.40.2.3", 1080, None),
+                key(Socks5, "127.40.2.3", 1080, None),
+                key(Https, "127.40.2.4", 443, None),
+            ],
+        },
+        Case {
+            file: "object-under-data.json",
+            protocol: "socks4",
+            network: "127.40.3.0/24",
+            counts: "3 entries (json), 2 parsed, 2 new, 1 rejected, 0 duplicates",
+            expected: vec![
+                key(Http, "127.40.3.1", 8080, None),
+                key(Socks5, "127.40.3.2", 1080, None),
+            ],
+        },
+        Case {
+            file: "json-lines.jsonl",
+            protocol: "http",
+            network: "127.40.4.0/24",
+            counts: "4 lines (json lines), 3 parsed, 3 new, 1 rejected, 0 duplicates",
+            expected: vec![
+                key(Http, "127.40.4.1", 80, None),
+                key(Https, "127.40.4.2", 8080, None),
+                key(Socks5, "127.40.4.3", 3128, None),
+            ],
+        },
+        Case {
+            file: "header.csv",
+            protocol: "socks4",
+            network: "127.40.5.0/24",
+            counts: "5 lines (csv), 3 parsed, 3 new, 1 rejected, 0 duplicates",
+            expected: vec![
+                key(Http, "127.40.5.1", 8080, None),
+                key(Socks5, "127.40.5.2", 1080, None),
+                key(Socks4, "127.40.5.3", 80, None),
+            ],
+        },
+        Case {
+            file: "four-columns.csv",
+            protocol: "socks5",
+            network: "127.40.6.0/24",
+            counts: "4 lines (csv), 9 parsed, 9 new, 0 rejected, 0 duplicates",
+            expected: vec![
+                key(Http, "127.40.6.1", 80, None),
+                key(Https, "127.40.6.2", 443, None),
+                key(Socks4, "127.40.6.3", 1080, None),
+                key(Socks5, "127.40.6.4", 1080, None),
+                key(Http, "127.40.6.5", 8080, None),
+                key(Socks4, "127.40.6.6", 4145, None),
+                key(Socks5, "127.40.6.7", 9050, Some(("user", Some("pw")))),
+                key(Http, "127.40.6.8", 3128, None),
+                key(Https, "127.40.6.1", 80, None),
+            ],
+        },
+        Case {
+            file: "table.html",
+            protocol: "http",
+            network: "127.40.7.0/24",
+            counts: "18 lines (html), 5 parsed, 5 new, 1 rejected, 0 duplicates",
+            expected: vec![
+                key(Http, "127.40.7.1", 8080, None),
+                key(Http, "127.40.7.2", 3128, None),
+                key(Socks5, "127.40.7.3", 1080, None),
+                key(Http, "127.40.7.5", 8000, None),
+                key(Socks4, "127.40.7.6", 4145, None),
+            ],
+        },
+        Case {
+            file: "ip-port-country.txt",
+            protocol: "http",
+            network: "127.40.8.0/24",
+            counts: "5 lines, 4 parsed, 4 new, 0 rejected, 1 duplicates",
+            expected: vec![
+                key(Http, "127.40.8.1", 3128, None),
+                key(Http, "127.40.8.2", 8080, None),
+                key(Http, "127.40.8.3", 3128, None),
+                key(Http, "127.40.8.4", 999, None),
+            ],
+        },
+    ];
+    let world = World::new(FarmSpec::new());
+    for case in cases {
+        let body = std::fs::read_to_string(fixture(case.file)).expect("fixture");
+        let list = case.file.replace('.', "-");
+        world.farm.set_list(&list, body.clone());
+        let status = fetch(&world.one_list(&list, &list, "", case.protocol));
+        assert_ok(&status);
+        let expected: HashSet<ProxyKey> = case.expected.into_iter().collect();
+        assert_eq!(world.rows_in(case.network), expected, "{}", case.file);
+        let line = status.summary_line();
+        let counts = format!("{} bytes, {}, not truncated", body.len(), case.counts);
+        assert!(
+            line.contains(&counts),
+            "{}:\n{line}\ndoes not contain\n{counts}",
+            case.file
+        );
+    }
+    assert_eq!(world.count("SELECT count(*) FROM proxies"), 35);
+}
+
+fn fixture(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/lists")
+        .join(name)
+}
+
+/// `import` reads every format as a fetch does, prints the same counts and
+/// says "not a list" as a fetch does.
+#[test]
+fn import_reads_every_format_and_says_when_a_body_is_no_list() {
+    let world = World::new(FarmSpec::new());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("config.ini");
+    std::fs::write(
+        &config,
+        format!(
+            "[database]\nurl = {}\n[fetcher]\nallow_private_addresses = true\n\
+             source_urls = http://127.0.0.1:9/unused\n",
+            world.db.url
+        ),
+    )
+    .expect("config");
+    let import = |path: &std::path::Path| {
+        let output = Command::new(support::binary())
+            .arg("--config")
+            .arg(&config)
+            .arg("import")
+            .arg(path)
+            .env_remove("DATABASE_URL")
+            .output()
+            .expect("run proxy-pool import");
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).to_string(),
+            String::from_utf8_lossy(&output.stderr).to_string(),
+        )
+    };
+    let (code, stdout, stderr) = import(&fixture("array-of-objects.json"));
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    let body_len = std::fs::metadata(fixture("array-of-objects.json"))
+        .unwrap()
+        .len();
+    assert!(
+        stdout.contains(&format!(
+            "{body_len} bytes, 5 entries (json), 5 parsed, 5 new, 1 rejected, 0 duplicates in "
+        )),
+        "{stdout}"
+    );
+    assert!(stdout.ends_with(" ms\n"), "{stdout:?}");
+    assert!(
+        stderr.contains("entry 5 rejected (malformed): no address"),
+        "{stderr}"
+    );
+    assert!(!stdout.contains("s3cret") && !stderr.contains("s3cret"));
+    assert_eq!(world.rows_in("127.40.2.0/24").len(), 5);
+
+    let page = dir.path().join("page.html");
+    std::fs::write(
+        &page,
+        "<html><body><p>maintenance until 12:30</p></body></html>\n",
+    )
+    .expect("page");
+    let (code, stdout, stderr) = import(&page);
+    assert_eq!(code, Some(1), "{stdout}\n{stderr}");
+    assert!(
+        stdout.ends_with(
+            "bytes, 1 lines (html), 0 parsed, - new, 0 rejected, 0 duplicates, \
+             error: not a proxy list: the body is an HTML page\n"
+        ),
+        "{stdout:?}"
+    );
+    assert!(
+        stderr.contains("not a proxy list: the body is an HTML page"),
+        "{stderr}"
+    );
+    assert_eq!(world.count("SELECT count(*) FROM proxies"), 5);
+}
+
+/// Regression: a fetch's summary printed "yield 0 active now" for a list
+/// whose proxies were active, until the next refresh of yields. The list's
+/// yield is now read right after its fetch, stored or unchanged.
+#[test]
+fn a_fetch_summary_shows_the_lists_yield_at_once() {
+    captured_log::install();
+    let world = World::new(FarmSpec::new());
+    world.farm.set_list(
+        "yielding",
+        "127.41.0.1:80\n127.41.0.2:80\n127.41.0.3:80\n".to_string(),
+    );
+    let fetcher = world.one_list("yield-now", "yielding", "", "http");
+    let figures = |status: &SourceStatus| {
+        status
+            .yields
+            .as_ref()
+            .map(|y| (y.listed, y.active_now, y.ever_active))
+    };
+    let first = fetch(&fetcher);
+    assert_ok(&first);
+    assert_eq!(figures(&first), Some((3, 0, 0)), "{}", first.summary_line());
+
+    world
+        .db
+        .client()
+        .batch_execute(
+            "UPDATE proxies SET is_active = true, alive_count = 2
+                 WHERE ip IN ('127.41.0.1', '127.41.0.2');
+             UPDATE proxies SET alive_count = 1 WHERE ip = '127.41.0.3';",
+        )
+        .expect("mark");
+    let unchanged = fetch(&fetcher);
+    assert!(unchanged.not_modified(), "{}", unchanged.summary_line());
+    assert_eq!(figures(&unchanged), Some((3, 2, 3)));
+
+    world.farm.set_list(
+        "yielding",
+        "127.41.0.1:80\n127.41.0.2:80\n127.41.0.3:80\n127.41.0.4:80\n".to_string(),
+    );
+    let stored = fetch(&fetcher);
+    assert_ok(&stored);
+    assert_eq!(figures(&stored), Some((4, 2, 3)));
+    let logged = captured_log::lines("fetch yield-now:");
+    let last = &logged.last().expect("a summary line").1;
+    assert!(
+        last.ends_with("yield 2 active now / 3 ever active"),
+        "{last}"
+    );
 }
 
 #[test]
@@ -431,7 +709,10 @@ fn a_hanging_list_does_not_delay_another_lists_schedule() {
     let fetcher = world.fetcher(&config, "test");
     let shutdown = Shutdown::new();
     let started = Instant::now();
-    let handles = fetcher.start(shutdown.signal()).expect("start");
+    let supervisor = proxy_pool::supervisor::Supervisor::new(shutdown.clone());
+    let handles = fetcher
+        .start(&supervisor, shutdown.signal())
+        .expect("start");
     // Fixed rate: fetches at 0, 1, 2, 3, 4 s, while `hang` holds its thread
     // for 2.5 s at a time.
     wait_for("five fetches of plain", Duration::from_millis(5500), || {
@@ -471,7 +752,10 @@ fn a_failing_list_backs_off_and_recovers() {
     );
     let fetcher = world.fetcher(&config, "test");
     let shutdown = Shutdown::new();
-    let handles = fetcher.start(shutdown.signal()).expect("start");
+    let supervisor = proxy_pool::supervisor::Supervisor::new(shutdown.clone());
+    let handles = fetcher
+        .start(&supervisor, shutdown.signal())
+        .expect("start");
     wait_for("the first failure", Duration::from_secs(3), || {
         fetcher.statuses()[0].consecutive_failures == 1
     });
@@ -513,7 +797,10 @@ fn retry_after_is_honoured_by_the_schedule() {
     );
     let fetcher = world.fetcher(&config, "test");
     let shutdown = Shutdown::new();
-    let handles = fetcher.start(shutdown.signal()).expect("start");
+    let supervisor = proxy_pool::supervisor::Supervisor::new(shutdown.clone());
+    let handles = fetcher
+        .start(&supervisor, shutdown.signal())
+        .expect("start");
     wait_for("the first attempt", Duration::from_secs(3), || {
         world.farm.list_hits("ratelimit") >= 1
     });
@@ -565,6 +852,8 @@ fn relisting_moves_last_seen_and_keeps_everything_else() {
             latency_ms: Some(120),
             anonymity: Some(proxy_pool::proxy::Anonymity::Elite),
             supports_https: Some(true),
+            https_checked: true,
+            https_failure: None,
             country: Some("DE".into()),
             exit_ip: Some(IpAddr::from([127, 32, 0, 1])),
             dead_reason: None,
@@ -1116,6 +1405,7 @@ fn import_prints_counts_and_hides_passwords() {
         stdout.contains("4 lines, 2 parsed, 2 new, 1 rejected, 1 duplicates"),
         "{stdout}"
     );
+    assert!(stdout.ends_with(" ms\n"), "{stdout:?}");
     assert!(
         !stdout.contains("hunter2") && !stderr.contains("hunter2"),
         "{stdout}\n{stderr}"
@@ -1242,6 +1532,7 @@ fn private_addresses_are_rejected_end_to_end_unless_allowed() {
 fn the_counts_are_those_of_the_last_fetch_and_say_which_apply() {
     let world = World::new(FarmSpec::new());
     let fetcher = world.one_list("counted", "counted", "", "http");
+    use proxy_pool::fetcher::parse::ListFormat;
     use proxy_pool::fetcher::{FetchStage, ListCounts};
 
     // No list yet: nothing counted.
@@ -1265,6 +1556,7 @@ fn the_counts_are_those_of_the_last_fetch_and_say_which_apply() {
     let stored = fetch(&fetcher);
     assert_ok(&stored);
     let counts = ListCounts {
+        format: ListFormat::Text,
         bytes: body.len() as u64,
         lines: 3,
         parsed: 2,
@@ -1276,7 +1568,8 @@ fn the_counts_are_those_of_the_last_fetch_and_say_which_apply() {
     assert_eq!(stored.stage, FetchStage::Stored);
     assert_eq!(stored.last_stored, Some(counts));
 
-    // A failure after a success: its own counts, not the success's.
+    // A failure after a success: its own counts, not the success's. A page's
+    // text is no rejected line: only what tries to be a proxy is.
     let page = "<html><body>maintenance</body></html>\n";
     world.farm.set_list("counted", page.to_string());
     let failed = fetch(&fetcher);
@@ -1289,14 +1582,15 @@ fn the_counts_are_those_of_the_last_fetch_and_say_which_apply() {
             failed.counts.new,
             failed.counts.rejected
         ),
-        (page.len() as u64, 1, 0, 0, 1)
+        (page.len() as u64, 1, 0, 0, 0)
     );
+    assert_eq!(failed.counts.format, ListFormat::Html);
     assert_eq!(failed.last_stored, Some(counts));
     assert!(failed.last_success_at.is_some());
     let line = failed.summary_line();
     assert!(
         line.contains(&format!(
-            "{} bytes, 1 lines, 0 parsed, - new, 1 rejected, 0 duplicates, not truncated, \
+            "{} bytes, 1 lines (html), 0 parsed, - new, 0 rejected, 0 duplicates, not truncated, \
              error: not a proxy list: the body is an HTML page",
             page.len()
         )),
@@ -1355,7 +1649,7 @@ fn the_fetch_command_prints_every_count_error_and_yield_per_list() {
         stdout
     };
     let started = r"started \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ, \d+ ms";
-    let html = r"\d+ bytes, \d+ lines, 0 parsed, - new, \d+ rejected, 0 duplicates, not truncated";
+    let html = r"\d+ bytes, \d+ lines \(html\), 0 parsed, - new, \d+ rejected, 0 duplicates, not truncated";
     let expect = |stdout: &str, good: &str| {
         let lines: Vec<&str> = stdout.lines().collect();
         assert_eq!(lines.len(), 3, "{stdout}");
@@ -1425,7 +1719,10 @@ fn a_failing_list_warns_once_and_every_fetch_logs_a_summary() {
     );
     let fetcher = world.fetcher(&config, "test");
     let shutdown = Shutdown::new();
-    let handles = fetcher.start(shutdown.signal()).expect("start");
+    let supervisor = proxy_pool::supervisor::Supervisor::new(shutdown.clone());
+    let handles = fetcher
+        .start(&supervisor, shutdown.signal())
+        .expect("start");
     // The backoff is capped at the one-second grid: a retry every second.
     wait_for("four attempts", Duration::from_secs(8), || {
         world.farm.list_hits("error500") >= 4
@@ -1466,7 +1763,8 @@ fn a_start_up_fetch_skipped_for_the_fleet_is_logged_at_info() {
     // Instance b starts (or a restarts) within the interval.
     let second = world.fetcher(&config, "instance-b");
     let shutdown = Shutdown::new();
-    let handles = second.start(shutdown.signal()).expect("start");
+    let supervisor = proxy_pool::supervisor::Supervisor::new(shutdown.clone());
+    let handles = second.start(&supervisor, shutdown.signal()).expect("start");
     wait_for("the skip to be logged", Duration::from_secs(5), || {
         !captured_log::lines("fleet-list: fetched by instance-a at ").is_empty()
     });

@@ -100,7 +100,7 @@ fn seeded_service(server: &str) -> Api {
         "[database]\nurl = {}\n\
          [server]\nbind = 127.0.0.1:0\n{server}\n\
          [fetcher]\nallow_private_addresses = true\nsource_urls = {}\n\
-         [validator]\nvalidation_target = {}\nvalidation_timeout_ms = 1000\nconnect_timeout_ms = 500\n\
+         [validator]\nvalidation_target = {}\nhttps_target =\nvalidation_timeout_ms = 1000\nconnect_timeout_ms = 500\n\
          validation_workers = 4\n",
         db.url,
         farm.list_url("plain"),
@@ -866,7 +866,7 @@ fn proxy_passwords_never_reach_logs_stats_or_metrics() {
     let config = format!(
         "[database]\nurl = {}\n[server]\nbind = 127.0.0.1:0\n\
          [fetcher]\nallow_private_addresses = true\nsource_urls = {}\n\
-         [validator]\nvalidation_target = {}\nvalidation_timeout_ms = 1000\nconnect_timeout_ms = 500\n\
+         [validator]\nvalidation_target = {}\nhttps_target =\nvalidation_timeout_ms = 1000\nconnect_timeout_ms = 500\n\
          validation_workers = 4\n[state]\nsync_interval_seconds = 1\n",
         db.url,
         farm.list_url("schemes"),
@@ -940,7 +940,7 @@ fn binds_loopback_by_default_and_warns_when_public_without_a_token() {
         format!(
             "[database]\nurl = {}\n[server]\nbind = {bind}\n{token}\n\
              [fetcher]\nsource_urls = http://127.0.0.1:9/x\n\
-             [validator]\nvalidation_target = http://127.0.0.1:9/get\n",
+             [validator]\nvalidation_target = http://127.0.0.1:9/get\nhttps_target =\n",
             db.url
         )
     };
@@ -1030,7 +1030,7 @@ fn a_world_writable_config_file_is_warned_about() {
     let db = TestDb::new();
     let config = format!(
         "[database]\nurl = {}\n[server]\nbind = 127.0.0.1:0\n[fetcher]\nsource_urls = http://127.0.0.1:9/x\n\
-         [validator]\nvalidation_target = http://127.0.0.1:9/get\n",
+         [validator]\nvalidation_target = http://127.0.0.1:9/get\nhttps_target =\n",
         db.url
     );
     // Written first, then made world-writable, then the service started.

@@ -46,7 +46,7 @@ fn service_config(database_url: &str, farm: &Farm, lists: &str, extra: &str) -> 
          [server]\nbind = 127.0.0.1:0\n\
          [fetcher]\nallow_private_addresses = true\ninterval_seconds = 2\ntimeout_ms = 5000\n\
          source_urls = {lists}\n\
-         [validator]\nvalidation_target = {judge}\nvalidation_timeout_ms = 1000\n\
+         [validator]\nvalidation_target = {judge}\nhttps_target =\nvalidation_timeout_ms = 1000\n\
          connect_timeout_ms = 500\nvalidation_workers = 8\nrevalidate_after_seconds = 1\n\
          retry_inactive_after_seconds = 1\n\
          [scheduler]\ninterval_seconds = 2\n\
@@ -830,7 +830,7 @@ fn a_cycle_over_hostile_proxies_is_bounded_and_leaks_no_thread() {
             .expect("farm");
     let text = format!(
         "[database]\nurl = {}\n[fetcher]\nallow_private_addresses = true\nsource_urls = {}\n\
-         [validator]\nvalidation_target = {}\nvalidation_timeout_ms = 1000\nconnect_timeout_ms = 500\n\
+         [validator]\nvalidation_target = {}\nhttps_target =\nvalidation_timeout_ms = 1000\nconnect_timeout_ms = 500\n\
          validation_workers = 32\n",
         db.url,
         farm.list_url("schemes"),

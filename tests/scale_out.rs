@@ -17,7 +17,7 @@ fn instance_config(db: &TestDb, farm: &Farm, fetch_interval: u64) -> String {
         &format!(
             "[server]\nbind = 127.0.0.1:0\n\
              [fetcher]\nsource_urls = {list}\ninterval_seconds = {fetch_interval}\nallow_private_addresses = true\n\
-             [validator]\nvalidation_target = {judge}\nvalidation_timeout_ms = 1000\nconnect_timeout_ms = 500\nvalidation_workers = 20\n\
+             [validator]\nvalidation_target = {judge}\nhttps_target =\nvalidation_timeout_ms = 1000\nconnect_timeout_ms = 500\nvalidation_workers = 20\n\
              [scheduler]\ninterval_seconds = 1\n\
              [state]\nsync_interval_seconds = 1\n",
             list = farm.list_url("schemes"),

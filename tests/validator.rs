@@ -10,9 +10,14 @@
 //! `revalidate_after`, tests shift the rows' timestamps back in SQL.
 //!
 //! Counting checks: the farm counts the TCP connections each proxy accepted.
-//! A check costs an alive http proxy two (the absolute-URI request, then the
-//! separate CONNECT check), every other proxy one, and a `Dead` proxy none
-//! (its connections are refused).
+//! A check costs an alive proxy two (the liveness request, then the separate
+//! https check through a tunnel to the farm's https judge), every other
+//! proxy one, and a `Dead` proxy none (its connections are refused).
+//!
+//! The https judge: the farm's, on port 443 of a 127.44.0.x address when the
+//! tests may bind it (as root), so that a proxy tunnelling to 443 only
+//! supports https as stock squid does; else on any port, and the manifest
+//! expects such a proxy to refuse the tunnel.
 //!
 //! Flaky proxies: the farm's `Flaky(0.5)` is not random. It fails every second
 //! connection it accepts, starting with the second (`nth` odd), and hit counts
@@ -24,9 +29,9 @@
 mod support;
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::process::Command;
-use std::sync::{Arc, Barrier};
+use std::sync::{Arc, Barrier, OnceLock};
 use std::thread;
 use std::time::Duration;
 
@@ -38,15 +43,36 @@ use proxy_pool::shutdown::ShutdownSignal;
 use proxy_pool::state::State;
 use proxy_pool::store::{DuePolicy, Store};
 use proxy_pool::validator::check::{CheckConfig, Checker};
-use proxy_pool::validator::cycle::{CycleSummary, Validator, ValidatorSettings};
+use proxy_pool::validator::cycle::{CycleSummary, SkipReason, Validator, ValidatorSettings};
 use proxy_pool::validator::geoip::Geoip;
 
 use support::{wait_for, Service, TestConfig, TestDb};
 
-/// The validator's timeouts in these tests: long enough for `Slow(200)`
-/// (and its CONNECT check), short enough to keep black holes cheap.
-const TIMEOUT_MS: u64 = 1000;
-const CONNECT_TIMEOUT_MS: u64 = 500;
+/// The validator's timeouts in these tests, the contract's example: a 3 s
+/// request budget and a 1 s connect, with farm proxies up to 2 s slow (a
+/// slow socks reply, a slow CONNECT) that must all be graded alive.
+const TIMEOUT_MS: u64 = 3000;
+const CONNECT_TIMEOUT_MS: u64 = 1000;
+
+/// The farm's https judge for every test of this file, started once.
+fn https_judge() -> SocketAddr {
+    static JUDGE: OnceLock<SocketAddr> = OnceLock::new();
+    *JUDGE.get_or_init(|| {
+        // Port 443 where the tests may bind it, on an address of its own
+        // (another test run may hold one).
+        let start = fastrand::u8(1..=64);
+        for offset in 0..64u8 {
+            let last = (start + offset - 1) % 64 + 1;
+            let address = SocketAddr::from(([127, 44, 0, last], 443));
+            if let Ok(bound) = proxy_farm::start_tls_judge(address) {
+                return bound;
+            }
+        }
+        eprintln!("cannot bind port 443 (not root?): the https judge takes any port");
+        proxy_farm::start_tls_judge(SocketAddr::from(([127, 44, 0, 1], 0)))
+            .expect("start the https judge")
+    })
+}
 
 /// A database, a farm, and the pieces a validator is built from.
 struct Rig {
@@ -60,6 +86,7 @@ struct Rig {
 impl Rig {
     fn new(spec: FarmSpec) -> Rig {
         let db = TestDb::new();
+        let spec = spec.https_judge_port(https_judge().port());
         let farm = Farm::start(spec).expect("start the farm");
         let config = config(&db.url, &farm, 16);
         let store = Store::connect(&config.database).expect("store");
@@ -149,7 +176,8 @@ impl Rig {
             .query(
                 "SELECT protocol, ip, port, username, password, is_active, anonymity,
                         supports_https, exit_ip, latency_ms, last_dead_reason, check_count,
-                        alive_count, last_validated_at IS NOT NULL, lease_until IS NULL
+                        alive_count, last_validated_at IS NOT NULL, lease_until IS NULL,
+                        https_failure, https_checked_at IS NOT NULL
                  FROM proxies",
                 &[],
             )
@@ -172,6 +200,8 @@ impl Rig {
                     alive_count: row.get(12),
                     validated: row.get(13),
                     unleased: row.get(14),
+                    https_failure: row.get(15),
+                    https_checked: row.get(16),
                 };
                 (format!("{ip}:{port}"), parsed)
             })
@@ -201,6 +231,8 @@ struct Row {
     alive_count: i32,
     validated: bool,
     unleased: bool,
+    https_failure: Option<String>,
+    https_checked: bool,
 }
 
 fn config(database_url: &str, farm: &Farm, workers: usize) -> Config {
@@ -210,11 +242,15 @@ fn config(database_url: &str, farm: &Farm, workers: usize) -> Config {
 fn config_ini(database_url: &str, farm: &Farm, workers: usize) -> String {
     let judge_url = farm.judge_url();
     let list_url = farm.list_url("plain");
+    let https_url = format!("https://{}/get?show_env=1", https_judge());
+    let ca_file = proxy_farm::tls_judge_ca_file();
+    let ca_file = ca_file.display();
     format!(
         "[database]\nurl = {database_url}\npool_size = 8\n\
          [server]\nbind = 127.0.0.1:0\n\
          [fetcher]\nallow_private_addresses = true\nsource_urls = {list_url}\n\
-         [validator]\nvalidation_target = {judge_url}\n\
+         [validator]\nvalidation_target = {judge_url}\nhttps_target = {https_url}\n\
+         https_ca_file = {ca_file}\n\
          validation_timeout_ms = {TIMEOUT_MS}\nconnect_timeout_ms = {CONNECT_TIMEOUT_MS}\n\
          validation_workers = {workers}\nrevalidate_after_seconds = 60\n\
          retry_inactive_after_seconds = 2\n"
@@ -238,7 +274,7 @@ fn cycle(validator: &Validator) -> CycleSummary {
 fn connections_per_check(entry: &ManifestEntry) -> u64 {
     if entry.behaviour == Behaviour::Dead {
         0
-    } else if entry.alive && entry.protocol.is_http() {
+    } else if entry.alive {
         2
     } else {
         1
@@ -286,6 +322,8 @@ fn one_cycle_classifies_every_behaviour_as_the_manifest_says() {
             alive_count: i32::from(entry.alive),
             validated: true,
             unleased: true,
+            https_failure: entry.https_failure.map(str::to_string),
+            https_checked: entry.alive,
         };
         if *row != expected {
             problems.push(format!(
@@ -327,8 +365,8 @@ fn one_cycle_classifies_every_behaviour_as_the_manifest_says() {
 
 /// The anonymity evidence, in the table and in what get-proxy hands out:
 /// the headers that gave each anonymous or transparent farm proxy away
-/// (both add `Via`; a transparent one also `X-Forwarded-For` naming us), and
-/// none for an elite one.
+/// (both add `Via`; a transparent one also `X-Forwarded-For` naming us; the
+/// squid-like one only `X-Forwarded-For: unknown`), and none for an elite one.
 fn assert_evidence(rig: &Rig) {
     let evidence: HashMap<String, Option<String>> = rig
         .db
@@ -368,6 +406,10 @@ fn assert_evidence(rig: &Rig) {
                 checked[0] += 1;
                 assert_eq!(found, None, "{name}");
             }
+            Some(Anonymity::Anonymous) if entry.behaviour == Behaviour::XffUnknown => {
+                let found = found.unwrap_or_else(|| panic!("{name}: no evidence"));
+                assert_eq!(found, "X-Forwarded-For: unknown", "{name}");
+            }
             Some(Anonymity::Anonymous) => {
                 checked[1] += 1;
                 let found = found.unwrap_or_else(|| panic!("{name}: no evidence"));
@@ -402,7 +444,8 @@ fn assert_evidence(rig: &Rig) {
 /// file, a cycle writes each proxy's country as `get-proxy` then hands it out
 /// and filters on it. The validator looks up where the traffic leaves, the
 /// exit address the judge saw; a farm proxy's exit is its own address, and a
-/// dead proxy, having no exit, is looked up by its listed address.
+/// dead proxy, having no exit, gets no country (it used to be looked up by
+/// its listed address: the contract takes the exit only).
 #[test]
 fn a_cycle_writes_the_country_that_get_proxy_serves() {
     use Behaviour::*;
@@ -455,6 +498,7 @@ fn a_cycle_writes_the_country_that_get_proxy_serves() {
         .collect();
     for (entry, country) in manifest.iter().zip(countries) {
         let name = format!("{} ({})", entry.url(), entry.behaviour.name());
+        let country = country.filter(|_| entry.alive);
         assert_eq!(found[&entry.host_port()].as_deref(), country, "{name}");
     }
 
@@ -622,8 +666,11 @@ fn a_judge_down_before_the_cycle_changes_nothing() {
     rig.farm.reset_hits();
 
     let summary = cycle(&validator);
-    let reason = summary.skipped.clone().unwrap_or_default();
-    assert!(reason.contains("judge"), "{}", summary.summary_line());
+    assert!(
+        matches!(summary.skipped, Some(SkipReason::JudgeUnreachable(_))),
+        "{}",
+        summary.summary_line()
+    );
     assert_eq!(summary.checked, 0);
     assert_eq!(rig.dump(), before, "a skipped cycle must not write");
     assert_eq!(rig.farm.total_proxy_hits(), 0, "no proxy may be checked");
@@ -662,8 +709,12 @@ fn a_judge_down_during_the_cycle_marks_no_proxy_dead() {
     rig.farm.set_judge_down(true);
     let summary = running.join().expect("cycle thread");
 
-    let reason = summary.skipped.clone().unwrap_or_default();
-    assert!(reason.contains("judge"), "{}", summary.summary_line());
+    assert_eq!(
+        summary.skipped,
+        Some(SkipReason::JudgeLost),
+        "{}",
+        summary.summary_line()
+    );
     let dead = rig.count(
         "SELECT count(*) FROM proxies WHERE last_validated_at IS NOT NULL AND NOT is_active",
     );
@@ -704,7 +755,7 @@ fn the_validate_command_prints_its_summary_and_exits_0() {
     let text = format!(
         "[database]\nurl = {}\n[server]\nbind = 127.0.0.1:0\n\
          [fetcher]\nallow_private_addresses = true\nsource_urls = {}\n\
-         [validator]\nvalidation_target = {}\nvalidation_timeout_ms = {TIMEOUT_MS}\n\
+         [validator]\nvalidation_target = {}\nhttps_target =\nvalidation_timeout_ms = {TIMEOUT_MS}\n\
          connect_timeout_ms = {CONNECT_TIMEOUT_MS}\nvalidation_workers = 4\n",
         rig.db.url,
         rig.farm.list_url("plain"),
@@ -817,14 +868,17 @@ fn a_claimed_batch_never_written_is_checked_after_its_lease() {
         lease: Duration::from_secs(1),
         ..policy()
     };
-    let lost = rig.store.claim_due(&short, 0, 4).expect("claim");
+    let lost = rig
+        .store
+        .claim_due(&short, chrono::Utc::now(), 0, 4)
+        .expect("claim");
     assert_eq!(lost.len(), 4);
     let lost_ids: Vec<i64> = lost.iter().map(|d| d.id).collect();
     drop(lost);
     // The keyset cursor: a claim takes only ids above the one it is given.
     let above = rig
         .store
-        .claim_due(&short, lost_ids[3] + 2, 100)
+        .claim_due(&short, chrono::Utc::now(), lost_ids[3] + 2, 100)
         .expect("claim");
     assert!(!above.is_empty());
     assert!(above.iter().all(|d| d.id > lost_ids[3] + 2));
@@ -877,4 +931,115 @@ fn a_claimed_batch_never_written_is_checked_after_its_lease() {
         "only the lost batch is checked, once each"
     );
     assert!(leased(&rig).values().all(|&validated| validated));
+}
+
+/// Guards "no proxy is checked twice in a cycle": with `revalidate_after`
+/// of 1 s, far shorter than a cycle over 300 slow proxies, the rows checked
+/// first become due again while the cycle runs, and the cycle's claims must
+/// not take them again (one cycle of 5,000 proxies used to make 7,472 checks).
+#[test]
+fn a_cycle_longer_than_revalidate_after_checks_each_proxy_once() {
+    let spec = FarmSpec::new().group(ProxyGroup::new(Behaviour::Slow(100), 300));
+    let rig = Rig::new(spec);
+    rig.list_all();
+    let fast = DuePolicy {
+        revalidate_after: Duration::from_secs(1),
+        ..policy()
+    };
+    let validator = rig.validator(10, fast);
+    let started = std::time::Instant::now();
+    let summary = cycle(&validator);
+    let took = started.elapsed();
+    assert!(
+        took > Duration::from_secs(2),
+        "the cycle took {took:?}: too short to see rows due again"
+    );
+    assert_eq!(summary.checked, 300, "{}", summary.summary_line());
+    assert_eq!(
+        rig.count("SELECT count(*) FROM proxies WHERE check_count = 1"),
+        300
+    );
+    let not_once: Vec<(usize, u64)> = rig
+        .hits()
+        .into_iter()
+        .enumerate()
+        .filter(|&(_, hits)| hits != 2)
+        .collect();
+    assert!(not_once.is_empty(), "(index, connections): {not_once:?}");
+}
+
+/// Guards the summary of a cycle whose due proxies are all held by other
+/// instances: it says so, instead of "10 due, 0 checked".
+#[test]
+fn a_cycle_whose_due_proxies_are_all_leased_says_so() {
+    let spec = FarmSpec::new().group(ProxyGroup::new(Behaviour::Elite, 10));
+    let rig = Rig::new(spec);
+    rig.list_all();
+    let held = rig
+        .store
+        .claim_due(&policy(), chrono::Utc::now(), 0, 100)
+        .expect("claim every row");
+    assert_eq!(held.len(), 10);
+    rig.farm.reset_hits();
+    let summary = cycle(&rig.validator(4, policy()));
+    assert_eq!(summary.checked, 0);
+    assert_eq!(
+        summary.skipped,
+        Some(SkipReason::LeasedByOthers { due: 10 }),
+        "{}",
+        summary.summary_line()
+    );
+    assert!(
+        summary
+            .summary_line()
+            .contains("all 10 due proxies are leased by other instances"),
+        "{}",
+        summary.summary_line()
+    );
+    assert_eq!(rig.farm.total_proxy_hits(), 0);
+}
+
+/// Guards `get-proxy?https=true`: only proxies whose https check succeeded,
+/// whatever their list called them (a proxy listed as https that refuses
+/// the tunnel, or reads its clients' TLS, is never one).
+#[test]
+fn https_true_serves_only_proxies_whose_https_check_succeeded() {
+    use Behaviour::*;
+    let spec = FarmSpec::new()
+        .group(ProxyGroup::new(Elite, 1).protocol(Protocol::Https))
+        .group(
+            ProxyGroup::new(Elite, 1)
+                .protocol(Protocol::Https)
+                .connect(false),
+        )
+        .group(ProxyGroup::new(TlsIntercept, 1).protocol(Protocol::Https))
+        .group(ProxyGroup::new(Socks5, 1));
+    let rig = Rig::new(spec);
+    rig.list_all();
+    let summary = cycle(&rig.validator(4, policy()));
+    assert_eq!(summary.alive, 4, "{}", summary.summary_line());
+    let query = proxy_pool::state::PickQuery {
+        https_only: true,
+        count: proxy_pool::state::MAX_COUNT,
+        ..Default::default()
+    };
+    let picks = rig
+        .state
+        .get_proxy("https", &query, chrono::Utc::now())
+        .expect("picks");
+    let mut served: Vec<String> = picks
+        .iter()
+        .map(|pick| format!("{}:{}", pick.ip, pick.port))
+        .collect();
+    served.sort();
+    let mut expected: Vec<String> = rig
+        .farm
+        .manifest()
+        .iter()
+        .filter(|e| e.supports_https == Some(true))
+        .map(|e| e.host_port())
+        .collect();
+    expected.sort();
+    assert_eq!(expected.len(), 2, "the elite https and the socks5 proxy");
+    assert_eq!(served, expected);
 }

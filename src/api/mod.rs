@@ -2,6 +2,7 @@
 //! request is answered from memory; get-proxy and feedback never touch the
 //! database. Errors map to statuses in one place ([`ApiError`]).
 
+mod error;
 mod params;
 mod render;
 pub mod server;
@@ -22,9 +23,11 @@ use crate::health::Health;
 use crate::logging::{self, Escaped};
 use crate::metrics::Metrics;
 use crate::persist::Snapshotter;
-use crate::state::{FeedbackError, NoProxyReason, State, TooManySources};
+use crate::state::{NoProxyReason, State};
 use crate::validator::cycle::Validator;
 
+use self::error::accepted;
+pub use self::error::{ApiError, ErrorKind};
 use self::params::Query;
 
 /// The operator dashboard: one self-contained page that reads the JSON API.
@@ -51,58 +54,10 @@ pub struct ApiContext {
     pub metrics: Arc<Metrics>,
     pub state: Arc<State>,
     pub snapshotter: Arc<Snapshotter>,
-    pub fetcher: Option<Arc<Fetcher>>,
-    pub validator: Option<Arc<Validator>>,
+    pub fetcher: Arc<Fetcher>,
+    pub validator: Arc<Validator>,
     /// Enqueues a validation cycle (holds at most one).
     pub validate_now: Sender<()>,
-}
-
-/// A client's mistake or a refusal, rendered as `{"error": ...}`.
-#[derive(Debug)]
-pub struct ApiError {
-    pub status: u16,
-    pub message: String,
-    pub extra: Vec<(&'static str, Value)>,
-    pub headers: Vec<(&'static str, String)>,
-}
-
-impl ApiError {
-    pub fn new(status: u16, message: impl Into<String>) -> ApiError {
-        ApiError {
-            status,
-            message: message.into(),
-            extra: Vec::new(),
-            headers: Vec::new(),
-        }
-    }
-
-    pub fn bad_request(message: impl Into<String>) -> ApiError {
-        ApiError::new(400, message)
-    }
-
-    fn with(mut self, key: &'static str, value: Value) -> ApiError {
-        self.extra.push((key, value));
-        self
-    }
-
-    fn with_header(mut self, name: &'static str, value: String) -> ApiError {
-        self.headers.push((name, value));
-        self
-    }
-
-    /// The one place where errors become responses.
-    fn into_response(self) -> Response {
-        let mut body = serde_json::Map::new();
-        body.insert("error".into(), Value::String(self.message));
-        for (key, value) in self.extra {
-            body.insert(key.into(), value);
-        }
-        let mut response = Response::json(&Value::Object(body)).with_status_code(self.status);
-        for (name, value) in self.headers {
-            response = response.with_additional_header(name, value);
-        }
-        response
-    }
 }
 
 /// A running API server; stops when dropped or on [`ApiServer::stop`].
@@ -211,23 +166,18 @@ fn route(context: &ApiContext, request: &Request, path: &str) -> Result<Response
             let info = context
                 .snapshotter
                 .write()
-                .map_err(|err| ApiError::new(503, format!("snapshot not written: {err}")))?;
-            Ok(Response::json(&json!({
+                .map_err(|err| ApiError::unavailable(format!("snapshot not written: {err}")))?;
+            Ok(accepted(&json!({
                 "status": "written",
                 "entries": info.entries,
                 "bytes": info.bytes,
                 "duration_ms": info.duration.as_millis() as u64,
-            }))
-            .with_status_code(202))
+            })))
         }
         "/admin/fetch" => {
             allow(request, "POST")?;
-            let fetcher = context
-                .fetcher
-                .as_ref()
-                .ok_or_else(|| ApiError::new(503, "the fetcher is not running"))?;
-            fetcher.trigger_all();
-            Ok(Response::json(&json!({"status": "enqueued"})).with_status_code(202))
+            context.fetcher.trigger_all();
+            Ok(accepted(&json!({"status": "enqueued"})))
         }
         "/admin/validate" => {
             allow(request, "POST")?;
@@ -235,17 +185,17 @@ fn route(context: &ApiContext, request: &Request, path: &str) -> Result<Response
                 Ok(()) => "enqueued",
                 Err(crossbeam_channel::TrySendError::Full(_)) => "already_enqueued",
                 Err(crossbeam_channel::TrySendError::Disconnected(_)) => {
-                    return Err(ApiError::new(503, "the validator is not running"))
+                    return Err(ApiError::unavailable("the validator is not running"))
                 }
             };
-            Ok(Response::json(&json!({ "status": status })).with_status_code(202))
+            Ok(accepted(&json!({ "status": status })))
         }
         _ => {
             if let Some(name) = path.strip_prefix("/sources/") {
                 allow(request, "GET")?;
                 return source(context, request, name);
             }
-            Err(ApiError::new(404, format!("no such endpoint: {path}")))
+            Err(ApiError::not_found(format!("no such endpoint: {path}")))
         }
     }
 }
@@ -271,25 +221,17 @@ fn authorize(context: &ApiContext, request: &Request) -> Result<(), ApiError> {
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, token)| token)
         .unwrap_or("");
-    if same_secret(given.trim().as_bytes(), token.as_bytes()) {
+    if same_secret(given.trim().as_bytes(), token.expose().as_bytes()) {
         return Ok(());
     }
-    Err(ApiError::new(
-        401,
-        "missing or wrong token: send Authorization: Bearer <api_token>",
-    )
-    .with_header("WWW-Authenticate", "Bearer".into()))
+    Err(ApiError::unauthorized())
 }
 
 fn allow(request: &Request, method: &'static str) -> Result<(), ApiError> {
     if request.method() == method {
         return Ok(());
     }
-    Err(ApiError::new(
-        405,
-        format!("method {} not allowed here: use {method}", request.method()),
-    )
-    .with_header("Allow", method.into()))
+    Err(ApiError::method_not_allowed(request.method(), method))
 }
 
 fn get_proxy(context: &ApiContext, request: &Request) -> Result<Response, ApiError> {
@@ -311,21 +253,14 @@ fn get_proxy(context: &ApiContext, request: &Request) -> Result<Response, ApiErr
     let text = query.format_is_text()?;
     let picks = match context.state.get_proxy(source, &pick_query, Utc::now()) {
         Ok(picks) => picks,
-        Err(none) if none.reason == NoProxyReason::TooManySources => {
-            let err = TooManySources {
-                max_sources: context.config.state.max_sources,
-            };
-            return Err(too_many_sources(err, source));
-        }
-        Err(none) => {
-            let retry_after = none.retry_after.unwrap_or(match none.reason {
+        Err(mut none) => {
+            // Without a ban's end to wait for, a new cycle may bring proxies.
+            let wait = match none.reason {
                 NoProxyReason::AllBanned => Duration::from_secs(60),
                 _ => context.config.scheduler.interval,
-            });
-            return Err(ApiError::new(503, "no proxy available")
-                .with("source", Value::String(source.to_string()))
-                .with("reason", Value::String(none.reason.as_str().into()))
-                .with_header("Retry-After", retry_after.as_secs().max(1).to_string()));
+            };
+            none.retry_after = none.retry_after.or(Some(wait));
+            return Err(ApiError::from(none).for_source(source));
         }
     };
     if text {
@@ -345,17 +280,8 @@ fn get_proxy(context: &ApiContext, request: &Request) -> Result<Response, ApiErr
     // get_proxy returns at least one pick when it succeeds.
     let first = picks
         .first()
-        .ok_or_else(|| ApiError::new(503, "no proxy available"))?;
+        .ok_or_else(|| ApiError::unavailable("no proxy available"))?;
     Ok(Response::json(&render::pick(first, Some(source))))
-}
-
-/// A new source refused at `[state] max_sources`: a 503 like any other
-/// capacity limit, not a 4xx (the name is valid; the service is full).
-fn too_many_sources(err: TooManySources, source: &str) -> ApiError {
-    ApiError::new(503, err.to_string())
-        .with("source", Value::String(source.to_string()))
-        .with("reason", Value::String("too_many_sources".into()))
-        .with_header("Retry-After", "3600".into())
 }
 
 /// Reads the body, which the transport has read whole already, within
@@ -448,12 +374,7 @@ fn feedback(context: &ApiContext, request: &Request) -> Result<Response, ApiErro
             .feedback(&item.source, &item.proxy, item.success, now)
         {
             Ok(outcome) => Ok(render::feedback(&item.source, &item.proxy, &outcome)),
-            Err(FeedbackError::UnknownProxy) => Err(ApiError::new(
-                404,
-                "unknown proxy: expected a proxy URL as get-proxy returned it",
-            )
-            .with("source", Value::String(item.source.clone()))),
-            Err(FeedbackError::TooManySources(err)) => Err(too_many_sources(err, &item.source)),
+            Err(err) => Err(ApiError::from(err).for_source(&item.source)),
         }
     };
     match &value {
@@ -486,8 +407,7 @@ fn feedback(context: &ApiContext, request: &Request) -> Result<Response, ApiErro
                 })
                 .collect();
             if known == 0 {
-                return Err(ApiError::new(
-                    404,
+                return Err(ApiError::not_found(
                     "unknown proxy: no item names a proxy this service knows",
                 ));
             }
@@ -511,8 +431,7 @@ fn source(context: &ApiContext, request: &Request, name: &str) -> Result<Respons
     let limit = query.number("limit", 1, 10_000)?.unwrap_or(100) as usize;
     match context.state.source_view(name, limit, Utc::now()) {
         Some(view) => Ok(Response::json(&render::source_view(&view))),
-        None => Err(ApiError::new(404, format!("unknown source: {name}"))
-            .with("source", Value::String(name.to_string()))),
+        None => Err(ApiError::not_found(format!("unknown source: {name}")).for_source(name)),
     }
 }
 
@@ -542,7 +461,10 @@ fn judge(request: &Request) -> Response {
 }
 
 #[cfg(test)]
-mod tests {
+mod tests;
+
+#[cfg(test)]
+mod limit_tests {
     use super::*;
 
     #[test]
@@ -570,7 +492,7 @@ mod tests {
         let limit = FULL_FEEDBACK_BATCH_BYTES;
         assert!(serde_json::to_string_pretty(&batch).unwrap().len() <= limit);
         assert!(serde_json::to_string(&batch).unwrap().len() <= limit);
-        let default = crate::config::ServerConfig::DEFAULT_MAX_BODY_BYTES;
+        let default = crate::config::DEFAULT_MAX_BODY_BYTES as usize;
         assert!(
             default >= limit,
             "the default max_body_bytes takes a full batch"

@@ -76,9 +76,9 @@ pub fn cycle(summary: &CycleSummary) -> Value {
         "checked": summary.checked,
         "alive": summary.alive,
         "dead": summary.dead(),
-        "dead_by_reason": summary.dead_by_reason,
+        "dead_by_reason": summary.dead_counts(),
         "write_ms": summary.write_time.as_millis() as u64,
-        "skipped": summary.skipped,
+        "skipped": summary.skipped.as_ref().map(|reason| reason.to_string()),
     })
 }
 
@@ -123,59 +123,46 @@ pub fn stats(context: &ApiContext, now: DateTime<Utc>) -> Value {
         .collect();
     let lists: Vec<Value> = context
         .fetcher
-        .as_ref()
-        .map(|fetcher| {
-            fetcher
-                .statuses()
-                .iter()
-                .map(|s| {
-                    json!({
-                        "name": redact_url(&s.name),
-                        "url": redact_url(&s.url),
-                        "interval_seconds": s.interval.as_secs(),
-                        "fetches": s.fetches,
-                        "last_started_at": time(s.last_started_at),
-                        "last_success_at": time(s.last_success_at),
-                        "duration_ms": s.last_duration.map(|d| d.as_millis() as u64),
-                        "bytes": s.counts.bytes,
-                        "lines": s.counts.lines,
-                        "parsed": s.counts.parsed,
-                        "new": s.counts.new,
-                        "rejected": s.counts.rejected,
-                        "duplicates": s.counts.duplicates,
-                        "truncated": s.counts.truncated,
-                        "not_modified": s.not_modified(),
-                        "last_error": s.last_error,
-                        "consecutive_failures": s.consecutive_failures,
-                        "yield": s.yields.as_ref().map(|y| json!({
-                            "listed": y.listed,
-                            "active_now": y.active_now,
-                            "ever_active": y.ever_active,
-                        })),
-                    })
-                })
-                .collect()
+        .statuses()
+        .iter()
+        .map(|s| {
+            json!({
+                "name": redact_url(&s.name),
+                "url": redact_url(&s.url),
+                "interval_seconds": s.interval.as_secs(),
+                "fetches": s.fetches,
+                "last_started_at": time(s.last_started_at),
+                "last_success_at": time(s.last_success_at),
+                "duration_ms": s.last_duration.map(|d| d.as_millis() as u64),
+                "bytes": s.counts.bytes,
+                "lines": s.counts.lines,
+                "parsed": s.counts.parsed,
+                "new": s.counts.new,
+                "rejected": s.counts.rejected,
+                "duplicates": s.counts.duplicates,
+                "truncated": s.counts.truncated,
+                "not_modified": s.not_modified(),
+                "last_error": s.last_error,
+                "consecutive_failures": s.consecutive_failures,
+                "yield": s.yields.as_ref().map(|y| json!({
+                    "listed": y.listed,
+                    "active_now": y.active_now,
+                    "ever_active": y.ever_active,
+                })),
+            })
         })
-        .unwrap_or_default();
-    let (last_cycle, recent, in_progress) = match &context.validator {
-        Some(validator) => {
-            let history = validator.history();
-            let progress = validator.progress().map(|p| {
-                use std::sync::atomic::Ordering::Relaxed;
-                json!({
-                    "due": p.due.load(Relaxed),
-                    "checked": p.checked.load(Relaxed),
-                    "alive": p.alive.load(Relaxed),
-                })
-            });
-            (
-                history.last().map(cycle),
-                history.iter().rev().map(cycle).collect::<Vec<_>>(),
-                progress,
-            )
-        }
-        None => (None, Vec::new(), None),
-    };
+        .collect();
+    let history = context.validator.history();
+    let in_progress = context.validator.progress().map(|p| {
+        use std::sync::atomic::Ordering::Relaxed;
+        json!({
+            "due": p.due.load(Relaxed),
+            "checked": p.checked.load(Relaxed),
+            "alive": p.alive.load(Relaxed),
+        })
+    });
+    let last_cycle = history.last().map(cycle);
+    let recent = history.iter().rev().map(cycle).collect::<Vec<_>>();
     json!({
         "active_proxies": summary.active,
         "known_proxies": summary.known,
@@ -279,21 +266,19 @@ pub fn metrics(context: &ApiContext) -> String {
             .with_label_values(&label)
             .set(source.feedbacks as i64);
     }
-    if let Some(fetcher) = &context.fetcher {
-        for status in fetcher.statuses() {
-            let label = [redact_url(&status.name)];
-            let label = [label[0].as_str()];
-            metrics
-                .fetch_parsed
-                .with_label_values(&label)
-                .set(status.counts.parsed as i64);
-            metrics
-                .fetch_failures
-                .with_label_values(&label)
-                .set(i64::from(status.consecutive_failures));
-        }
+    for status in context.fetcher.statuses() {
+        let label = [redact_url(&status.name)];
+        let label = [label[0].as_str()];
+        metrics
+            .fetch_parsed
+            .with_label_values(&label)
+            .set(status.counts.parsed as i64);
+        metrics
+            .fetch_failures
+            .with_label_values(&label)
+            .set(i64::from(status.consecutive_failures));
     }
-    if let Some(last) = context.validator.as_ref().and_then(|v| v.history().pop()) {
+    if let Some(last) = context.validator.history().pop() {
         metrics.cycle_checked.set(last.checked as i64);
         metrics.cycle_alive.set(last.alive as i64);
         metrics

@@ -114,14 +114,8 @@ pub fn download(
         .map_err(|err| io_error(err, timeout))?;
     let truncated = bytes.len() as u64 > max_bytes;
     if truncated {
+        // The parser knows the format, so what of the cut end it can use.
         bytes.truncate(max_bytes as usize);
-        // The last line is probably cut in two: drop the part after the last newline.
-        let keep = bytes
-            .iter()
-            .rposition(|&b| b == b'\n')
-            .map(|i| i + 1)
-            .unwrap_or(0);
-        bytes.truncate(keep);
     }
     Ok(Downloaded::Body {
         bytes,
@@ -173,80 +167,9 @@ fn io_error(err: std::io::Error, timeout: Duration) -> DownloadError {
     }
 }
 
-/// Why a 200 body is clearly not a proxy list, if it is not.
-pub fn not_a_list(bytes: &[u8], parsed: usize) -> Option<&'static str> {
-    if parsed > 0 {
-        return None;
-    }
-    let start: Vec<u8> = bytes
-        .iter()
-        .skip_while(|b| b.is_ascii_whitespace() || **b == 0xEF || **b == 0xBB || **b == 0xBF)
-        .take(64)
-        .map(|b| b.to_ascii_lowercase())
-        .collect();
-    if start.starts_with(b"<!doctype") || start.starts_with(b"<html") || start.starts_with(b"<") {
-        return Some("not a proxy list: the body is an HTML page");
-    }
-    // `[` alone is no sign: an IPv6 list starts with `[2001:db8::1]:80`.
-    let json_array = start.strip_prefix(b"[").is_some_and(|rest| {
-        matches!(
-            rest.iter().find(|b| !b.is_ascii_whitespace()),
-            Some(b'{' | b'"' | b']') | None
-        )
-    });
-    if start.starts_with(b"{") || json_array {
-        return Some("not a proxy list: the body is JSON");
-    }
-    if bytes.iter().take(4096).any(|&b| b == 0) {
-        return Some("not a proxy list: the body is binary");
-    }
-    None
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn html_and_json_bodies_are_not_lists() {
-        assert!(not_a_list(b"  <!DOCTYPE html><html>", 0).is_some());
-        assert!(not_a_list(b"{\"error\":\"rate limited\"}", 0).is_some());
-        assert!(not_a_list(b"\x00\x01\x02", 0).is_some());
-        assert_eq!(not_a_list(b"<html> 1.2.3.4:80", 3), None);
-        assert_eq!(not_a_list(b"# empty list\n", 0), None);
-    }
-
-    #[test]
-    fn json_is_told_from_an_ipv6_list() {
-        for body in [
-            &b"[{\"ip\": \"1.2.3.4\"}]"[..],
-            b"[ \n  {\"error\": 1}]",
-            b"[\"1.2.3.4:80\"]",
-            b"[]",
-            b"[ ]",
-            b"\n{\"error\": \"forbidden\"}",
-        ] {
-            assert_eq!(
-                not_a_list(body, 0),
-                Some("not a proxy list: the body is JSON"),
-                "{}",
-                String::from_utf8_lossy(body)
-            );
-        }
-        // Rejected IPv6 lines (documentation addresses) are a list, not JSON.
-        for body in [
-            &b"[2001:db8::1]:80\n[2001:db8::2]:8080\n"[..],
-            b"[::1]:80",
-            b"[zz]:1",
-        ] {
-            assert_eq!(
-                not_a_list(body, 0),
-                None,
-                "{}",
-                String::from_utf8_lossy(body)
-            );
-        }
-    }
 
     #[test]
     fn retry_after_in_seconds_or_as_a_date() {

@@ -20,9 +20,10 @@ use crate::health::Health;
 use crate::scheduler::next_tick;
 use crate::shutdown::ShutdownSignal;
 use crate::store::{SourceYield, Store};
+use crate::supervisor::Supervisor;
 
 use self::download::{CacheValidators, DownloadError, Downloaded};
-use self::parse::{parse_list, ParseOptions};
+use self::parse::{parse_body, ListFormat, ParseOptions, ParsedList};
 
 /// How far the last fetch of a list got, which says which of its counts apply.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -66,13 +67,67 @@ impl FetchStage {
 /// What one stored list held.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ListCounts {
+    pub format: ListFormat,
     pub bytes: u64,
+    /// Lines, or a JSON document's entries.
     pub lines: u64,
     pub parsed: u64,
     pub new: u64,
     pub rejected: u64,
     pub duplicates: u64,
     pub truncated: bool,
+}
+
+impl ListCounts {
+    /// `B bytes, N lines, P parsed, K new, R rejected, D duplicates`, the
+    /// format named when it is not text (`N entries (json)`), and `-` for
+    /// what a fetch did not get to: every count without a `body`, `new`
+    /// while not `stored`. The fetch summary and `import` print this.
+    pub fn describe(&self, body: bool, stored: bool) -> String {
+        let count = |applies: bool, n: u64, what: &str| {
+            if applies {
+                format!("{n} {what}")
+            } else {
+                format!("- {what}")
+            }
+        };
+        let lines = match (body, self.format) {
+            (false, _) => "- lines".to_string(),
+            (true, ListFormat::Text) => format!("{} lines", self.lines),
+            (true, format) => format!("{} {} ({format})", self.lines, format.unit()),
+        };
+        format!(
+            "{}, {lines}, {}, {}, {}, {}",
+            count(body, self.bytes, "bytes"),
+            count(body, self.parsed, "parsed"),
+            count(body && stored, self.new, "new"),
+            count(body, self.rejected, "rejected"),
+            count(body, self.duplicates, "duplicates"),
+        )
+    }
+}
+
+/// A list body read: what it held and its counts (`new` is 0: the store
+/// says how many were new). Shared by fetches and `import`.
+pub struct ReadList {
+    pub parsed: ParsedList,
+    pub counts: ListCounts,
+}
+
+/// Parses a body (`truncated` when the download was cut at `max_bytes`) and counts it.
+pub fn read_list(bytes: &[u8], truncated: bool, options: &ParseOptions) -> ReadList {
+    let parsed = parse_body(bytes, truncated, options);
+    let counts = ListCounts {
+        format: parsed.format,
+        bytes: bytes.len() as u64,
+        lines: parsed.lines as u64,
+        parsed: parsed.proxies.len() as u64,
+        new: 0,
+        rejected: parsed.rejected as u64,
+        duplicates: parsed.duplicates as u64,
+        truncated,
+    };
+    ReadList { parsed, counts }
 }
 
 /// What the last fetch of one list found; shown by /stats and `proxy-pool fetch`.
@@ -115,7 +170,7 @@ impl SourceStatus {
     /// One line for `proxy-pool fetch` and the log: when the last fetch
     /// started, how long it took, its counts (`-` for those it did not get
     /// to), whether it was cut at max_bytes, its error, and the list's yield
-    /// (as of the last refresh of yields).
+    /// (read right after a fetch that got a body, else as last refreshed).
     pub fn summary_line(&self) -> String {
         match self.stage {
             FetchStage::NotFetched => return format!("{}: not fetched yet", self.name),
@@ -136,13 +191,6 @@ impl SourceStatus {
             .map(|d| format!("{} ms", d.as_millis()))
             .unwrap_or_else(|| "- ms".into());
         let body = self.stage.has_body();
-        let count = |applies: bool, n: u64, what: &str| {
-            if applies {
-                format!("{n} {what}")
-            } else {
-                format!("- {what}")
-            }
-        };
         let truncated = match (body, self.counts.truncated) {
             (false, _) => "- truncated",
             (true, true) => "truncated at max_bytes",
@@ -160,19 +208,14 @@ impl SourceStatus {
             None => "yield - active now / - ever active".to_string(),
         };
         format!(
-            "{}: started {started}, {duration}{}, {}, {}, {}, {}, {}, {}, {truncated}, {error}, {yields}",
+            "{}: started {started}, {duration}{}, {}, {truncated}, {error}, {yields}",
             self.name,
             if self.stage == FetchStage::NotModified {
                 ", not modified"
             } else {
                 ""
             },
-            count(body, self.counts.bytes, "bytes"),
-            count(body, self.counts.lines, "lines"),
-            count(body, self.counts.parsed, "parsed"),
-            count(self.stage.stored(), self.counts.new, "new"),
-            count(body, self.counts.rejected, "rejected"),
-            count(body, self.counts.duplicates, "duplicates"),
+            self.counts.describe(body, self.stage.stored()),
         )
     }
 
@@ -224,6 +267,15 @@ pub enum FetchKind {
     Manual,
 }
 
+/// The lists' yields as last read: all of them at each refresh, one list
+/// right after its fetch.
+#[derive(Default)]
+struct Yields {
+    by_source: HashMap<String, SourceYield>,
+    /// Every list was read once: a list missing from `by_source` gave nothing.
+    refreshed: bool,
+}
+
 pub struct Fetcher {
     sources: Vec<Arc<SourceRuntime>>,
     store: Store,
@@ -233,8 +285,8 @@ pub struct Fetcher {
     max_bytes: u64,
     allow_private_addresses: bool,
     instance: String,
-    /// Each list's yield as last refreshed; None before the first refresh.
-    yields: RwLock<Option<HashMap<String, SourceYield>>>,
+    /// Each list's yield as last read.
+    yields: RwLock<Yields>,
     /// Asks for a validation cycle when a fetch brought proxies never seen.
     validate_now: Option<Sender<()>>,
 }
@@ -304,7 +356,7 @@ impl Fetcher {
             max_bytes: config.fetcher.max_bytes,
             allow_private_addresses: config.fetcher.allow_private_addresses,
             instance,
-            yields: RwLock::new(None),
+            yields: RwLock::new(Yields::default()),
             validate_now: None,
         }
     }
@@ -327,10 +379,27 @@ impl Fetcher {
     pub fn refresh_yields(&self) {
         match self.store.source_yields() {
             Ok(rows) => {
-                let map = rows.into_iter().map(|y| (y.source.clone(), y)).collect();
-                *self.yields.write() = Some(map);
+                let by_source = rows.into_iter().map(|y| (y.source.clone(), y)).collect();
+                *self.yields.write() = Yields {
+                    by_source,
+                    refreshed: true,
+                };
             }
             Err(err) => log::debug!("cannot refresh list yields: {err}"),
+        }
+    }
+
+    /// Reads one list's yield now, so that its fetch's summary is true at
+    /// once and not only after the next refresh.
+    fn refresh_yield(&self, source: &str) {
+        match self.store.source_yield(source) {
+            Ok(found) => {
+                self.yields
+                    .write()
+                    .by_source
+                    .insert(source.to_string(), found);
+            }
+            Err(err) => log::debug!("{source}: cannot read the list's yield: {err}"),
         }
     }
 
@@ -364,15 +433,16 @@ impl Fetcher {
     /// fixed-rate grid, with exponential backoff after failures.
     pub fn start(
         self: &Arc<Self>,
+        supervisor: &Supervisor,
         shutdown: ShutdownSignal,
     ) -> std::io::Result<Vec<JoinHandle<()>>> {
         let mut handles = Vec::new();
         for index in 0..self.sources.len() {
             let fetcher = self.clone();
             let shutdown = shutdown.clone();
-            let handle = thread::Builder::new()
-                .name(format!("fetch-{index}"))
-                .spawn(move || fetcher.source_loop(index, shutdown))?;
+            let handle = supervisor.spawn(format!("fetch-{index}"), move || {
+                fetcher.source_loop(index, shutdown)
+            })?;
             handles.push(handle);
         }
         Ok(handles)
@@ -507,8 +577,11 @@ impl Fetcher {
                 status.last_success_at = Some(Utc::now());
                 status.last_error = None;
                 status.consecutive_failures = 0;
-                log::info!("fetch {}", self.with_yields(&status).summary_line());
-                return (status.clone(), None);
+                drop(status);
+                self.refresh_yield(&source.name);
+                let status = self.with_yields(&source.status.lock());
+                log::info!("fetch {}", status.summary_line());
+                return (status, None);
             }
             Ok(Downloaded::Body {
                 bytes,
@@ -530,38 +603,24 @@ impl Fetcher {
                 return self.record_failure(source, failure, message, retry_after);
             }
         };
-        let text = String::from_utf8_lossy(&bytes);
         let options = ParseOptions {
             default_protocol: config.protocol,
             allow_private_addresses: self.allow_private_addresses,
         };
-        let parsed = parse_list(&text, &options);
-        let mut counts = ListCounts {
-            bytes: bytes.len() as u64,
-            lines: parsed.lines as u64,
-            parsed: parsed.proxies.len() as u64,
-            new: 0,
-            rejected: parsed.rejected as u64,
-            duplicates: parsed.duplicates as u64,
-            truncated,
-        };
-        if let Some(reason) = download::not_a_list(&bytes, parsed.proxies.len()) {
+        let ReadList { parsed, mut counts } = read_list(&bytes, truncated, &options);
+        drop(bytes);
+        if let Some(reason) = parsed.not_a_list() {
             let failure = Failure {
                 started,
                 started_at,
                 stage: FetchStage::NotAList,
                 counts,
             };
+            self.refresh_yield(&source.name);
             return self.record_failure(source, failure, reason.to_string(), None);
         }
         for reject in parsed.first_rejects.iter().take(3) {
-            log::info!(
-                "{}: line {} rejected ({}): {}",
-                source.name,
-                reject.line,
-                reject.reason,
-                reject.text
-            );
+            log::info!("{}: {reject}", source.name);
         }
         let outages = self.health.database_outages();
         let upserted = match self.store.upsert_listed(&source.name, &parsed.proxies) {
@@ -595,31 +654,34 @@ impl Fetcher {
         status.last_stored = Some(counts);
         status.last_error = None;
         status.consecutive_failures = 0;
-        log::info!("fetch {}", self.with_yields(&status).summary_line());
+        drop(status);
+        self.refresh_yield(&source.name);
+        let status = self.with_yields(&source.status.lock());
+        log::info!("fetch {}", status.summary_line());
         if counts.new > 0 {
             if let Some(validate_now) = &self.validate_now {
                 // At most one job waits; a full channel means one is coming.
                 let _ = validate_now.try_send(());
             }
         }
-        (status.clone(), None)
+        (status, None)
     }
 
-    /// A copy of `status` with the list's yield as last refreshed (zero for
-    /// a list that gave nothing yet; None before the first refresh).
+    /// A copy of `status` with the list's yield as last read (zero for a
+    /// list that gave nothing yet; None while it was never read).
     fn with_yields(&self, status: &SourceStatus) -> SourceStatus {
         let mut status = status.clone();
-        status.yields = self.yields.read().as_ref().map(|yields| {
-            yields
-                .get(&status.name)
-                .cloned()
-                .unwrap_or_else(|| SourceYield {
-                    source: status.name.clone(),
-                    listed: 0,
-                    active_now: 0,
-                    ever_active: 0,
-                })
-        });
+        let yields = self.yields.read();
+        status.yields = match yields.by_source.get(&status.name) {
+            Some(found) => Some(found.clone()),
+            None if yields.refreshed => Some(SourceYield {
+                source: status.name.clone(),
+                listed: 0,
+                active_now: 0,
+                ever_active: 0,
+            }),
+            None => None,
+        };
         status
     }
 

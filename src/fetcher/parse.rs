@@ -2,27 +2,36 @@
 //! `proxy-pool import`, pure, and hardened: lists are written by strangers,
 //! in every format, and some are hostile (aimed at internal addresses).
 //!
-//! Accepted, one proxy a line: `ip:port`, `scheme://ip:port`,
-//! `scheme://user:pass@ip:port`, `user:pass@ip:port`, `ip:port:user:pass`,
-//! IPv6 as `[addr]:port`. Blank lines and `#` or `//` comments are skipped;
-//! anything after the proxy, separated by whitespace, `,`, `;` or `|`, is
-//! ignored (`1.2.3.4:8080 US elite`). Credentials in URL forms are
-//! percent-decoded; in the `ip:port:user:pass` form they are taken as written.
+//! The format is told from the body ([`ListFormat`]): a page (`<`), a JSON
+//! document (`[` or `{`), JSON lines (an object a line), CSV or TSV (a first
+//! line that names columns), else text. Each format has its own module; all
+//! read a proxy written as text by the line rules of [`text`], a proxy given
+//! in parts by the rules of [`fields`], and count through one [`Collector`],
+//! so that every format reports the same counts.
+
+mod delimited;
+mod fields;
+mod html;
+mod json;
+mod text;
 
 use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::hash::BuildHasher;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr};
 
 use crate::proxy::{Protocol, ProxyKey};
 
-/// A line longer than this is rejected unread: no proxy line is that long.
-pub const MAX_LINE_BYTES: usize = 4096;
+use self::fields::Fields;
+pub use self::text::{parse_line, MAX_LINE_BYTES};
+
 /// How many rejected lines are kept as examples.
 const MAX_REJECT_EXAMPLES: usize = 5;
 /// How much of a rejected line an example keeps.
 const MAX_REJECT_TEXT_CHARS: usize = 100;
+/// How far into a body a NUL byte makes it binary.
+const BINARY_SNIFF_BYTES: usize = 4096;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ParseOptions {
@@ -34,29 +43,116 @@ pub struct ParseOptions {
     pub allow_private_addresses: bool,
 }
 
+/// The shape a list was written in, as told from its body.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum ListFormat {
+    /// One proxy a line.
+    #[default]
+    Text,
+    /// One JSON document: an array of entries, or an object holding arrays.
+    Json,
+    /// One JSON value a line.
+    JsonLines,
+    /// Rows of cells under a header row that names the columns.
+    Csv,
+    /// A web page: table rows and `host:port` text.
+    Html,
+}
+
+impl ListFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ListFormat::Text => "text",
+            ListFormat::Json => "json",
+            ListFormat::JsonLines => "json lines",
+            ListFormat::Csv => "csv",
+            ListFormat::Html => "html",
+        }
+    }
+
+    /// What [`ParsedList::lines`] counts: a JSON document's entries, or lines.
+    pub fn unit(self) -> &'static str {
+        match self {
+            ListFormat::Json => "entries",
+            _ => "lines",
+        }
+    }
+}
+
+impl fmt::Display for ListFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// What a list held.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ParsedList {
+    pub format: ListFormat,
     /// Distinct proxies, in order of first appearance.
     pub proxies: Vec<ProxyKey>,
-    /// Every line of the input, blank and comment lines included.
+    /// Every line of the input, blank and comment lines included; for a
+    /// JSON document, every entry.
     pub lines: usize,
-    /// Lines that looked like a proxy but were refused.
+    /// Lines, entries, cells or table rows that named a proxy but were
+    /// refused (one JSON object with two protocols may count twice).
     pub rejected: usize,
-    /// Valid lines naming a proxy seen earlier in the list (same protocol,
+    /// Proxies named again after their first appearance (same protocol,
     /// address, port and username).
     pub duplicates: usize,
-    /// The first few rejected lines, for a diagnostic message.
+    /// The first few rejected ones, for a diagnostic message.
     pub first_rejects: Vec<Reject>,
+    /// A NUL byte near the start: the body is no text.
+    pub binary: bool,
 }
 
-/// One rejected line, safe to log: credentials are masked.
+impl ParsedList {
+    /// Why the body is not a proxy list, if it is not: no proxy could be
+    /// read from it, and it is binary, a page or JSON. A text list with no
+    /// proxy (`# empty today`) is an empty list.
+    pub fn not_a_list(&self) -> Option<&'static str> {
+        if !self.proxies.is_empty() {
+            return None;
+        }
+        if self.binary {
+            return Some("not a proxy list: the body is binary");
+        }
+        match self.format {
+            ListFormat::Html => Some("not a proxy list: the body is an HTML page"),
+            ListFormat::Json | ListFormat::JsonLines => Some("not a proxy list: the body is JSON"),
+            ListFormat::Text | ListFormat::Csv => None,
+        }
+    }
+}
+
+/// Where in a list something is: lines, or a JSON document's entries (1-based).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Position {
+    Line(usize),
+    Entry(usize),
+}
+
+impl fmt::Display for Position {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Position::Line(n) => write!(f, "line {n}"),
+            Position::Entry(n) => write!(f, "entry {n}"),
+        }
+    }
+}
+
+/// One rejected line or entry, safe to log: credentials are masked.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Reject {
-    /// 1-based.
-    pub line: usize,
+    pub at: Position,
     pub text: String,
     pub reason: RejectReason,
+}
+
+impl fmt::Display for Reject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} rejected ({}): {}", self.at, self.reason, self.text)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -65,6 +161,7 @@ pub enum RejectReason {
     InvalidIp,
     /// Missing, not a number, or outside 1..65535.
     InvalidPort,
+    /// A scheme or protocol that is none of http, https, socks4, socks5.
     UnknownScheme,
     /// A host name: we only take IP literals, so that a list cannot make the
     /// validator resolve names of its choosing.
@@ -74,7 +171,7 @@ pub enum RejectReason {
     NotPublic,
     /// Empty user name, or credentials that do not decode to UTF-8.
     BadCredentials,
-    /// Longer than [`MAX_LINE_BYTES`].
+    /// Longer than [`MAX_LINE_BYTES`] (a line) or than a JSON entry may be.
     TooLong,
     /// Not shaped like any accepted format.
     Malformed,
@@ -103,43 +200,136 @@ impl fmt::Display for RejectReason {
 
 /// Parses a downloaded list given as bytes; invalid UTF-8 is replaced, not fatal.
 pub fn parse_bytes(bytes: &[u8], options: &ParseOptions) -> ParsedList {
-    parse_list(&String::from_utf8_lossy(bytes), options)
+    parse_body(bytes, false, options)
+}
+
+/// Parses a download that may have been cut at `max_bytes` (`truncated`):
+/// then the cut line of a line format is dropped, and a JSON document is
+/// read up to the cut.
+pub fn parse_body(bytes: &[u8], truncated: bool, options: &ParseOptions) -> ParsedList {
+    parse(&String::from_utf8_lossy(bytes), truncated, options)
 }
 
 /// Parses a whole list. Never fails: what cannot be read is counted.
 pub fn parse_list(text: &str, options: &ParseOptions) -> ParsedList {
+    parse(text, false, options)
+}
+
+fn parse(text: &str, truncated: bool, options: &ParseOptions) -> ParsedList {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    let mut parsed = ParsedList::default();
-    let mut seen = SeenSet::new(text.len() / 24);
-    for (index, line) in text.lines().enumerate() {
-        parsed.lines += 1;
-        let outcome = if line.len() > MAX_LINE_BYTES {
-            Err(RejectReason::TooLong)
-        } else {
-            parse_line(line, options)
-        };
-        match outcome {
-            Ok(None) => {}
-            Ok(Some(key)) => {
-                if seen.is_new(&key, &parsed.proxies) {
-                    parsed.proxies.push(key);
-                } else {
-                    parsed.duplicates += 1;
-                }
-            }
-            Err(reason) => {
-                parsed.rejected += 1;
-                if parsed.first_rejects.len() < MAX_REJECT_EXAMPLES {
-                    parsed.first_rejects.push(Reject {
-                        line: index + 1,
-                        text: masked_excerpt(line),
-                        reason,
-                    });
-                }
-            }
+    let sniffed = &text.as_bytes()[..text.len().min(BINARY_SNIFF_BYTES)];
+    let binary = sniffed.contains(&0);
+    let format = if binary {
+        ListFormat::Text
+    } else {
+        detect(text)
+    };
+    let text = match format {
+        ListFormat::Json => text,
+        _ if truncated => &text[..text.rfind('\n').map_or(0, |at| at + 1)],
+        _ => text,
+    };
+    let mut parsed = match format {
+        ListFormat::Text => text::parse(text, options),
+        ListFormat::Json => json::parse_document(text, truncated, options),
+        ListFormat::JsonLines => json::parse_lines(text, options),
+        ListFormat::Csv => delimited::parse(text, options),
+        ListFormat::Html => html::parse(text, options),
+    };
+    parsed.binary = binary;
+    parsed
+}
+
+/// Tells a body's format from its start (and, for CSV, its first line).
+fn detect(text: &str) -> ListFormat {
+    let bytes = text.as_bytes();
+    let Some(start) = bytes.iter().position(|b| !b.is_ascii_whitespace()) else {
+        return ListFormat::Text;
+    };
+    match bytes[start] {
+        b'<' => ListFormat::Html,
+        b'{' if json::is_json_lines(&text[start..]) => ListFormat::JsonLines,
+        b'{' => ListFormat::Json,
+        // `[` alone is no sign: an IPv6 list starts with `[2001:db8::1]:80`.
+        b'[' => match bytes[start + 1..].iter().find(|b| !b.is_ascii_whitespace()) {
+            Some(b'{' | b'"' | b'[' | b']') | None => ListFormat::Json,
+            Some(_) => ListFormat::Text,
+        },
+        _ if delimited::find_header(text).is_some() => ListFormat::Csv,
+        _ => ListFormat::Text,
+    }
+}
+
+/// Counts what a list gives, whatever its format: distinct proxies, duplicates,
+/// rejects with the first few kept (masked, short).
+struct Collector {
+    parsed: ParsedList,
+    seen: SeenSet,
+}
+
+impl Collector {
+    fn new(format: ListFormat, capacity_hint: usize) -> Collector {
+        Collector {
+            parsed: ParsedList {
+                format,
+                ..ParsedList::default()
+            },
+            seen: SeenSet::new(capacity_hint),
         }
     }
-    parsed
+
+    fn add(&mut self, key: ProxyKey) {
+        if self.seen.is_new(&key, &self.parsed.proxies) {
+            self.parsed.proxies.push(key);
+        } else {
+            self.parsed.duplicates += 1;
+        }
+    }
+
+    /// Counts a reject; `text` (masked by the caller) is built only for the
+    /// examples kept.
+    fn reject(&mut self, at: Position, reason: RejectReason, text: impl FnOnce() -> String) {
+        self.parsed.rejected += 1;
+        if self.parsed.first_rejects.len() < MAX_REJECT_EXAMPLES {
+            let text = text();
+            let cut = text
+                .char_indices()
+                .nth(MAX_REJECT_TEXT_CHARS)
+                .map_or(text.len(), |(at, _)| at);
+            self.parsed.first_rejects.push(Reject {
+                at,
+                text: text[..cut].to_string(),
+                reason,
+            });
+        }
+    }
+
+    /// A text line's outcome; `line` is shown masked when rejected.
+    fn outcome(
+        &mut self,
+        at: Position,
+        line: &str,
+        outcome: Result<Option<ProxyKey>, RejectReason>,
+    ) {
+        match outcome {
+            Ok(None) => {}
+            Ok(Some(key)) => self.add(key),
+            Err(reason) => self.reject(at, reason, || text::masked_excerpt(line)),
+        }
+    }
+
+    /// The proxies that fields give (one per protocol), or their reject.
+    fn fields(&mut self, at: Position, fields: &Fields<'_>, options: &ParseOptions) {
+        match fields.keys(options) {
+            Ok(keys) => keys.into_iter().for_each(|key| self.add(key)),
+            Err(reason) => self.reject(at, reason, || fields.excerpt()),
+        }
+    }
+
+    fn finish(mut self, lines: usize) -> ParsedList {
+        self.parsed.lines = lines;
+        self.parsed
+    }
 }
 
 /// A proxy's identity as the database sees it: the password is not part of it.
@@ -188,197 +378,6 @@ impl SeenSet {
         self.collided
             .insert((key.protocol, key.ip, key.port, key.username.clone()))
     }
-}
-
-/// One line: `Ok(None)` for blank and comment lines.
-pub fn parse_line(line: &str, options: &ParseOptions) -> Result<Option<ProxyKey>, RejectReason> {
-    let line = line.trim();
-    if line.is_empty() || line.starts_with('#') || line.starts_with("//") {
-        return Ok(None);
-    }
-    let token = proxy_token(line);
-    let (protocol, rest) = match find_scheme_end(token) {
-        Some(at) => {
-            let protocol =
-                Protocol::from_scheme(&token[..at]).ok_or(RejectReason::UnknownScheme)?;
-            let rest = &token[at + 3..];
-            (protocol, rest.strip_suffix('/').unwrap_or(rest))
-        }
-        None => (options.default_protocol, token),
-    };
-    let at_sign = rest.bytes().rposition(|b| b == b'@');
-    // `user:pass@host:port`, unless what follows the `@` is no host:port
-    // while the whole is `host:port:user:pass` with an `@` in the password
-    // (`1.2.3.4:80:u:p@ss`); then the `@` is part of the credentials.
-    let url_form =
-        at_sign
-            .map(|at| (&rest[..at], &rest[at + 1..]))
-            .and_then(|(userinfo, host_port)| match split_host_port(host_port) {
-                Ok((_, _, Some(_))) => Some((userinfo, Err(RejectReason::Malformed))),
-                Ok((ip, port, None)) => Some((userinfo, Ok((ip, port)))),
-                Err(reason) => match split_host_port(rest) {
-                    Ok((_, _, Some(_))) => None,
-                    // `1.2.3.4:0:u:p@ss` is a bad port, not a bad host after `@`.
-                    Err(colon_reason) if starts_with_ip(rest) => {
-                        Some((userinfo, Err(colon_reason)))
-                    }
-                    _ => Some((userinfo, Err(reason))),
-                },
-            });
-    let (ip, port, credentials) = match url_form {
-        Some((userinfo, host_port)) => {
-            let (ip, port) = host_port?;
-            let (user, password) = match userinfo.split_once(':') {
-                Some((user, password)) => (user, Some(password)),
-                None => (userinfo, None),
-            };
-            let user = percent_decode(user)?;
-            let password = password.map(percent_decode).transpose()?;
-            (ip, port, Some((user, password)))
-        }
-        None => {
-            let (ip, port, extra) = split_host_port(rest)?;
-            let credentials = extra.map(|extra| match extra.split_once(':') {
-                Some((user, password)) => (user.to_string(), Some(password.to_string())),
-                None => (extra.to_string(), None),
-            });
-            (ip, port, credentials)
-        }
-    };
-    let ip = match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-        v4 => v4,
-    };
-    if !options.allow_private_addresses && !is_public(ip) {
-        return Err(RejectReason::NotPublic);
-    }
-    let mut key = ProxyKey::new(protocol, ip, port);
-    if let Some((user, password)) = credentials {
-        if user.is_empty() {
-            return Err(RejectReason::BadCredentials);
-        }
-        key.username = Some(user);
-        key.password = password;
-    }
-    Ok(Some(key))
-}
-
-/// The proxy part of a trimmed line, without trailing fields. `,` and `;`
-/// may appear unencoded in URL credentials, so before the last `@` they do
-/// not end the proxy.
-fn proxy_token(line: &str) -> &str {
-    // Byte searches: every delimiter is ASCII, and this runs on every line.
-    let bytes = line.as_bytes();
-    let mut end = bytes
-        .iter()
-        .position(|&b| matches!(b, b' ' | b'\t' | b'|' | b'\r' | b'\n' | b'\x0b' | b'\x0c'))
-        .unwrap_or(bytes.len());
-    // Unicode spaces are rare but must end the token too.
-    if !bytes[..end].is_ascii() {
-        end = line[..end].find(char::is_whitespace).unwrap_or(end);
-    }
-    let token = &bytes[..end];
-    let host_start = token
-        .iter()
-        .rposition(|&b| b == b'@')
-        .map_or(0, |at| at + 1);
-    match token[host_start..]
-        .iter()
-        .position(|&b| b == b',' || b == b';')
-    {
-        Some(at) => &line[..host_start + at],
-        None => &line[..end],
-    }
-}
-
-/// Whether `text` starts with an IP address and a `:` (`1.2.3.4:`, `[v6]:`).
-fn starts_with_ip(text: &str) -> bool {
-    match text.strip_prefix('[') {
-        Some(bracketed) => bracketed
-            .split_once("]:")
-            .is_some_and(|(inside, _)| inside.parse::<Ipv6Addr>().is_ok()),
-        None => text
-            .split_once(':')
-            .is_some_and(|(host, _)| host.parse::<Ipv4Addr>().is_ok()),
-    }
-}
-
-/// Where `://` is in a token: the scheme is before it.
-fn find_scheme_end(token: &str) -> Option<usize> {
-    let bytes = token.as_bytes();
-    // Schemes are short; a `://` further in is not a scheme separator we take.
-    let search = &bytes[..bytes.len().min(16)];
-    search.windows(3).position(|window| window == b"://")
-}
-
-/// Splits `ip:port`, `[v6]:port`, and the `ip:port:user:pass` tail (returned
-/// as the third element, `user:pass` or `user`).
-fn split_host_port(text: &str) -> Result<(IpAddr, u16, Option<&str>), RejectReason> {
-    let (host, after_host) = if let Some(bracketed) = text.strip_prefix('[') {
-        let (inside, after) = bracketed.split_once(']').ok_or(RejectReason::Malformed)?;
-        let v6 = inside
-            .parse::<Ipv6Addr>()
-            .map_err(|_| RejectReason::InvalidIp)?;
-        (IpAddr::V6(v6), after)
-    } else {
-        let (host, after) = match text.find(':') {
-            Some(at) => (&text[..at], &text[at..]),
-            // A lone address lacks its port; a lone word is not a proxy line.
-            None if text.parse::<Ipv4Addr>().is_ok() => (text, ""),
-            None => return Err(RejectReason::Malformed),
-        };
-        (parse_host(host, text)?, after)
-    };
-    let port_and_extra = after_host
-        .strip_prefix(':')
-        .ok_or(RejectReason::InvalidPort)?;
-    let (port_text, extra) = match port_and_extra.split_once(':') {
-        Some((port, extra)) => (port, Some(extra)),
-        None => (port_and_extra, None),
-    };
-    let port = parse_port(port_text)?;
-    Ok((host, port, extra))
-}
-
-/// An unbracketed host: IPv4, or else a reason that names what it is.
-fn parse_host(host: &str, whole: &str) -> Result<IpAddr, RejectReason> {
-    if let Ok(v4) = host.parse::<Ipv4Addr>() {
-        return Ok(IpAddr::V4(v4));
-    }
-    // A bare IPv6 address with the port glued on (`2001:db8::1:80`) is
-    // ambiguous; only the bracketed form is taken.
-    if whole.parse::<Ipv6Addr>().is_ok() || whole.matches(':').count() > 3 {
-        return Err(RejectReason::Malformed);
-    }
-    let looks_like_name = !host.is_empty()
-        && host.bytes().any(|b| b.is_ascii_alphabetic())
-        && host
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
-    if looks_like_name {
-        Err(RejectReason::Hostname)
-    } else {
-        Err(RejectReason::InvalidIp)
-    }
-}
-
-fn parse_port(text: &str) -> Result<u16, RejectReason> {
-    if text.is_empty() || text.len() > 5 || !text.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(RejectReason::InvalidPort);
-    }
-    match text.parse::<u32>() {
-        Ok(port @ 1..=65535) => Ok(port as u16),
-        _ => Err(RejectReason::InvalidPort),
-    }
-}
-
-/// Decodes `%XX` escapes; a `%` not followed by two hex digits is kept as
-/// written (lists are sloppy), but the result must be UTF-8.
-fn percent_decode(text: &str) -> Result<String, RejectReason> {
-    percent_encoding::percent_decode_str(text)
-        .decode_utf8()
-        .map(|decoded| decoded.into_owned())
-        .map_err(|_| RejectReason::BadCredentials)
 }
 
 /// Whether `ip` is a globally routable unicast address a public proxy can
@@ -434,43 +433,58 @@ fn is_public_v4(v4: Ipv4Addr) -> bool {
         || reserved)
 }
 
-/// A rejected line for a diagnostic: credentials masked, at most
-/// [`MAX_REJECT_TEXT_CHARS`] characters.
-fn masked_excerpt(line: &str) -> String {
-    let prefix_end = line
-        .char_indices()
-        .nth(MAX_REJECT_TEXT_CHARS)
-        .map_or(line.len(), |(at, _)| at);
-    let line = line[..prefix_end].trim();
-    let token = proxy_token(line);
-    let trailing = &line[token.len()..];
-    let scheme_end = token.find("://").map_or(0, |at| at + 3);
-    let (scheme, rest) = token.split_at(scheme_end);
-    let masked = if let Some((_, host_port)) = rest.rsplit_once('@') {
-        format!("{scheme}***@{host_port}")
-    } else {
-        // The `ip:port:user:pass` form: keep up to the port.
-        let port_colon = if rest.starts_with('[') {
-            rest.find("]:").map(|at| at + 1)
-        } else {
-            rest.find(':')
-        };
-        let tail_colon =
-            port_colon.and_then(|at| rest[at + 1..].find(':').map(|next| at + 1 + next));
-        match tail_colon {
-            Some(at) if rest.matches(':').count() <= 4 || rest.starts_with('[') => {
-                format!("{scheme}{}:***", &rest[..at])
-            }
-            _ => token.to_string(),
-        }
+/// What the formats' tests share.
+#[cfg(test)]
+mod testing {
+    use super::{ListFormat, ParseOptions, ParsedList};
+    use crate::proxy::{Protocol, ProxyKey};
+
+    pub const PUBLIC: ParseOptions = ParseOptions {
+        default_protocol: Protocol::Http,
+        allow_private_addresses: false,
     };
-    format!("{masked}{trailing}")
+
+    pub fn key(protocol: Protocol, ip: &str, port: u16) -> ProxyKey {
+        ProxyKey::new(protocol, ip.parse().unwrap(), port)
+    }
+
+    pub fn with_credentials(mut key: ProxyKey, user: &str, password: Option<&str>) -> ProxyKey {
+        key.username = Some(user.to_string());
+        key.password = password.map(str::to_string);
+        key
+    }
+
+    /// The first rejects as the log shows them.
+    pub fn rejects(parsed: &ParsedList) -> Vec<String> {
+        parsed.first_rejects.iter().map(|r| r.to_string()).collect()
+    }
+
+    /// Parses `text` and checks all it gives: its format, its proxies in
+    /// order, its lines (or entries) and every reject as the log shows it.
+    pub fn assert_parsed(
+        text: &str,
+        format: ListFormat,
+        proxies: Vec<ProxyKey>,
+        lines: usize,
+        expected_rejects: &[&str],
+    ) -> ParsedList {
+        let parsed = super::parse_list(text, &PUBLIC);
+        assert_eq!(parsed.format, format, "{text}");
+        assert_eq!(parsed.proxies, proxies, "{text}");
+        assert_eq!(parsed.lines, lines, "{text}");
+        assert_eq!(rejects(&parsed), expected_rejects, "{text}");
+        assert_eq!(parsed.rejected, expected_rejects.len(), "{text}");
+        parsed
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
 
+    use std::net::Ipv6Addr;
+
+    use super::text::masked_excerpt;
     use super::*;
 
     const PUBLIC: ParseOptions = ParseOptions {
@@ -571,6 +585,11 @@ mod tests {
                 "http://u:a,b;c@1.2.3.4:80,US",
                 key(Protocol::Http, "1.2.3.4", 80, Some(("u", "a,b;c"))),
             ),
+            // After a URL form's port, `:` starts trailing fields too.
+            (
+                "u:p@1.2.3.4:80:x:y",
+                key(Protocol::Http, "1.2.3.4", 80, Some(("u", "p"))),
+            ),
         ];
         for (line, expected) in cases {
             assert_eq!(one(line), Ok(Some(expected)), "{line}");
@@ -617,7 +636,6 @@ mod tests {
             ("2a00:1450::1:8080", RejectReason::Malformed),
             ("[2a00:1450::1:8080", RejectReason::Malformed),
             ("http://1.2.3.4:80/path", RejectReason::InvalidPort),
-            ("u:p@1.2.3.4:80:x:y", RejectReason::Malformed),
             // After an `@` that is no host:port, the reason is the URL form's.
             ("user:pass@999.1.1.1:80", RejectReason::InvalidIp),
             ("user:pass@1.2.3.4", RejectReason::InvalidPort),
@@ -711,20 +729,24 @@ mod tests {
         );
         assert_eq!(parsed.duplicates, 2);
         assert_eq!(parsed.rejected, 5);
-        let reasons: Vec<(usize, RejectReason)> = parsed
+        let reasons: Vec<(Position, RejectReason)> = parsed
             .first_rejects
             .iter()
-            .map(|reject| (reject.line, reject.reason))
+            .map(|reject| (reject.at, reject.reason))
             .collect();
         assert_eq!(
             reasons,
             vec![
-                (8, RejectReason::Malformed),
-                (9, RejectReason::NotPublic),
-                (10, RejectReason::Hostname),
-                (11, RejectReason::InvalidPort),
-                (13, RejectReason::UnknownScheme),
+                (Position::Line(8), RejectReason::Malformed),
+                (Position::Line(9), RejectReason::NotPublic),
+                (Position::Line(10), RejectReason::Hostname),
+                (Position::Line(11), RejectReason::InvalidPort),
+                (Position::Line(13), RejectReason::UnknownScheme),
             ]
+        );
+        assert_eq!(
+            parsed.first_rejects[0].to_string(),
+            "line 8 rejected (malformed): bad line"
         );
     }
 
@@ -798,6 +820,102 @@ mod tests {
         assert!(elapsed < std::time::Duration::from_secs(1), "{elapsed:?}");
     }
 
+    #[test]
+    fn the_format_is_told_from_the_body() {
+        let cases = [
+            ("1.2.3.4:80\n", ListFormat::Text),
+            ("", ListFormat::Text),
+            ("[2001:db8::1]:80\n[2001:db8::2]:8080\n", ListFormat::Text),
+            ("[::1]:80", ListFormat::Text),
+            ("[zz]:1", ListFormat::Text),
+            ("# ip,port\n1.2.3.4:80,US\n", ListFormat::Text),
+            ("IP:PORT\n1.2.3.4:80\n", ListFormat::Text),
+            ("1.2.3.4:8080,US,elite\n", ListFormat::Text),
+            ("[\"1.2.3.4:80\"]", ListFormat::Json),
+            ("[ \n  {\"ip\": \"1.2.3.4\"}]", ListFormat::Json),
+            ("[]", ListFormat::Json),
+            ("[ ]", ListFormat::Json),
+            ("\n{\"error\": \"forbidden\"}", ListFormat::Json),
+            ("{\n  \"data\": []\n}\n", ListFormat::Json),
+            ("{\"data\": []}\n", ListFormat::Json),
+            (
+                "{\"host\": \"1.2.3.4\"}\n{\"host\": \"5.6.7.8\"}\n",
+                ListFormat::JsonLines,
+            ),
+            ("ip,port\n1.2.3.4,80\n", ListFormat::Csv),
+            ("\"IP Address\";\"Port\"\n", ListFormat::Csv),
+            ("# list\nhttp\tsocks5\n", ListFormat::Csv),
+            ("<!DOCTYPE html><html>", ListFormat::Html),
+            ("  <table>", ListFormat::Html),
+        ];
+        for (body, format) in cases {
+            assert_eq!(parse_list(body, &PUBLIC).format, format, "{body:?}");
+        }
+    }
+
+    #[test]
+    fn a_body_is_no_list_only_when_it_gives_no_proxy() {
+        let not_a_list = |body: &[u8]| parse_bytes(body, &PUBLIC).not_a_list();
+        assert_eq!(
+            not_a_list(b"  <!DOCTYPE html><html><p>enable JavaScript</p>"),
+            Some("not a proxy list: the body is an HTML page")
+        );
+        assert_eq!(
+            not_a_list(b"{\"error\":\"rate limited\", \"proxies\": []}"),
+            Some("not a proxy list: the body is JSON")
+        );
+        assert_eq!(
+            not_a_list(b"[]"),
+            Some("not a proxy list: the body is JSON")
+        );
+        assert_eq!(
+            not_a_list(b"\x00\x01\x02"),
+            Some("not a proxy list: the body is binary")
+        );
+        // A page or JSON that gives a proxy is a list.
+        assert_eq!(not_a_list(b"<html> 1.2.3.4:80"), None);
+        assert_eq!(not_a_list(b"[\"1.2.3.4:80\"]"), None);
+        // An empty or all-junk text list is an empty list, not an error.
+        assert_eq!(not_a_list(b"# empty list\n"), None);
+        assert_eq!(not_a_list(b"[2001:db8::1]:80\n"), None);
+        assert_eq!(not_a_list(b"ip,port\n"), None);
+    }
+
+    #[test]
+    fn a_cut_download_drops_its_cut_line_and_keeps_a_cut_documents_entries() {
+        let text = b"1.2.3.4:80\n5.6.7.8:80\n9.9.9.9:8";
+        let cut = parse_body(text, true, &PUBLIC);
+        assert_eq!((cut.lines, cut.proxies.len(), cut.rejected), (2, 2, 0));
+        let whole = parse_body(text, false, &PUBLIC);
+        assert_eq!((whole.lines, whole.proxies.len()), (3, 3));
+
+        let json = br#"[{"ip": "1.2.3.4", "port": 80}, {"ip": "5.6.7.8", "port": 80}, {"ip": "9.9"#;
+        let cut = parse_body(json, true, &PUBLIC);
+        assert_eq!((cut.lines, cut.proxies.len(), cut.rejected), (2, 2, 0));
+        // Not cut by the download: the list itself is broken there.
+        let broken = parse_body(json, false, &PUBLIC);
+        assert_eq!(
+            (broken.lines, broken.proxies.len(), broken.rejected),
+            (3, 2, 1)
+        );
+        assert_eq!(broken.first_rejects[0].at, Position::Entry(3));
+        assert!(broken.first_rejects[0]
+            .text
+            .starts_with("invalid JSON: EOF"));
+    }
+
+    #[test]
+    fn every_format_counts_duplicates_across_its_entries() {
+        let json =
+            r#"["1.2.3.4:80", {"ip": "1.2.3.4", "port": "80"}, {"proxy": "socks5://1.2.3.4:80"}]"#;
+        let parsed = parse_list(json, &PUBLIC);
+        assert_eq!((parsed.proxies.len(), parsed.duplicates), (2, 1));
+        let csv = "ip,port\n1.2.3.4,80\n1.2.3.4,80\n";
+        assert_eq!(parse_list(csv, &PUBLIC).duplicates, 1);
+        let html = "<table><tr><td>1.2.3.4</td><td>80</td></tr></table><p>1.2.3.4:80</p>";
+        assert_eq!(parse_list(html, &PUBLIC).duplicates, 1);
+    }
+
     fn public_ip() -> impl Strategy<Value = IpAddr> {
         prop_oneof![
             any::<u32>().prop_map(|n| IpAddr::V4(Ipv4Addr::from(n))),
@@ -835,13 +953,34 @@ mod tests {
         fn arbitrary_text_never_panics(text in "\\PC*(\n\\PC*){0,5}") {
             let parsed = parse_list(&text, &PUBLIC);
             prop_assert!(parsed.first_rejects.len() <= MAX_REJECT_EXAMPLES);
-            prop_assert_eq!(parsed.lines, text.lines().count());
+            if parsed.format != ListFormat::Json {
+                prop_assert_eq!(parsed.lines, text.lines().count());
+            }
         }
 
         #[test]
-        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
-            let parsed = parse_bytes(&bytes, &PUBLIC);
-            prop_assert!(parsed.proxies.len() + parsed.rejected + parsed.duplicates <= parsed.lines);
+        fn arbitrary_bytes_never_panic(
+            bytes in prop::collection::vec(any::<u8>(), 0..512),
+            truncated in any::<bool>(),
+        ) {
+            let parsed = parse_body(&bytes, truncated, &PUBLIC);
+            // A text line gives at most one proxy (a row or an object may give several).
+            if parsed.format == ListFormat::Text {
+                prop_assert!(parsed.proxies.len() + parsed.rejected + parsed.duplicates <= parsed.lines);
+            }
+        }
+
+        #[test]
+        fn formatted_junk_never_panics(
+            start in "(\\[|\\{|<|ip,port\n|\\{\"a\":1\\}\n)",
+            body in "[\\[\\]{}<>/\":,.0-9a-z \n&;#=]{0,200}",
+            truncated in any::<bool>(),
+        ) {
+            let text = format!("{start}{body}");
+            let parsed = parse_body(text.as_bytes(), truncated, &PUBLIC);
+            prop_assert!(parsed.first_rejects.len() <= MAX_REJECT_EXAMPLES);
+            // Whatever the format, the public-address rule holds.
+            prop_assert!(parsed.proxies.iter().all(|key| is_public(key.ip)));
         }
 
         #[test]
@@ -851,6 +990,8 @@ mod tests {
             after in "[^\n]{0,40}",
         ) {
             let text = format!("{before}\n{}\n{after}\n", key.url());
+            // The property is a text list's: a first line may make it another format.
+            prop_assume!(detect(&text) == ListFormat::Text);
             let parsed = parse_list(&text, &PUBLIC);
             prop_assert!(parsed.proxies.contains(&key));
         }

@@ -334,13 +334,13 @@ mod tests {
     use super::*;
     use crate::http::head::Version;
 
-    /// A complete body and the bytes after it.
-    type Decoded = (Vec<u8>, Vec<u8>);
+    /// A decoded body and the bytes after it.
+    type BodyAndRest = (Vec<u8>, Vec<u8>);
 
     /// Decodes `raw` fed whole, then byte by byte (the caller keeping what
     /// was not consumed), and checks both agree; returns the body when
     /// complete and the bytes that were not part of it.
-    fn decode(framing: Framing, max: u64, raw: &[u8]) -> Result<Option<Decoded>, BodyError> {
+    fn decode(framing: Framing, max: u64, raw: &[u8]) -> Result<Option<BodyAndRest>, BodyError> {
         let mut whole = BodyDecoder::new(framing, max)?;
         let mut whole_body = Vec::new();
         let progress = whole.feed(raw, &mut whole_body)?;
@@ -437,7 +437,14 @@ mod tests {
 
     #[test]
     fn framing_follows_the_head() {
-        let headers = Headers::from_pairs;
+        let headers = |pairs: &[(&str, &str)]| {
+            Headers(
+                pairs
+                    .iter()
+                    .map(|(n, v)| (n.to_string(), v.to_string()))
+                    .collect(),
+            )
+        };
         let response = |status: u16, pairs: &[(&str, &str)]| ResponseHead {
             status,
             reason: String::new(),

@@ -179,6 +179,10 @@ impl fmt::Display for ReadError {
 
 impl std::error::Error for ReadError {}
 
+/// A head parser of [`super::head`]: the head and its length, or `None` for
+/// more bytes.
+type ParseHead<H> = fn(&[u8], HeadLimits) -> Parsed<H>;
+
 /// Reads until `parse` finds a complete head at the front of `pending`, then
 /// removes the head from it (what follows stays: a body, a next message). A
 /// head can only become complete when a line ends, so past its first
@@ -190,7 +194,7 @@ fn read_head<H>(
     pending: &mut Vec<u8>,
     bound: Bound,
     limits: HeadLimits,
-    parse: fn(&[u8], HeadLimits) -> Parsed<H>,
+    parse: ParseHead<H>,
 ) -> Result<H, ReadError> {
     let mut line_arrived = !pending.is_empty();
     loop {

@@ -46,7 +46,7 @@ impl Meta {
     pub fn of(proxy: &ActiveProxy) -> Meta {
         Meta {
             protocol: proxy.key.protocol,
-            https: proxy.key.protocol == Protocol::Https || proxy.supports_https == Some(true),
+            https: proxy.supports_https == Some(true),
             anonymity: proxy.anonymity,
             country: proxy.country.as_deref().and_then(country_code),
             latency_ms: proxy.latency_ms,
@@ -427,6 +427,7 @@ mod tests {
 
     fn proxy(id: i64, country: &str, anonymity: Anonymity) -> ActiveProxy {
         ActiveProxy {
+            exit_ip: None,
             id,
             key: ProxyKey::new(
                 Protocol::Http,

@@ -8,7 +8,8 @@ use std::time::Duration;
 use chrono::{DateTime, TimeZone, Utc};
 
 use super::*;
-use crate::snapshot::{self, Loaded};
+use crate::proxy::{Anonymity, Protocol, ProxyKey};
+use crate::snapshot::{self, EntrySnapshot, Loaded, SnapshotData, SourceSnapshot};
 
 fn scoring() -> ScoringConfig {
     ScoringConfig {
@@ -30,6 +31,7 @@ fn t0() -> DateTime<Utc> {
 
 fn proxy(id: i64) -> ActiveProxy {
     ActiveProxy {
+        exit_ip: None,
         id,
         key: ProxyKey::new(
             Protocol::Http,
@@ -259,7 +261,7 @@ fn each_filter_is_applied() {
             https_only: true,
             ..PickQuery::default()
         },
-        |p| p.key.protocol == Protocol::Https || p.supports_https == Some(true),
+        |p| p.supports_https == Some(true),
     );
     assert_all_picks(
         &state,
@@ -775,6 +777,7 @@ fn latency_histogram_counts_each_active_proxy_once_by_its_bucket() {
         .iter()
         .enumerate()
         .map(|(i, latency)| ActiveProxy {
+            exit_ip: None,
             latency_ms: *latency,
             ..proxy(i as i64 + 1)
         })
@@ -798,6 +801,7 @@ fn active_ids(state: &State) -> Vec<i64> {
 fn a_sync_never_reverts_a_validator_change_newer_than_its_read() {
     let state = state_with(scoring(), 10);
     let revalidated = |id| ActiveProxy {
+        exit_ip: None,
         latency_ms: Some(50),
         ..proxy(id)
     };
@@ -836,6 +840,7 @@ fn a_sync_applies_only_what_changed_in_the_table() {
     let report = state.replace_active((0..5000).map(proxy).collect());
     assert_eq!(report, SyncReport::default());
     let faster = ActiveProxy {
+        exit_ip: None,
         latency_ms: Some(7),
         ..proxy(42)
     };
@@ -869,6 +874,7 @@ fn after_a_sync_the_active_set_is_the_table_read() {
         for id in 0..3000 {
             if rng.bool() {
                 table.push(ActiveProxy {
+                    exit_ip: None,
                     latency_ms: Some(rng.u32(1..5)),
                     ..proxy(id)
                 });
@@ -921,7 +927,10 @@ fn past_max_sources_new_names_are_refused_and_known_ones_served() {
     let err = state
         .get_proxy("d", &PickQuery::default(), t0())
         .unwrap_err();
-    assert_eq!(err.reason, NoProxyReason::TooManySources);
+    assert_eq!(
+        err.reason,
+        NoProxyReason::TooManySources(TooManySources { max_sources: 3 })
+    );
     assert_eq!(
         state.feedback("d", &url(1), true, t0()),
         Err(FeedbackError::TooManySources(TooManySources {
@@ -959,6 +968,7 @@ fn detailed_proxy(id: i64) -> ActiveProxy {
     key.username = Some("us er".into());
     key.password = Some("p@ss".into());
     ActiveProxy {
+        exit_ip: None,
         id,
         key,
         latency_ms: Some(321),
@@ -1015,6 +1025,7 @@ fn a_snapshots_active_set_is_served_as_it_was() {
 fn a_snapshots_active_proxies_checked_too_long_ago_are_left_out() {
     let state = State::new(&scoring());
     let checked = |id: i64, ago: chrono::Duration| ActiveProxy {
+        exit_ip: None,
         last_validated_at: Some(t0() - ago),
         ..proxy(id)
     };
@@ -1022,6 +1033,7 @@ fn a_snapshots_active_proxies_checked_too_long_ago_are_left_out() {
         checked(1, chrono::Duration::hours(23)),
         checked(2, chrono::Duration::hours(25)),
         ActiveProxy {
+            exit_ip: None,
             last_validated_at: None,
             ..proxy(3)
         },
@@ -1055,6 +1067,7 @@ fn the_databases_first_load_replaces_a_snapshots_active_set() {
 
     // The database holds 2 (changed) and 3 of them, and 9 the snapshot lacks.
     let moved = ActiveProxy {
+        exit_ip: None,
         country: Some("JP".into()),
         ..proxy(2)
     };

@@ -1,33 +1,40 @@
 //! Checking one proxy against the judge: the validator's core. A [`Checker`]
 //! is built once and shared by every validation thread; each call of
-//! [`Checker::check`] is one proxy's verdict, and a dead proxy is a verdict,
-//! never an error.
+//! [`Checker::check`] is one proxy's [`Verdict`], and a dead proxy is a
+//! verdict, never an error.
 //!
-//! How each protocol is judged:
-//! - http and https: liveness, latency and anonymity come from an
+//! A check is up to two requests, each with a whole `validation_timeout_ms`
+//! of its own, and `connect_timeout_ms` bounds only each TCP connect:
+//! - liveness, latency and anonymity: for http and https proxies an
 //!   absolute-URI request written by [`raw_http`](super::raw_http), because a
-//!   proxy rewrites headers only outside a tunnel. A live one then gets a
-//!   second, separate request through a CONNECT tunnel (ureq), whose success
-//!   is `supports_https`. A proxy listed as `https` that refuses CONNECT still
-//!   counts as alive (it does serve http) with `supports_https = false`, so
-//!   that clients asking `https=true` never get it.
-//! - socks4 and socks5: one request through the SOCKS tunnel (ureq for
-//!   socks5; socks4 by hand, because ureq sends no SOCKS4 user id). A SOCKS
-//!   tunnel carries any TCP stream, so a live one has `supports_https = true`.
+//!   proxy rewrites headers only outside a tunnel; for socks proxies a
+//!   request through the SOCKS tunnel ([`tunnel`](super::tunnel), then ureq);
+//! - for a live proxy, the https check: a tunnel (CONNECT, or the SOCKS
+//!   handshake) to `https_target`'s host and port, TLS verified against the
+//!   system roots plus `https_ca_file`, and the judge's JSON with this
+//!   check's own nonce. Only that makes `supports_https` true; a certificate
+//!   that does not verify means the proxy reads its clients' TLS
+//!   ([`HttpsFailure::TlsIntercepted`]).
 //!
-//! ureq agents are built per check (a proxy is part of an agent's config).
-//! That costs a few small allocations, nothing next to a network round trip,
-//! and no idle connections are kept.
+//! ureq agents are built per request (the tunnel is part of an agent). That
+//! costs a few small allocations and, for https, the TLS configuration,
+//! little next to a network round trip; no idle connections are kept.
 
+use std::fmt;
 use std::net::{IpAddr, SocketAddr, SocketAddrV4, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ureq::{Agent, Proxy, ProxyProtocol};
+use ureq::tls::{Certificate, PemItem, RootCerts, TlsConfig};
+use ureq::Agent;
 
 use crate::config::ValidatorConfig;
 use crate::proxy::{Anonymity, Protocol, ProxyKey};
 use crate::validator::judge_answer::{anonymity, classify, DeadReason, JudgeExpectations};
 use crate::validator::raw_http::{self, Limits};
+use crate::validator::tunnel::{self, base64, Tunnel, TunnelFailure, TunnelTarget};
 
 /// A browser-like User-Agent: some proxies drop requests from obvious bots.
 const USER_AGENT: &str = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0";
@@ -35,19 +42,25 @@ const USER_AGENT: &str = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/201001
 const MAX_HEAD_BYTES: usize = 16 * 1024;
 /// The query argument carrying each check's nonce, which the judge echoes.
 const NONCE_ARG: &str = "pp_nonce";
-/// The share of `timeout` kept back for an http proxy's CONNECT check: its
-/// absolute-URI request must answer within the rest (4/5 of the timeout), so
-/// that the CONNECT check still has at least this share and the whole check
-/// ends within `timeout`.
-const CONNECT_SHARE: u32 = 5;
+/// Where the system's trusted roots are, in the order Linux distributions
+/// put them (`SSL_CERT_FILE` first, as OpenSSL reads it).
+const SYSTEM_ROOTS: &[&str] = &[
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/ca-bundle.pem",
+    "/etc/ssl/cert.pem",
+];
 
 /// What a check needs to know.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CheckConfig {
     /// An httpbin-compatible `/get` echo, `http://` only.
     pub judge_url: String,
-    /// The whole check's budget, CONNECT follow-up included (see
-    /// [`Checker::max_check_duration`]).
+    /// The judge of the https check, `https://` only; `None`: no https check.
+    pub https_url: Option<String>,
+    /// Extra PEM roots for `https_url`, beside the system's.
+    pub https_ca_file: Option<PathBuf>,
+    /// Each request's budget (see [`Checker::max_check_duration`]).
     pub timeout: Duration,
     /// The TCP connect's budget; most listed proxies are dead.
     pub connect_timeout: Duration,
@@ -59,6 +72,8 @@ impl CheckConfig {
     pub fn from_validator(validator: &ValidatorConfig) -> CheckConfig {
         CheckConfig {
             judge_url: validator.target.clone(),
+            https_url: validator.https_target.clone(),
+            https_ca_file: validator.https_ca_file.clone(),
             timeout: validator.timeout,
             connect_timeout: validator.connect_timeout,
             max_body_bytes: 64 * 1024,
@@ -66,33 +81,120 @@ impl CheckConfig {
     }
 }
 
-/// One proxy's verdict.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CheckOutcome {
-    pub alive: bool,
-    /// Set exactly when `alive` is false.
-    pub dead_reason: Option<DeadReason>,
-    /// Time from the start of the check to the judge's full answer.
-    pub latency_ms: Option<u32>,
-    pub anonymity: Option<Anonymity>,
-    /// What gave the proxy away, e.g. `"Via: 1.1 squid"`; empty when elite.
-    pub evidence: Vec<String>,
-    /// Whether the proxy tunnels CONNECT; `None` when dead.
-    pub supports_https: Option<bool>,
-    /// The address the judge saw the request come from.
-    pub exit_ip: Option<IpAddr>,
+/// The longest one check can take with `validator`'s settings: a whole
+/// timeout for each of its requests.
+pub fn max_check_duration(validator: &ValidatorConfig) -> Duration {
+    let requests = if validator.https_target.is_some() {
+        2
+    } else {
+        1
+    };
+    validator.timeout * requests
 }
 
-impl CheckOutcome {
-    fn dead(reason: DeadReason) -> CheckOutcome {
-        CheckOutcome {
-            alive: false,
-            dead_reason: Some(reason),
-            latency_ms: None,
-            anonymity: None,
-            evidence: Vec::new(),
-            supports_https: None,
-            exit_ip: None,
+/// One proxy's verdict.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Alive(Alive),
+    Dead(DeadReason),
+}
+
+impl Verdict {
+    pub fn is_alive(&self) -> bool {
+        matches!(self, Verdict::Alive(_))
+    }
+
+    pub fn alive(&self) -> Option<&Alive> {
+        match self {
+            Verdict::Alive(alive) => Some(alive),
+            Verdict::Dead(_) => None,
+        }
+    }
+
+    pub fn dead_reason(&self) -> Option<&DeadReason> {
+        match self {
+            Verdict::Alive(_) => None,
+            Verdict::Dead(reason) => Some(reason),
+        }
+    }
+}
+
+/// What a live proxy's check found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Alive {
+    /// Time from the start of the check to the judge's full answer.
+    pub latency_ms: u32,
+    pub anonymity: Anonymity,
+    /// What gave the proxy away, e.g. `"Via: 1.1 squid"`; empty when elite.
+    pub evidence: Vec<String>,
+    /// The judge's TCP peer; `None` when the judge did not show it.
+    pub exit_ip: Option<IpAddr>,
+    pub https: HttpsOutcome,
+}
+
+/// The https check's finding.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HttpsOutcome {
+    /// No https check ran: none is configured, or the https judge does not
+    /// answer us (then nobody's `supports_https` changes).
+    NotChecked,
+    /// The judge's JSON came back through a verified TLS tunnel.
+    Supported,
+    Failed(HttpsFailure),
+}
+
+impl HttpsOutcome {
+    /// The `supports_https` column: `None` when not checked.
+    pub fn supports_https(&self) -> Option<bool> {
+        match self {
+            HttpsOutcome::NotChecked => None,
+            HttpsOutcome::Supported => Some(true),
+            HttpsOutcome::Failed(_) => Some(false),
+        }
+    }
+
+    pub fn failure(&self) -> Option<&HttpsFailure> {
+        match self {
+            HttpsOutcome::Failed(failure) => Some(failure),
+            _ => None,
+        }
+    }
+}
+
+/// Why a proxy's https check failed (`https_failure`).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum HttpsFailure {
+    /// The certificate did not verify: the proxy terminates its clients'
+    /// TLS with its own. Such a proxy must never be handed out as https.
+    TlsIntercepted,
+    /// The proxy answered CONNECT with this status.
+    ConnectRefused(u16),
+    /// The TLS handshake failed otherwise; the text says how.
+    Tls(String),
+    /// Anything a request can fail with (timeout, reset, socks, not_judge...).
+    Request(DeadReason),
+}
+
+impl HttpsFailure {
+    /// A stable short name, for counters.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            HttpsFailure::TlsIntercepted => "tls_intercepted",
+            HttpsFailure::ConnectRefused(_) => "connect_refused",
+            HttpsFailure::Tls(_) => "tls_failed",
+            HttpsFailure::Request(reason) => reason.as_str(),
+        }
+    }
+}
+
+impl fmt::Display for HttpsFailure {
+    /// The `https_failure` column: the name, and the status of a refused
+    /// CONNECT (`connect_refused 403`).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HttpsFailure::ConnectRefused(status) => write!(f, "connect_refused {status}"),
+            HttpsFailure::Request(reason) => f.write_str(reason.as_str()),
+            _ => f.write_str(self.as_str()),
         }
     }
 }
@@ -103,32 +205,44 @@ impl CheckOutcome {
 pub enum JudgeError {
     #[error("judge url {url:?} is not usable: {reason}")]
     BadUrl { url: String, reason: &'static str },
+    #[error("https_ca_file {path}: {reason}")]
+    BadCaFile { path: PathBuf, reason: String },
     #[error("direct request to the judge failed: {0}")]
     Unreachable(String),
     #[error("the judge's direct answer is not an httpbin-compatible echo: {0}")]
     NotJudge(DeadReason),
+    #[error("the judge's direct answer shows no address in origin")]
+    NoOwnAddress,
 }
 
-/// The judge's URL, split for writing absolute-URI requests.
+/// A judge's URL, split for writing requests and opening tunnels.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct JudgeTarget {
+    /// `http` or `https`.
+    scheme: &'static str,
     /// `host[:port]` as the URL spells it, for the request line and `Host`.
     authority: String,
     /// Starts with `/`; may carry a query.
     path_and_query: String,
+    /// The host and port a tunnel leads to.
+    tunnel: TunnelTarget,
 }
 
 impl JudgeTarget {
-    fn parse(url: &str) -> Result<JudgeTarget, JudgeError> {
+    fn parse(url: &str, scheme: &'static str) -> Result<JudgeTarget, JudgeError> {
         let bad = |reason| JudgeError::BadUrl {
             url: url.to_string(),
             reason,
         };
         let scheme_end = url
             .find("://")
-            .ok_or_else(|| bad("expected http://host/path"))?;
-        if !url[..scheme_end].eq_ignore_ascii_case("http") {
-            return Err(bad("expected an http:// url (checks are plain http)"));
+            .ok_or_else(|| bad("expected scheme://host/path"))?;
+        if !url[..scheme_end].eq_ignore_ascii_case(scheme) {
+            return Err(bad(if scheme == "http" {
+                "expected an http:// url (checks are plain http)"
+            } else {
+                "expected an https:// url"
+            }));
         }
         let rest = &url[scheme_end + 3..];
         let (authority, path) = match rest.find(['/', '?', '#']) {
@@ -156,9 +270,13 @@ impl JudgeTarget {
         {
             return Err(bad("expected a path without spaces"));
         }
+        let default_port = if scheme == "https" { 443 } else { 80 };
+        let tunnel = tunnel_target(authority, default_port).ok_or_else(|| bad("bad port"))?;
         Ok(JudgeTarget {
+            scheme,
             authority: authority.to_string(),
             path_and_query,
+            tunnel,
         })
     }
 
@@ -171,14 +289,69 @@ impl JudgeTarget {
             '?'
         };
         let url = format!(
-            "http://{}{}{separator}{NONCE_ARG}={nonce}",
-            self.authority, self.path_and_query
+            "{}://{}{}{separator}{NONCE_ARG}={nonce}",
+            self.scheme, self.authority, self.path_and_query
         );
         let expect = JudgeExpectations {
             nonce: Some((NONCE_ARG.to_string(), nonce)),
         };
         (url, expect)
     }
+
+    /// Where a tunnel through `protocol` leads: SOCKS4 can name only an
+    /// IPv4 address, so a host name is resolved here for it.
+    fn tunnel_for(&self, protocol: Protocol) -> Result<TunnelTarget, DeadReason> {
+        match (&self.tunnel, protocol) {
+            (TunnelTarget::Name(host, port), Protocol::Socks4) => {
+                let address = ipv4_of(host, *port)?;
+                Ok(TunnelTarget::Ip(SocketAddr::V4(address)))
+            }
+            (target, _) => Ok(target.clone()),
+        }
+    }
+}
+
+/// `host[:port]` (IPv6 in brackets) as a tunnel's target.
+fn tunnel_target(authority: &str, default_port: u16) -> Option<TunnelTarget> {
+    let (host, port) = if let Some(rest) = authority.strip_prefix('[') {
+        let (host, after) = rest.split_once(']')?;
+        let port = match after.strip_prefix(':') {
+            Some(port) => port.parse().ok()?,
+            None if after.is_empty() => default_port,
+            None => return None,
+        };
+        (host, port)
+    } else {
+        match authority.rsplit_once(':') {
+            Some((host, port)) => (host, port.parse().ok()?),
+            None => (authority, default_port),
+        }
+    };
+    Some(match host.parse::<IpAddr>() {
+        Ok(ip) => TunnelTarget::Ip(SocketAddr::new(ip, port)),
+        Err(_) => TunnelTarget::Name(host.to_string(), port),
+    })
+}
+
+/// The IPv4 address of `host`, for SOCKS4.
+fn ipv4_of(host: &str, port: u16) -> Result<SocketAddrV4, DeadReason> {
+    let addresses = (host, port)
+        .to_socket_addrs()
+        .map_err(|error| DeadReason::Io(format!("judge address: {error}")))?;
+    addresses
+        .filter_map(|address| match address {
+            SocketAddr::V4(v4) => Some(v4),
+            SocketAddr::V6(_) => None,
+        })
+        .next()
+        .ok_or_else(|| DeadReason::Io("the judge has no IPv4 address for socks4".into()))
+}
+
+/// The https judge and how its certificate is verified.
+#[derive(Debug)]
+struct HttpsJudge {
+    target: JudgeTarget,
+    tls: TlsConfig,
 }
 
 /// Checks proxies against one judge. `Send + Sync`: build once, share by
@@ -187,71 +360,95 @@ impl JudgeTarget {
 pub struct Checker {
     config: CheckConfig,
     judge: JudgeTarget,
+    https: Option<HttpsJudge>,
+    /// Whether the https judge answered our last direct request: while it
+    /// does not, no https check runs (its outage is not the proxies' fault).
+    https_judge_up: AtomicBool,
 }
 
 impl Checker {
     pub fn new(config: CheckConfig) -> Result<Checker, JudgeError> {
-        let judge = JudgeTarget::parse(&config.judge_url)?;
-        Ok(Checker { config, judge })
+        let judge = JudgeTarget::parse(&config.judge_url, "http")?;
+        let https = match &config.https_url {
+            Some(url) => Some(HttpsJudge {
+                target: JudgeTarget::parse(url, "https")?,
+                tls: tls_config(config.https_ca_file.as_deref())?,
+            }),
+            None => None,
+        };
+        Ok(Checker {
+            config,
+            judge,
+            https,
+            https_judge_up: AtomicBool::new(true),
+        })
     }
 
-    /// The longest one [`Checker::check`] can take: the whole-check budget,
-    /// which the CONNECT follow-up shares.
+    /// The longest one [`Checker::check`] can take: a whole timeout for
+    /// each of its requests.
     pub fn max_check_duration(&self) -> Duration {
-        self.config.timeout
+        let requests = if self.https.is_some() { 2 } else { 1 };
+        self.config.timeout * requests
     }
 
-    /// Our own public address, from one direct request to the judge.
+    /// Our own public address, from one direct request to the judge. Also
+    /// asks the https judge directly, and while it does not answer, checks
+    /// skip their https part.
     pub fn learn_own_ip(&self) -> Result<IpAddr, JudgeError> {
         let (url, expect) = self.judge.fresh_url();
-        let agent = self.agent(None, self.config.timeout);
+        let agent = self.direct_agent(None);
         let (status, body) = self
             .get(&agent, &url)
             .map_err(|error| JudgeError::Unreachable(error.to_string()))?;
         let view = classify(status, &body, &expect).map_err(JudgeError::NotJudge)?;
-        Ok(view.exit_ip())
+        let own_ip = view.first_ip().ok_or(JudgeError::NoOwnAddress)?;
+        if let Some(https) = &self.https {
+            let (url, expect) = https.target.fresh_url();
+            let agent = self.direct_agent(Some(https.tls.clone()));
+            let answer = self
+                .get(&agent, &url)
+                .map_err(|error| error.to_string())
+                .and_then(|(status, body)| {
+                    classify(status, &body, &expect).map_err(|reason| reason.to_string())
+                });
+            if let Err(reason) = &answer {
+                log::warn!("https judge {url:?} does not answer directly ({reason}): no https checks until it does");
+            }
+            self.https_judge_up.store(answer.is_ok(), Ordering::Relaxed);
+        }
+        Ok(own_ip)
     }
 
-    /// Checks one proxy; never fails, a dead proxy is an outcome.
-    pub fn check(&self, proxy: &ProxyKey, own_ip: IpAddr) -> CheckOutcome {
+    /// Checks one proxy; never fails, a dead proxy is a verdict.
+    pub fn check(&self, proxy: &ProxyKey, own_ip: IpAddr) -> Verdict {
         let started = Instant::now();
         let deadline = started + self.config.timeout;
         let (url, expect) = self.judge.fresh_url();
         let answer = match proxy.protocol {
-            Protocol::Http | Protocol::Https => {
-                let answer_deadline = deadline - self.config.timeout / CONNECT_SHARE;
-                self.absolute_uri_get(proxy, &url, answer_deadline)
-            }
-            Protocol::Socks4 => self.socks4_get(proxy, &url, deadline),
-            Protocol::Socks5 => self.socks_get(proxy, &url),
+            Protocol::Http | Protocol::Https => self.absolute_uri_get(proxy, &url, deadline),
+            Protocol::Socks4 | Protocol::Socks5 => self.socks_get(proxy, &url, deadline),
         };
         let view = match answer.and_then(|(status, body)| classify(status, &body, &expect)) {
             Ok(view) => view,
             Err(reason) => {
                 log::debug!("check {}: dead, {reason}", proxy.redacted());
-                return CheckOutcome::dead(reason);
+                return Verdict::Dead(reason);
             }
         };
         let latency_ms = u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX);
         let (grade, evidence) = anonymity(&view, own_ip);
-        let supports_https = if proxy.protocol.is_http() {
-            self.tunnels_connect(proxy, deadline)
-        } else {
-            true
-        };
+        let https = self.https_check(proxy);
         log::debug!(
-            "check {}: alive, {latency_ms} ms, {grade}, connect {supports_https}",
+            "check {}: alive, {latency_ms} ms, {grade}, https {https:?}",
             proxy.redacted()
         );
-        CheckOutcome {
-            alive: true,
-            dead_reason: None,
-            latency_ms: Some(latency_ms),
-            anonymity: Some(grade),
+        Verdict::Alive(Alive {
+            latency_ms,
+            anonymity: grade,
             evidence,
-            supports_https: Some(supports_https),
-            exit_ip: Some(view.exit_ip()),
-        }
+            exit_ip: view.exit_ip(own_ip),
+            https,
+        })
     }
 
     /// The one request a proxy may rewrite: `GET http://judge/... HTTP/1.1`.
@@ -261,7 +458,7 @@ impl Checker {
         url: &str,
         deadline: Instant,
     ) -> Result<(u16, Vec<u8>), DeadReason> {
-        let request = absolute_uri_request(url, &self.judge.authority, proxy);
+        let request = judge_request(url, &self.judge.authority, Some(proxy));
         let limits = Limits {
             max_head_bytes: MAX_HEAD_BYTES,
             max_body_bytes: self.config.max_body_bytes,
@@ -277,74 +474,61 @@ impl Checker {
         Ok((response.status, response.body))
     }
 
-    /// SOCKS4 by hand: ureq sends an empty user id, so a proxy listed with
-    /// one (and requiring it) would look dead.
-    fn socks4_get(
+    /// The judge's plain http through the SOCKS tunnel.
+    fn socks_get(
         &self,
         proxy: &ProxyKey,
         url: &str,
         deadline: Instant,
     ) -> Result<(u16, Vec<u8>), DeadReason> {
-        let target = judge_ipv4(&self.judge.authority)?;
-        let path = url
-            .strip_prefix("http://")
-            .and_then(|rest| rest.strip_prefix(self.judge.authority.as_str()))
-            .unwrap_or("/");
-        let request = judge_request(path, &self.judge.authority, None);
-        let limits = Limits {
-            max_head_bytes: MAX_HEAD_BYTES,
-            max_body_bytes: self.config.max_body_bytes,
-        };
-        let response = raw_http::exchange_socks4(
-            SocketAddr::new(proxy.ip, proxy.port),
-            proxy.username.as_deref().unwrap_or(""),
-            target,
-            &request,
-            self.config.connect_timeout,
+        let tunnel = Tunnel {
+            proxy: proxy.clone(),
+            target: self.judge.tunnel_for(proxy.protocol)?,
+            connect_timeout: self.config.connect_timeout,
             deadline,
-            limits,
-        )?;
-        Ok((response.status, response.body))
-    }
-
-    fn socks_get(&self, proxy: &ProxyKey, url: &str) -> Result<(u16, Vec<u8>), DeadReason> {
-        let protocol = match proxy.protocol {
-            Protocol::Socks4 => ProxyProtocol::Socks4,
-            _ => ProxyProtocol::Socks5,
         };
-        let ureq_proxy = ureq_proxy(protocol, proxy)?;
-        let agent = self.agent(Some(ureq_proxy), self.config.timeout);
-        self.get(&agent, url)
-            .map_err(|error| ureq_reason(error, true))
+        let agent = tunnel::agent(tunnel, self.agent_config(self.config.timeout, None));
+        self.get(&agent, url).map_err(dead_reason)
     }
 
-    /// Whether the proxy also tunnels CONNECT to the judge, within what is
-    /// left of the check's deadline (at least the share kept back for it).
-    fn tunnels_connect(&self, proxy: &ProxyKey, deadline: Instant) -> bool {
-        let budget = deadline.saturating_duration_since(Instant::now());
-        if budget.is_zero() {
-            return false;
+    /// The https check: the judge's JSON through a tunnel and verified TLS,
+    /// within a whole timeout of its own.
+    fn https_check(&self, proxy: &ProxyKey) -> HttpsOutcome {
+        let Some(https) = &self.https else {
+            return HttpsOutcome::NotChecked;
+        };
+        if !self.https_judge_up.load(Ordering::Relaxed) {
+            return HttpsOutcome::NotChecked;
         }
-        let (url, expect) = self.judge.fresh_url();
-        let answer = ureq_proxy(ProxyProtocol::Http, proxy).and_then(|ureq_proxy| {
-            let agent = self.agent(Some(ureq_proxy), budget);
-            self.get(&agent, &url)
-                .map_err(|error| ureq_reason(error, false))
-        });
-        match answer.and_then(|(status, body)| classify(status, &body, &expect)) {
-            Ok(_) => true,
-            Err(reason) => {
-                log::debug!("check {}: no CONNECT, {reason}", proxy.redacted());
-                false
-            }
-        }
+        let target = match https.target.tunnel_for(proxy.protocol) {
+            Ok(target) => target,
+            Err(reason) => return HttpsOutcome::Failed(HttpsFailure::Request(reason)),
+        };
+        let tunnel = Tunnel {
+            proxy: proxy.clone(),
+            target,
+            connect_timeout: self.config.connect_timeout,
+            deadline: Instant::now() + self.config.timeout,
+        };
+        let config = self.agent_config(self.config.timeout, Some(https.tls.clone()));
+        let agent = tunnel::agent(tunnel, config);
+        let (url, expect) = https.target.fresh_url();
+        let failure = match self.get(&agent, &url) {
+            Ok((status, body)) => match classify(status, &body, &expect) {
+                Ok(_) => return HttpsOutcome::Supported,
+                Err(reason) => HttpsFailure::Request(reason),
+            },
+            Err(error) => https_failure(error),
+        };
+        log::debug!("check {}: no https, {failure}", proxy.redacted());
+        HttpsOutcome::Failed(failure)
     }
 
-    fn agent(&self, proxy: Option<Proxy>, budget: Duration) -> Agent {
-        let config = Agent::config_builder()
+    fn agent_config(&self, budget: Duration, tls: Option<TlsConfig>) -> ureq::config::Config {
+        let mut builder = Agent::config_builder()
             // Set even when `None`: the default would read proxies from
             // the environment and skew every check.
-            .proxy(proxy)
+            .proxy(None)
             .timeout_global(Some(budget))
             .timeout_connect(Some(self.config.connect_timeout.min(budget)))
             .http_status_as_error(false)
@@ -352,9 +536,16 @@ impl Checker {
             .max_response_header_size(MAX_HEAD_BYTES)
             .max_idle_connections(0)
             .max_idle_connections_per_host(0)
-            .user_agent(USER_AGENT)
-            .build();
-        Agent::new_with_config(config)
+            .user_agent(USER_AGENT);
+        if let Some(tls) = tls {
+            builder = builder.tls_config(tls);
+        }
+        builder.build()
+    }
+
+    /// An agent for direct requests to a judge.
+    fn direct_agent(&self, tls: Option<TlsConfig>) -> Agent {
+        Agent::new_with_config(self.agent_config(self.config.timeout, tls))
     }
 
     /// One GET; the body is read (up to the cap) only for a 200.
@@ -373,14 +564,57 @@ impl Checker {
     }
 }
 
-/// The absolute-URI request, with `Proxy-Authorization` when the proxy has
-/// credentials.
-fn absolute_uri_request(url: &str, authority: &str, proxy: &ProxyKey) -> Vec<u8> {
-    judge_request(url, authority, Some(proxy))
+/// The roots an https judge's certificate is verified against: the system's
+/// (Mozilla's, bundled, when the system has none) plus `ca_file`'s.
+fn tls_config(ca_file: Option<&Path>) -> Result<TlsConfig, JudgeError> {
+    let mut roots = system_roots();
+    if let Some(path) = ca_file {
+        let bad = |reason: String| JudgeError::BadCaFile {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let pem = std::fs::read(path).map_err(|error| bad(error.to_string()))?;
+        let before = roots.len();
+        roots.extend(pem_certificates(&pem));
+        if roots.len() == before {
+            return Err(bad("expected PEM certificates, found none".into()));
+        }
+    }
+    let roots = if roots.is_empty() {
+        RootCerts::WebPki
+    } else {
+        RootCerts::Specific(Arc::new(roots))
+    };
+    Ok(TlsConfig::builder().root_certs(roots).build())
 }
 
-/// A GET of `target` (an absolute URI for an http proxy, a path inside a
-/// tunnel), with `Proxy-Authorization` when `proxy` has credentials.
+fn system_roots() -> Vec<Certificate<'static>> {
+    let from_env = std::env::var_os("SSL_CERT_FILE").map(PathBuf::from);
+    let candidates = from_env
+        .into_iter()
+        .chain(SYSTEM_ROOTS.iter().map(PathBuf::from));
+    for path in candidates {
+        if let Ok(pem) = std::fs::read(&path) {
+            let roots = pem_certificates(&pem);
+            if !roots.is_empty() {
+                return roots;
+            }
+        }
+    }
+    Vec::new()
+}
+
+fn pem_certificates(pem: &[u8]) -> Vec<Certificate<'static>> {
+    ureq::tls::parse_pem(pem)
+        .filter_map(|item| match item {
+            Ok(PemItem::Certificate(certificate)) => Some(certificate),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A GET of `target` (an absolute URI for an http proxy), with
+/// `Proxy-Authorization` when `proxy` has credentials.
 fn judge_request(target: &str, authority: &str, proxy: Option<&ProxyKey>) -> Vec<u8> {
     let mut request = format!(
         "GET {target} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: {USER_AGENT}\r\nAccept: application/json, */*;q=0.8\r\n"
@@ -397,69 +631,55 @@ fn judge_request(target: &str, authority: &str, proxy: Option<&ProxyKey>) -> Vec
     request.into_bytes()
 }
 
-/// The judge's IPv4 address: SOCKS4 cannot name a host or an IPv6 address.
-fn judge_ipv4(authority: &str) -> Result<SocketAddrV4, DeadReason> {
-    let has_port = !authority.ends_with(']')
-        && authority
-            .rsplit_once(':')
-            .is_some_and(|(_, port)| port.parse::<u16>().is_ok());
-    let with_port = if has_port {
-        authority.to_string()
-    } else {
-        format!("{authority}:80")
-    };
-    let addresses = with_port
-        .to_socket_addrs()
-        .map_err(|error| DeadReason::Io(format!("judge address: {error}")))?;
-    addresses
-        .filter_map(|address| match address {
-            SocketAddr::V4(v4) => Some(v4),
-            SocketAddr::V6(_) => None,
-        })
-        .next()
-        .ok_or_else(|| DeadReason::Io("the judge has no IPv4 address for socks4".into()))
+/// The rustls error behind a ureq error, if TLS is what failed.
+fn rustls_error(error: &ureq::Error) -> Option<&rustls::Error> {
+    match error {
+        ureq::Error::Rustls(inner) => Some(inner),
+        ureq::Error::Io(io_error) => io_error.get_ref()?.downcast_ref::<rustls::Error>(),
+        _ => None,
+    }
 }
 
-fn ureq_proxy(protocol: ProxyProtocol, proxy: &ProxyKey) -> Result<Proxy, DeadReason> {
-    let host = match proxy.ip {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => format!("[{v6}]"),
-    };
-    let mut builder = Proxy::builder(protocol).host(&host).port(proxy.port);
-    if let Some(user) = &proxy.username {
-        builder = builder.username(user);
-        if let Some(password) = &proxy.password {
-            builder = builder.password(password);
-        }
+/// Maps a failed https check.
+fn https_failure(error: ureq::Error) -> HttpsFailure {
+    if let Some(failure) = TunnelFailure::from_ureq(&error) {
+        return match failure {
+            TunnelFailure::ConnectRefused(status) => HttpsFailure::ConnectRefused(*status),
+            TunnelFailure::HandshakeTimeout => HttpsFailure::Request(DeadReason::Timeout),
+            TunnelFailure::Reset => HttpsFailure::Request(DeadReason::Reset),
+            _ => HttpsFailure::Request(tunnel_reason(failure)),
+        };
     }
-    // A key that ureq cannot express (odd credentials) is not checkable.
-    builder
-        .build()
-        .map_err(|error| DeadReason::Io(format!("proxy not expressible: {error}")))
+    match rustls_error(&error) {
+        Some(rustls::Error::InvalidCertificate(_)) => HttpsFailure::TlsIntercepted,
+        Some(other) => HttpsFailure::Tls(other.to_string()),
+        None => HttpsFailure::Request(dead_reason(error)),
+    }
+}
+
+/// A tunnel's failure as a dead proxy's reason (SOCKS liveness).
+fn tunnel_reason(failure: &TunnelFailure) -> DeadReason {
+    match failure {
+        TunnelFailure::ConnectRefused(status) => DeadReason::Tunnel(format!("status {status}")),
+        TunnelFailure::ConnectGarbage => DeadReason::Tunnel("answer is not http".into()),
+        TunnelFailure::Socks(detail) => DeadReason::Socks(detail.clone()),
+        TunnelFailure::HandshakeTimeout => DeadReason::HandshakeTimeout,
+        TunnelFailure::Reset => DeadReason::Socks("closed during the handshake".into()),
+        TunnelFailure::Unsupported(what) => DeadReason::Io((*what).into()),
+    }
 }
 
 /// Maps a ureq failure to the reason statistics want.
-fn ureq_reason(error: ureq::Error, socks: bool) -> DeadReason {
-    use std::io::ErrorKind;
+fn dead_reason(error: ureq::Error) -> DeadReason {
+    if let Some(failure) = TunnelFailure::from_ureq(&error) {
+        return tunnel_reason(failure);
+    }
     match error {
         ureq::Error::Timeout(ureq::Timeout::Connect | ureq::Timeout::Resolve) => {
             DeadReason::ConnectTimeout
         }
         ureq::Error::Timeout(_) => DeadReason::Timeout,
-        ureq::Error::Io(io_error) => {
-            let handshake_failure = matches!(
-                io_error.kind(),
-                ErrorKind::Other
-                    | ErrorKind::InvalidData
-                    | ErrorKind::InvalidInput
-                    | ErrorKind::PermissionDenied
-            );
-            if socks && handshake_failure {
-                DeadReason::Socks(io_error.to_string())
-            } else {
-                raw_http::connect_error(io_error)
-            }
-        }
+        ureq::Error::Io(io_error) => raw_http::connect_error(io_error),
         ureq::Error::BodyExceedsLimit(_) | ureq::Error::LargeResponseHeader(..) => {
             DeadReason::TooLarge
         }
@@ -470,19 +690,147 @@ fn ureq_reason(error: ureq::Error, socks: bool) -> DeadReason {
     }
 }
 
-/// Standard base64 with padding, for `Proxy-Authorization`.
-fn base64(input: &[u8]) -> String {
-    use base64::Engine;
-    base64::engine::general_purpose::STANDARD.encode(input)
-}
-
 #[cfg(test)]
 mod tests {
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
+    use std::sync::OnceLock;
     use std::thread;
 
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
     use super::*;
+
+    /// The old flat view of a verdict, so that assertions read as before.
+    #[derive(Debug)]
+    struct Outcome {
+        alive: bool,
+        dead_reason: Option<DeadReason>,
+        latency_ms: Option<u32>,
+        anonymity: Option<Anonymity>,
+        evidence: Vec<String>,
+        supports_https: Option<bool>,
+        https_failure: Option<HttpsFailure>,
+        exit_ip: Option<IpAddr>,
+    }
+
+    trait CheckFlat {
+        fn check_flat(&self, proxy: &ProxyKey, own_ip: IpAddr) -> Outcome;
+    }
+
+    impl CheckFlat for Checker {
+        fn check_flat(&self, proxy: &ProxyKey, own_ip: IpAddr) -> Outcome {
+            match self.check(proxy, own_ip) {
+                Verdict::Alive(alive) => Outcome {
+                    alive: true,
+                    dead_reason: None,
+                    latency_ms: Some(alive.latency_ms),
+                    anonymity: Some(alive.anonymity),
+                    evidence: alive.evidence,
+                    supports_https: alive.https.supports_https(),
+                    https_failure: alive.https.failure().cloned(),
+                    exit_ip: alive.exit_ip,
+                },
+                Verdict::Dead(reason) => Outcome {
+                    alive: false,
+                    dead_reason: Some(reason),
+                    latency_ms: None,
+                    anonymity: None,
+                    evidence: Vec::new(),
+                    supports_https: None,
+                    https_failure: None,
+                    exit_ip: None,
+                },
+            }
+        }
+    }
+
+    const TESTDATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/src/validator/testdata");
+
+    fn server_config(name: &str) -> Arc<rustls::ServerConfig> {
+        let read = |file: String| std::fs::read(format!("{TESTDATA}/{file}")).unwrap();
+        let certs: Vec<CertificateDer<'static>> = pem_certificates(&read(format!("{name}.pem")))
+            .iter()
+            .map(|cert| CertificateDer::from(cert.der().to_vec()))
+            .collect();
+        let key = ureq::tls::parse_pem(&read(format!("{name}.key")))
+            .find_map(|item| match item {
+                Ok(PemItem::PrivateKey(key)) => Some(key.der().to_vec()),
+                _ => None,
+            })
+            .unwrap();
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key));
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap();
+        Arc::new(config)
+    }
+
+    /// Serves the judge's echo over TLS on `stream` with `config`'s
+    /// certificate; the origin is `EXIT`.
+    fn serve_tls_judge(stream: TcpStream, config: Arc<rustls::ServerConfig>) {
+        let Ok(connection) = rustls::ServerConnection::new(config) else {
+            return;
+        };
+        let mut tls = rustls::StreamOwned::new(connection, stream);
+        let head = read_head(&mut tls);
+        if head.is_empty() {
+            return;
+        }
+        respond(&mut tls, "200 OK", &echo_body(&head, EXIT, &[]));
+        let _ = tls.flush();
+    }
+
+    /// The test https judge (certificate signed by testdata's CA), started
+    /// once; its port.
+    fn tls_judge_port() -> u16 {
+        static PORT: OnceLock<u16> = OnceLock::new();
+        *PORT.get_or_init(|| {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let config = server_config("judge");
+            thread::spawn(move || {
+                for stream in listener.incoming().flatten() {
+                    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+                    let config = config.clone();
+                    thread::spawn(move || serve_tls_judge(stream, config));
+                }
+            });
+            port
+        })
+    }
+
+    /// Like [`checker`], with the https check against the test https judge.
+    fn https_checker(timeout_ms: u64) -> Checker {
+        Checker::new(CheckConfig {
+            https_url: Some(format!("https://127.0.0.1:{}/get", tls_judge_port())),
+            https_ca_file: Some(format!("{TESTDATA}/ca.pem").into()),
+            ..check_config(9, timeout_ms)
+        })
+        .unwrap()
+    }
+
+    /// Copies bytes both ways between `client` and a new connection to
+    /// `target` until either side closes.
+    fn relay(client: TcpStream, target: SocketAddr) {
+        let Ok(upstream) = TcpStream::connect(target) else {
+            return;
+        };
+        let (mut client_read, mut upstream_write) =
+            (client.try_clone().unwrap(), upstream.try_clone().unwrap());
+        let (mut upstream_read, mut client_write) = (upstream, client);
+        let up = thread::spawn(move || {
+            let _ = std::io::copy(&mut client_read, &mut upstream_write);
+            let _ = upstream_write.shutdown(std::net::Shutdown::Write);
+        });
+        let _ = std::io::copy(&mut upstream_read, &mut client_write);
+        let _ = client_write.shutdown(std::net::Shutdown::Write);
+        let _ = up.join();
+    }
 
     const EXIT: &str = "198.51.100.9";
 
@@ -490,14 +838,19 @@ mod tests {
         "203.0.113.7".parse().unwrap()
     }
 
-    fn checker(judge_port: u16, timeout_ms: u64) -> Checker {
-        Checker::new(CheckConfig {
+    fn check_config(judge_port: u16, timeout_ms: u64) -> CheckConfig {
+        CheckConfig {
             judge_url: format!("http://127.0.0.1:{judge_port}/get"),
+            https_url: None,
+            https_ca_file: None,
             timeout: Duration::from_millis(timeout_ms),
             connect_timeout: Duration::from_millis(timeout_ms.min(1000)),
             max_body_bytes: 64 * 1024,
-        })
-        .unwrap()
+        }
+    }
+
+    fn checker(judge_port: u16, timeout_ms: u64) -> Checker {
+        Checker::new(check_config(judge_port, timeout_ms)).unwrap()
     }
 
     fn key(protocol: Protocol, port: u16) -> ProxyKey {
@@ -518,7 +871,7 @@ mod tests {
     }
 
     /// Reads a request head up to its blank line.
-    fn read_head(stream: &mut TcpStream) -> String {
+    fn read_head(stream: &mut impl Read) -> String {
         let mut head = Vec::new();
         let mut byte = [0u8; 1];
         while !head.ends_with(b"\r\n\r\n") {
@@ -554,7 +907,7 @@ mod tests {
         .to_string()
     }
 
-    fn respond(stream: &mut TcpStream, status: &str, body: &str) {
+    fn respond(stream: &mut impl Write, status: &str, body: &str) {
         let answer = format!(
             "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
@@ -581,12 +934,15 @@ mod tests {
             respond(&mut stream, "407 Proxy Authentication Required", "");
             return;
         }
-        let head = if head.starts_with("CONNECT 127.0.0.1:") {
+        if let Some(target) = head
+            .strip_prefix("CONNECT ")
+            .and_then(|rest| rest.split(' ').next())
+        {
+            let target: SocketAddr = target.parse().unwrap();
             let _ = stream.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n");
-            read_head(&mut stream)
-        } else {
-            head
-        };
+            relay(stream, target);
+            return;
+        }
         respond(&mut stream, "200 OK", &echo_body(&head, EXIT, &[]));
     }
 
@@ -594,12 +950,16 @@ mod tests {
     fn anonymous_proxy_is_alive_and_refused_connect_is_recorded() {
         let port = fake(via_proxy_without_connect);
         for protocol in [Protocol::Http, Protocol::Https] {
-            let outcome = checker(9, 3000).check(&key(protocol, port), own());
+            let outcome = https_checker(3000).check_flat(&key(protocol, port), own());
             assert!(outcome.alive, "{outcome:?}");
             assert_eq!(outcome.dead_reason, None);
             assert_eq!(outcome.anonymity, Some(Anonymity::Anonymous));
             assert_eq!(outcome.evidence, vec!["Via: 1.1 fake".to_string()]);
             assert_eq!(outcome.supports_https, Some(false));
+            assert_eq!(
+                outcome.https_failure,
+                Some(HttpsFailure::ConnectRefused(405))
+            );
             assert_eq!(outcome.exit_ip, Some(EXIT.parse().unwrap()));
             assert!(outcome.latency_ms.is_some_and(|ms| ms < 3000));
         }
@@ -611,17 +971,18 @@ mod tests {
         let mut with_auth = key(Protocol::Http, port);
         with_auth.username = Some("user".into());
         with_auth.password = Some("pass".into());
-        let outcome = checker(9, 3000).check(&with_auth, own());
+        let outcome = https_checker(3000).check_flat(&with_auth, own());
         assert!(outcome.alive, "{outcome:?}");
         assert_eq!(outcome.anonymity, Some(Anonymity::Elite));
         assert!(outcome.evidence.is_empty());
         assert_eq!(outcome.supports_https, Some(true));
+        assert_eq!(outcome.https_failure, None);
     }
 
     #[test]
     fn missing_credentials_are_dead_proxy_auth_required() {
         let port = fake(elite_proxy_with_auth_and_connect);
-        let outcome = checker(9, 3000).check(&key(Protocol::Http, port), own());
+        let outcome = checker(9, 3000).check_flat(&key(Protocol::Http, port), own());
         assert!(!outcome.alive);
         assert_eq!(outcome.dead_reason, Some(DeadReason::ProxyAuthRequired));
         assert_eq!(outcome.supports_https, None);
@@ -634,7 +995,7 @@ mod tests {
             let body = echo_body(&head, EXIT, &[("X-Forwarded-For", "203.0.113.7")]);
             respond(&mut stream, "200 OK", &body);
         }
-        let outcome = checker(9, 3000).check(&key(Protocol::Http, fake(serve)), own());
+        let outcome = checker(9, 3000).check_flat(&key(Protocol::Http, fake(serve)), own());
         assert_eq!(outcome.anonymity, Some(Anonymity::Transparent));
         assert_eq!(
             outcome.evidence,
@@ -655,7 +1016,7 @@ mod tests {
             );
             let _ = stream.write_all(answer.as_bytes());
         }
-        let outcome = checker(9, 3000).check(&key(Protocol::Http, fake(serve)), own());
+        let outcome = checker(9, 3000).check_flat(&key(Protocol::Http, fake(serve)), own());
         assert!(outcome.alive, "{outcome:?}");
     }
 
@@ -675,38 +1036,40 @@ mod tests {
         respond(&mut stream, "200 OK", &body);
     }
 
-    /// Guards the whole-check bound: the CONNECT follow-up shares the
-    /// validation timeout instead of getting a share on top of it.
+    /// Guards the per-request budgets: the liveness request and the https
+    /// check each get a whole timeout (they used to share one, and a proxy
+    /// answering after 9/10 of it was dead), and the check still ends within
+    /// the two.
     #[test]
-    fn a_check_with_a_hanging_tunnel_ends_within_the_timeout() {
+    fn each_request_gets_a_whole_timeout() {
         let timeout = Duration::from_millis(1000);
-        // Answered quickly: alive, the tunnel's silence costs the rest.
-        let port = fake(|stream| slow_answer_hanging_tunnel(stream, 0));
-        let started = Instant::now();
-        let outcome = checker(9, 1000).check(&key(Protocol::Http, port), own());
-        let elapsed = started.elapsed();
-        assert!(outcome.alive, "{outcome:?}");
-        assert_eq!(outcome.supports_https, Some(false));
-        assert!(elapsed < timeout + timeout / 10, "{elapsed:?}");
-        // Answered after 9/10 of the timeout: no room is left for the
-        // CONNECT share, so the proxy is too slow, and the check still ends
-        // before the timeout (it used to last 1.1 times it).
-        let port = fake(|stream| slow_answer_hanging_tunnel(stream, 900));
-        let started = Instant::now();
-        let outcome = checker(9, 1000).check(&key(Protocol::Http, port), own());
-        let elapsed = started.elapsed();
-        assert_eq!(
-            outcome.dead_reason,
-            Some(DeadReason::Timeout),
-            "{outcome:?}"
-        );
-        assert!(elapsed < timeout, "{elapsed:?}");
+        for delay_ms in [0, 900] {
+            let port = fake(match delay_ms {
+                0 => |stream| slow_answer_hanging_tunnel(stream, 0),
+                _ => |stream| slow_answer_hanging_tunnel(stream, 900),
+            });
+            let checker = https_checker(1000);
+            let started = Instant::now();
+            let outcome = checker.check_flat(&key(Protocol::Http, port), own());
+            let elapsed = started.elapsed();
+            assert!(outcome.alive, "{delay_ms} ms: {outcome:?}");
+            assert_eq!(outcome.supports_https, Some(false));
+            assert_eq!(
+                outcome.https_failure,
+                Some(HttpsFailure::Request(DeadReason::Timeout))
+            );
+            assert!(elapsed >= timeout, "{elapsed:?}");
+            assert!(
+                elapsed < checker.max_check_duration() + timeout / 5,
+                "{elapsed:?}"
+            );
+        }
     }
 
     fn dead_reason_from(serve: fn(TcpStream), timeout_ms: u64) -> (DeadReason, Duration) {
         let port = fake(serve);
         let started = Instant::now();
-        let outcome = checker(9, timeout_ms).check(&key(Protocol::Http, port), own());
+        let outcome = checker(9, timeout_ms).check_flat(&key(Protocol::Http, port), own());
         assert!(!outcome.alive, "{outcome:?}");
         assert_eq!(outcome.latency_ms, None);
         (outcome.dead_reason.unwrap(), started.elapsed())
@@ -809,9 +1172,9 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         drop(listener);
-        let outcome = checker(9, 3000).check(&key(Protocol::Http, port), own());
+        let outcome = checker(9, 3000).check_flat(&key(Protocol::Http, port), own());
         assert_eq!(outcome.dead_reason, Some(DeadReason::Refused));
-        let outcome = checker(9, 3000).check(&key(Protocol::Socks5, port), own());
+        let outcome = checker(9, 3000).check_flat(&key(Protocol::Socks5, port), own());
         assert_eq!(outcome.dead_reason, Some(DeadReason::Refused));
     }
 
@@ -849,15 +1212,14 @@ mod tests {
     fn an_unanswered_connect_ends_at_the_connect_timeout() {
         let (address, _listener, _fillers) = unanswered_address();
         let config = CheckConfig {
-            judge_url: "http://127.0.0.1:9/get".into(),
             timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_millis(300),
-            max_body_bytes: 64 * 1024,
+            ..check_config(9, 5000)
         };
         let checker = Checker::new(config.clone()).unwrap();
         for protocol in [Protocol::Http, Protocol::Socks4, Protocol::Socks5] {
             let started = Instant::now();
-            let outcome = checker.check(&key(protocol, address.port()), own());
+            let outcome = checker.check_flat(&key(protocol, address.port()), own());
             let elapsed = started.elapsed();
             assert_eq!(
                 outcome.dead_reason,
@@ -889,6 +1251,14 @@ mod tests {
         if refuse {
             return;
         }
+        let target = SocketAddr::from((
+            [request[4], request[5], request[6], request[7]],
+            u16::from_be_bytes([request[8], request[9]]),
+        ));
+        if target.port() != 9 {
+            relay(stream, target);
+            return;
+        }
         let head = read_head(&mut stream);
         respond(&mut stream, "200 OK", &echo_body(&head, EXIT, &[]));
     }
@@ -896,7 +1266,7 @@ mod tests {
     #[test]
     fn socks5_proxy_is_alive_and_tunnels_anything() {
         let port = fake(|stream| socks5(stream, false));
-        let outcome = checker(9, 3000).check(&key(Protocol::Socks5, port), own());
+        let outcome = https_checker(3000).check_flat(&key(Protocol::Socks5, port), own());
         assert!(outcome.alive, "{outcome:?}");
         assert_eq!(outcome.anonymity, Some(Anonymity::Elite));
         assert_eq!(outcome.supports_https, Some(true));
@@ -906,14 +1276,15 @@ mod tests {
     #[test]
     fn socks5_refusal_is_a_socks_reason() {
         let port = fake(|stream| socks5(stream, true));
-        let outcome = checker(9, 3000).check(&key(Protocol::Socks5, port), own());
+        let outcome = checker(9, 3000).check_flat(&key(Protocol::Socks5, port), own());
         assert!(
             matches!(outcome.dead_reason, Some(DeadReason::Socks(_))),
             "{outcome:?}"
         );
     }
 
-    /// A SOCKS4 proxy that plays the judge inside the tunnel.
+    /// A SOCKS4 proxy that plays the judge inside the tunnel to port 9 and
+    /// relays to any other.
     fn socks4(mut stream: TcpStream) {
         // VN CD DSTPORT DSTIP, then a NUL-terminated user id.
         let mut request = [0u8; 8];
@@ -927,6 +1298,14 @@ mod tests {
             }
         }
         let _ = stream.write_all(&[0, 90, 0, 0, 0, 0, 0, 0]);
+        let target = SocketAddr::from((
+            [request[4], request[5], request[6], request[7]],
+            u16::from_be_bytes([request[2], request[3]]),
+        ));
+        if target.port() != 9 {
+            relay(stream, target);
+            return;
+        }
         let head = read_head(&mut stream);
         respond(&mut stream, "200 OK", &echo_body(&head, EXIT, &[]));
     }
@@ -961,11 +1340,11 @@ mod tests {
     fn socks4_user_id_is_sent() {
         let mut listed = key(Protocol::Socks4, fake(socks4_with_user_id));
         listed.username = Some("farmer".into());
-        let outcome = checker(9, 3000).check(&listed, own());
+        let outcome = checker(9, 3000).check_flat(&listed, own());
         assert!(outcome.alive, "{outcome:?}");
         let mut wrong = key(Protocol::Socks4, fake(socks4_with_user_id));
         wrong.username = Some("someone".into());
-        let outcome = checker(9, 3000).check(&wrong, own());
+        let outcome = checker(9, 3000).check_flat(&wrong, own());
         assert!(
             matches!(outcome.dead_reason, Some(DeadReason::Socks(_))),
             "{outcome:?}"
@@ -974,7 +1353,7 @@ mod tests {
 
     #[test]
     fn socks4_proxy_is_alive() {
-        let outcome = checker(9, 3000).check(&key(Protocol::Socks4, fake(socks4)), own());
+        let outcome = https_checker(3000).check_flat(&key(Protocol::Socks4, fake(socks4)), own());
         assert!(outcome.alive, "{outcome:?}");
         assert_eq!(outcome.supports_https, Some(true));
     }
@@ -1011,7 +1390,7 @@ mod tests {
 
     #[test]
     fn judge_urls_are_split_or_rejected() {
-        let target = JudgeTarget::parse("http://127.0.0.1:8080/judge?x=1#frag").unwrap();
+        let target = JudgeTarget::parse("http://127.0.0.1:8080/judge?x=1#frag", "http").unwrap();
         assert_eq!(target.authority, "127.0.0.1:8080");
         assert_eq!(target.path_and_query, "/judge?x=1");
         let (url, expect) = target.fresh_url();
@@ -1021,9 +1400,23 @@ mod tests {
             format!("http://127.0.0.1:8080/judge?x=1&pp_nonce={nonce}")
         );
         assert_eq!(
-            JudgeTarget::parse("http://judge").unwrap().path_and_query,
+            JudgeTarget::parse("http://judge", "http")
+                .unwrap()
+                .path_and_query,
             "/"
         );
+        assert_eq!(
+            target.tunnel,
+            TunnelTarget::Ip("127.0.0.1:8080".parse().unwrap())
+        );
+        let https = JudgeTarget::parse("https://judge.example/get?show_env=1", "https").unwrap();
+        assert_eq!(
+            https.tunnel,
+            TunnelTarget::Name("judge.example".into(), 443)
+        );
+        let v6 = JudgeTarget::parse("https://[::1]:8443/get", "https").unwrap();
+        assert_eq!(v6.tunnel, TunnelTarget::Ip("[::1]:8443".parse().unwrap()));
+        assert!(JudgeTarget::parse("http://judge/get", "https").is_err());
         for bad in [
             "https://judge/get",
             "judge/get",
@@ -1031,17 +1424,143 @@ mod tests {
             "http://u:p@j/get",
             "http://a b/",
         ] {
-            assert!(JudgeTarget::parse(bad).is_err(), "{bad}");
+            assert!(JudgeTarget::parse(bad, "http").is_err(), "{bad}");
         }
     }
 
+    /// An http proxy that terminates its clients' TLS with its own
+    /// certificate (not signed by any root we trust) and plays the judge.
+    fn intercepting_proxy(mut stream: TcpStream) {
+        let head = read_head(&mut stream);
+        if !head.starts_with("CONNECT") {
+            respond(&mut stream, "200 OK", &echo_body(&head, EXIT, &[]));
+            return;
+        }
+        let _ = stream.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n");
+        serve_tls_judge(stream, server_config("intercept"));
+    }
+
+    /// Guards the contract's `tls_intercepted`: alive for plain http, never
+    /// `supports_https`.
     #[test]
-    fn base64_matches_the_standard() {
-        assert_eq!(base64(b""), "");
-        assert_eq!(base64(b"f"), "Zg==");
-        assert_eq!(base64(b"fo"), "Zm8=");
-        assert_eq!(base64(b"foo"), "Zm9v");
-        assert_eq!(base64(b"user:pass"), "dXNlcjpwYXNz");
+    fn a_proxy_reading_its_clients_tls_is_tls_intercepted() {
+        let outcome =
+            https_checker(3000).check_flat(&key(Protocol::Https, fake(intercepting_proxy)), own());
+        assert!(outcome.alive, "{outcome:?}");
+        assert_eq!(outcome.supports_https, Some(false));
+        assert_eq!(outcome.https_failure, Some(HttpsFailure::TlsIntercepted));
+        assert_eq!(
+            outcome.https_failure.unwrap().to_string(),
+            "tls_intercepted"
+        );
+    }
+
+    /// A SOCKS5 proxy whose every reply comes after 1.2 s.
+    fn slow_socks5(stream: TcpStream) {
+        thread::sleep(Duration::from_millis(1200));
+        socks5(stream, false);
+    }
+
+    /// Guards `connect_timeout` as the TCP connect's alone: a SOCKS reply
+    /// slower than it but within the request's budget is alive (it used to
+    /// be dead, connect_timeout).
+    #[test]
+    fn a_slow_socks_reply_counts_against_the_request_not_the_connect() {
+        let mut config = check_config(9, 3000);
+        config.connect_timeout = Duration::from_millis(1000);
+        let checker = Checker::new(config).unwrap();
+        let outcome = checker.check_flat(&key(Protocol::Socks5, fake(slow_socks5)), own());
+        assert!(outcome.alive, "{outcome:?}");
+    }
+
+    /// Guards the reasons' steps: a SOCKS check against an http port
+    /// connected, so its failure is the handshake's, never connect_timeout.
+    #[test]
+    fn a_socks_check_of_an_http_port_fails_in_the_handshake() {
+        fn silent_http(mut stream: TcpStream) {
+            // Waits for a request head that a SOCKS greeting never ends.
+            read_head(&mut stream);
+        }
+        fn answering_http(mut stream: TcpStream) {
+            let _ = stream.read(&mut [0u8; 64]);
+            respond(&mut stream, "400 Bad Request", "");
+        }
+        let checker = checker(9, 1500);
+        for protocol in [Protocol::Socks4, Protocol::Socks5] {
+            let silent = checker.check_flat(&key(protocol, fake(silent_http)), own());
+            assert_eq!(
+                silent.dead_reason,
+                Some(DeadReason::HandshakeTimeout),
+                "{protocol}"
+            );
+            let answering = checker.check_flat(&key(protocol, fake(answering_http)), own());
+            assert!(
+                matches!(answering.dead_reason, Some(DeadReason::Socks(_))),
+                "{protocol}: {answering:?}"
+            );
+        }
+    }
+
+    /// Guards the exit address: the judge's TCP peer, origin's last entry,
+    /// and nothing when the judge shows only ours or no address.
+    #[test]
+    fn the_exit_is_origins_last_entry() {
+        fn forwarding(mut stream: TcpStream) {
+            let head = read_head(&mut stream);
+            let origin = format!("203.0.113.7, {EXIT}");
+            respond(&mut stream, "200 OK", &echo_body(&head, &origin, &[]));
+        }
+        fn bare_judge_behind_transparent(mut stream: TcpStream) {
+            let head = read_head(&mut stream);
+            respond(&mut stream, "200 OK", &echo_body(&head, "203.0.113.7", &[]));
+        }
+        fn squid_unknown(mut stream: TcpStream) {
+            let head = read_head(&mut stream);
+            respond(&mut stream, "200 OK", &echo_body(&head, "unknown", &[]));
+        }
+        let outcome = checker(9, 3000).check_flat(&key(Protocol::Http, fake(forwarding)), own());
+        assert_eq!(outcome.anonymity, Some(Anonymity::Transparent));
+        assert_eq!(outcome.exit_ip, Some(EXIT.parse().unwrap()));
+        let outcome = checker(9, 3000).check_flat(
+            &key(Protocol::Http, fake(bare_judge_behind_transparent)),
+            own(),
+        );
+        assert_eq!(outcome.anonymity, Some(Anonymity::Transparent));
+        assert_eq!(outcome.exit_ip, None);
+        let outcome = checker(9, 3000).check_flat(&key(Protocol::Http, fake(squid_unknown)), own());
+        assert!(outcome.alive, "{outcome:?}");
+        assert_eq!(outcome.anonymity, Some(Anonymity::Anonymous));
+        assert_eq!(outcome.exit_ip, None);
+    }
+
+    #[test]
+    fn without_an_https_target_no_https_check_runs() {
+        let port = fake(elite_proxy_with_auth_and_connect);
+        let mut with_auth = key(Protocol::Http, port);
+        with_auth.username = Some("user".into());
+        with_auth.password = Some("pass".into());
+        let outcome = checker(9, 3000).check_flat(&with_auth, own());
+        assert!(outcome.alive, "{outcome:?}");
+        assert_eq!(outcome.supports_https, None);
+        assert_eq!(
+            checker(9, 3000).max_check_duration(),
+            Duration::from_secs(3)
+        );
+        assert_eq!(
+            https_checker(3000).max_check_duration(),
+            Duration::from_secs(6)
+        );
+    }
+
+    #[test]
+    fn a_ca_file_without_certificates_is_refused() {
+        let config = CheckConfig {
+            https_url: Some("https://127.0.0.1:1/get".into()),
+            https_ca_file: Some(format!("{TESTDATA}/judge.key").into()),
+            ..check_config(9, 3000)
+        };
+        let error = Checker::new(config).unwrap_err();
+        assert!(matches!(error, JudgeError::BadCaFile { .. }), "{error}");
     }
 
     #[test]

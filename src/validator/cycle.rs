@@ -4,6 +4,7 @@
 //! state manager's active set learns every change at once.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::fmt;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -19,8 +20,9 @@ use crate::shutdown::ShutdownSignal;
 use crate::state::State;
 use crate::store::{CheckRecord, DuePolicy, DueProxy, Store};
 
-use super::check::{CheckOutcome, Checker};
+use super::check::{Checker, Verdict};
 use super::geoip::Geoip;
+use super::judge_answer::DeadReason;
 
 /// Results written per statement.
 const WRITE_BATCH: usize = 500;
@@ -28,6 +30,36 @@ const WRITE_BATCH: usize = 500;
 const WRITE_EVERY: Duration = Duration::from_secs(1);
 /// Cycles remembered for /stats.
 const HISTORY: usize = 20;
+
+/// Why a cycle did not run, or stopped before its end.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SkipReason {
+    /// The judge did not answer our direct request: nobody is marked dead.
+    JudgeUnreachable(String),
+    /// The judge stopped answering in mid-cycle; the batch in hand was dropped.
+    JudgeLost,
+    DatabaseUnavailable(String),
+    ShuttingDown,
+    /// Every due proxy was leased by other instances, which check them.
+    LeasedByOthers {
+        due: u64,
+    },
+}
+
+impl fmt::Display for SkipReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SkipReason::JudgeUnreachable(error) => write!(f, "judge unreachable: {error}"),
+            SkipReason::JudgeLost => f.write_str("judge became unreachable during the cycle"),
+            SkipReason::DatabaseUnavailable(error) => write!(f, "database unavailable: {error}"),
+            SkipReason::ShuttingDown => f.write_str("shutting down"),
+            SkipReason::LeasedByOthers { due } => write!(
+                f,
+                "all {due} due proxies are leased by other instances, which check them"
+            ),
+        }
+    }
+}
 
 /// What one cycle did, for the log, /stats and `proxy-pool validate`.
 #[derive(Clone, Debug, Default)]
@@ -37,16 +69,27 @@ pub struct CycleSummary {
     pub due: u64,
     pub checked: u64,
     pub alive: u64,
-    pub dead_by_reason: BTreeMap<String, u64>,
+    pub dead_by_reason: BTreeMap<DeadReason, u64>,
+    /// Due proxies this cycle did not claim: other instances held them.
+    pub leased_by_others: u64,
     /// Time spent in result writes.
     pub write_time: Duration,
     /// Set when the cycle did not run (or stopped early) and why.
-    pub skipped: Option<String>,
+    pub skipped: Option<SkipReason>,
 }
 
 impl CycleSummary {
     pub fn dead(&self) -> u64 {
         self.dead_by_reason.values().sum()
+    }
+
+    /// The dead counts by reason name (`bad_status` for every status).
+    pub fn dead_counts(&self) -> BTreeMap<&'static str, u64> {
+        let mut counts = BTreeMap::new();
+        for (reason, n) in &self.dead_by_reason {
+            *counts.entry(reason.as_str()).or_default() += n;
+        }
+        counts
     }
 
     pub fn summary_line(&self) -> String {
@@ -56,12 +99,17 @@ impl CycleSummary {
             }
         }
         let reasons: Vec<String> = self
-            .dead_by_reason
+            .dead_counts()
             .iter()
             .map(|(reason, n)| format!("{reason}={n}"))
             .collect();
+        let leased = if self.leased_by_others > 0 {
+            format!(", {} leased by other instances", self.leased_by_others)
+        } else {
+            String::new()
+        };
         format!(
-            "validation cycle: {} due, {} checked, {} alive, {} dead ({}) in {} ms (writes {} ms){}",
+            "validation cycle: {} due{leased}, {} checked, {} alive, {} dead ({}) in {} ms (writes {} ms){}",
             self.due,
             self.checked,
             self.alive,
@@ -116,6 +164,17 @@ impl Validator {
             .num_threads(settings.workers)
             .thread_name(|i| format!("check-{i}"))
             .stack_size(256 * 1024)
+            // A check that panics loses its proxy's result for this cycle
+            // (its lease expires, it is due again) and says so; the pool
+            // and the cycle go on.
+            .panic_handler(|panic| {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|text| text.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic".into());
+                log::error!("a check panicked on the validator pool: {what}");
+            })
             .build()
             .map_err(std::io::Error::other)?;
         Ok(Validator {
@@ -152,7 +211,7 @@ impl Validator {
             Ok(own_ip) => self.check_due(own_ip, shutdown, &mut summary),
             Err(err) => {
                 // A judge outage is not a pool outage: nobody is marked dead.
-                summary.skipped = Some(format!("judge unreachable: {err}"));
+                summary.skipped = Some(SkipReason::JudgeUnreachable(err.to_string()));
             }
         }
         summary.duration = started.elapsed();
@@ -168,18 +227,21 @@ impl Validator {
     fn check_due(&self, own_ip: IpAddr, shutdown: &ShutdownSignal, summary: &mut CycleSummary) {
         let progress = Arc::new(Progress::default());
         *self.running.lock() = Some(progress.clone());
-        match self.store.count_due(&self.settings.policy) {
-            Ok(due) => {
-                progress.due.store(due.max(0) as u64, Ordering::Relaxed);
+        let cycle_start = match self.store.count_due(&self.settings.policy) {
+            Ok(count) => {
+                progress
+                    .due
+                    .store(count.due.max(0) as u64, Ordering::Relaxed);
                 self.health.record_database(true, None);
+                count.at
             }
             Err(err) => {
                 self.health.record_database(false, Some(&err));
-                summary.skipped = Some(format!("database unavailable: {err}"));
+                summary.skipped = Some(SkipReason::DatabaseUnavailable(err.to_string()));
                 *self.running.lock() = None;
                 return;
             }
-        }
+        };
         let workers = self.settings.workers;
         // In flight: every worker busy plus one batch queued behind them.
         let in_flight = workers * 2;
@@ -187,8 +249,7 @@ impl Validator {
         for _ in 0..in_flight {
             let _ = token_tx.send(());
         }
-        let (result_tx, result_rx) =
-            crossbeam_channel::bounded::<(DueProxy, CheckOutcome)>(in_flight);
+        let (result_tx, result_rx) = crossbeam_channel::bounded::<(DueProxy, Verdict)>(in_flight);
         let writer = {
             let store = self.store.clone();
             let state = self.state.clone();
@@ -209,22 +270,23 @@ impl Validator {
         let mut last_progress_log = Instant::now();
         'claiming: loop {
             if shutdown.is_triggered() {
-                stop_reason = Some("shutting down".to_string());
+                stop_reason = Some(SkipReason::ShuttingDown);
                 break;
             }
             if writer.is_finished() {
-                stop_reason = Some("judge became unreachable during the cycle".to_string());
+                stop_reason = Some(SkipReason::JudgeLost);
                 break;
             }
             let batch = match self.store.claim_due(
                 &self.settings.policy,
+                cycle_start,
                 cursor.after,
                 workers.max(100) as i64,
             ) {
                 Ok(batch) => batch,
                 Err(err) => {
                     self.health.record_database(false, Some(&err));
-                    stop_reason = Some(format!("database unavailable: {err}"));
+                    stop_reason = Some(SkipReason::DatabaseUnavailable(err.to_string()));
                     break;
                 }
             };
@@ -243,7 +305,7 @@ impl Validator {
                 crossbeam_channel::select! {
                     recv(token_rx) -> _ => {}
                     recv(shutdown.receiver()) -> _ => {
-                        stop_reason = Some("shutting down".to_string());
+                        stop_reason = Some(SkipReason::ShuttingDown);
                         break 'claiming;
                     }
                 }
@@ -251,8 +313,8 @@ impl Validator {
                 let result_tx = result_tx.clone();
                 let token_tx = token_tx.clone();
                 self.pool.spawn(move || {
-                    let outcome = checker.check(&due.key, own_ip);
-                    let _ = result_tx.send((due, outcome));
+                    let verdict = checker.check(&due.key, own_ip);
+                    let _ = result_tx.send((due, verdict));
                     let _ = token_tx.send(());
                 });
             }
@@ -269,9 +331,18 @@ impl Validator {
         drop(result_tx);
         let written = writer.join().unwrap_or_default();
         if written.judge_down && stop_reason.is_none() {
-            stop_reason = Some("judge became unreachable during the cycle".to_string());
+            stop_reason = Some(SkipReason::JudgeLost);
         }
         summary.due = progress.due.load(Ordering::Relaxed);
+        if stop_reason.is_none() {
+            // What was due at the start and not claimed by the end was held
+            // by other instances (a row that stopped being due, because
+            // another instance checked it, counts here too).
+            summary.leased_by_others = summary.due.saturating_sub(claimed);
+            if claimed == 0 && summary.due > 0 {
+                stop_reason = Some(SkipReason::LeasedByOthers { due: summary.due });
+            }
+        }
         summary.checked = written.checked;
         summary.alive = written.alive;
         summary.dead_by_reason = written.dead_by_reason;
@@ -316,7 +387,7 @@ impl Cursor {
 struct Written {
     checked: u64,
     alive: u64,
-    dead_by_reason: BTreeMap<String, u64>,
+    dead_by_reason: BTreeMap<DeadReason, u64>,
     write_time: Duration,
     judge_down: bool,
 }
@@ -325,7 +396,7 @@ struct Written {
 /// the active set at once, and guards against a judge outage in mid-cycle
 /// (a batch with dead proxies is written only while the judge answers us).
 fn write_results(
-    results: crossbeam_channel::Receiver<(DueProxy, CheckOutcome)>,
+    results: crossbeam_channel::Receiver<(DueProxy, Verdict)>,
     store: Store,
     state: Arc<State>,
     health: Arc<Health>,
@@ -334,7 +405,7 @@ fn write_results(
     progress: Arc<Progress>,
 ) -> Written {
     let mut written = Written::default();
-    let mut batch: Vec<(DueProxy, CheckOutcome)> = Vec::with_capacity(WRITE_BATCH);
+    let mut batch: Vec<(DueProxy, Verdict)> = Vec::with_capacity(WRITE_BATCH);
     let mut last_write = Instant::now();
     loop {
         let next = results.recv_timeout(WRITE_EVERY.saturating_sub(last_write.elapsed()));
@@ -344,7 +415,7 @@ fn write_results(
         }
         let due = batch.len() >= WRITE_BATCH || last_write.elapsed() >= WRITE_EVERY || closed;
         if due && !batch.is_empty() {
-            let has_dead = batch.iter().any(|(_, outcome)| !outcome.alive);
+            let has_dead = batch.iter().any(|(_, verdict)| !verdict.is_alive());
             if has_dead && checker.learn_own_ip().is_err() {
                 // The proxies may be fine: the judge is not. Drop the batch
                 // (their leases expire) and stop taking results.
@@ -357,7 +428,7 @@ fn write_results(
             }
             let records: Vec<CheckRecord> = batch
                 .iter()
-                .map(|(due, outcome)| record(due, outcome, geoip.as_deref()))
+                .map(|(due, verdict)| record(due, verdict, geoip.as_deref()))
                 .collect();
             let started = Instant::now();
             match write_with_retry(&store, &records) {
@@ -370,30 +441,29 @@ fn write_results(
             written.write_time += started.elapsed();
             let mut activated = Vec::new();
             let mut deactivated = Vec::new();
-            for ((due, outcome), record) in batch.drain(..).zip(records) {
+            for ((due, verdict), record) in batch.drain(..).zip(records) {
                 written.checked += 1;
                 progress.checked.fetch_add(1, Ordering::Relaxed);
-                if outcome.alive {
-                    written.alive += 1;
-                    progress.alive.fetch_add(1, Ordering::Relaxed);
-                    activated.push(ActiveProxy {
-                        id: due.id,
-                        key: due.key,
-                        latency_ms: outcome.latency_ms,
-                        anonymity: outcome.anonymity,
-                        country: record.country,
-                        supports_https: outcome.supports_https,
-                        last_validated_at: Some(Utc::now()),
-                        anonymity_evidence: record.evidence.as_deref().map(Arc::from),
-                    });
-                } else {
-                    let reason = outcome
-                        .dead_reason
-                        .as_ref()
-                        .map(|r| r.as_str().to_string())
-                        .unwrap_or_else(|| "unknown".into());
-                    *written.dead_by_reason.entry(reason).or_default() += 1;
-                    deactivated.push(due.id);
+                match verdict {
+                    Verdict::Alive(alive) => {
+                        written.alive += 1;
+                        progress.alive.fetch_add(1, Ordering::Relaxed);
+                        activated.push(ActiveProxy {
+                            exit_ip: record.exit_ip,
+                            id: due.id,
+                            key: due.key,
+                            latency_ms: Some(alive.latency_ms),
+                            anonymity: Some(alive.anonymity),
+                            country: record.country,
+                            supports_https: record.supports_https,
+                            last_validated_at: Some(Utc::now()),
+                            anonymity_evidence: record.evidence.as_deref().map(Arc::from),
+                        });
+                    }
+                    Verdict::Dead(reason) => {
+                        *written.dead_by_reason.entry(reason).or_default() += 1;
+                        deactivated.push(due.id);
+                    }
                 }
             }
             // Applied even when the write failed: while the database is
@@ -429,19 +499,36 @@ fn write_with_retry(
     }
 }
 
-fn record(due: &DueProxy, outcome: &CheckOutcome, geoip: Option<&Geoip>) -> CheckRecord {
-    // The country is where the traffic leaves: the exit address when known.
-    let country = geoip.and_then(|g| g.lookup(outcome.exit_ip.unwrap_or(due.key.ip)));
-    CheckRecord {
-        id: due.id,
-        alive: outcome.alive,
-        latency_ms: outcome.latency_ms,
-        anonymity: outcome.anonymity,
-        supports_https: outcome.supports_https,
-        country,
-        exit_ip: outcome.exit_ip,
-        dead_reason: outcome.dead_reason.as_ref().map(|r| r.as_str().to_string()),
-        evidence: (!outcome.evidence.is_empty()).then(|| outcome.evidence.join("; ")),
+fn record(due: &DueProxy, verdict: &Verdict, geoip: Option<&Geoip>) -> CheckRecord {
+    match verdict {
+        Verdict::Alive(alive) => CheckRecord {
+            id: due.id,
+            alive: true,
+            latency_ms: Some(alive.latency_ms),
+            anonymity: Some(alive.anonymity),
+            supports_https: alive.https.supports_https(),
+            https_checked: alive.https.supports_https().is_some(),
+            https_failure: alive.https.failure().cloned(),
+            // The country is where the traffic leaves, and only the exit
+            // address says where that is: unknown when the judge hid it.
+            country: geoip.zip(alive.exit_ip).and_then(|(g, ip)| g.lookup(ip)),
+            exit_ip: alive.exit_ip,
+            dead_reason: None,
+            evidence: (!alive.evidence.is_empty()).then(|| alive.evidence.join("; ")),
+        },
+        Verdict::Dead(reason) => CheckRecord {
+            id: due.id,
+            alive: false,
+            latency_ms: None,
+            anonymity: None,
+            supports_https: None,
+            https_checked: false,
+            https_failure: None,
+            country: None,
+            exit_ip: None,
+            dead_reason: Some(reason.clone()),
+            evidence: None,
+        },
     }
 }
 
@@ -451,7 +538,7 @@ mod tests {
 
     use super::*;
     use crate::proxy::{Anonymity, Protocol, ProxyKey};
-    use crate::validator::judge_answer::DeadReason;
+    use crate::validator::check::{Alive, HttpsFailure, HttpsOutcome};
 
     fn due(ip: &str) -> DueProxy {
         DueProxy {
@@ -467,40 +554,81 @@ mod tests {
     }
 
     /// Guards where the country comes from: a proxy whose traffic leaves
-    /// from another address is placed where it leaves, and a dead one,
-    /// whose exit is unknown, where it is listed.
+    /// from another address is placed where it leaves; one whose exit the
+    /// judge did not show, and a dead one, are placed nowhere (the listed
+    /// address used to stand in: the contract takes the exit only).
     #[test]
     fn the_country_is_where_the_traffic_leaves() {
         // 198.51.100.0/24 is NL, 203.0.113.0/24 is JP (Tor's INTFROM,INTTO,CC).
         let tor = "3325256704,3325256959,NL\n3405803776,3405804031,JP\n";
         let geoip = Geoip::from_bytes(Path::new("geoip"), tor.as_bytes().to_vec()).unwrap();
-        let alive = CheckOutcome {
-            alive: true,
-            dead_reason: None,
-            latency_ms: Some(120),
-            anonymity: Some(Anonymity::Elite),
+        let alive = Alive {
+            latency_ms: 120,
+            anonymity: Anonymity::Elite,
             evidence: Vec::new(),
-            supports_https: Some(false),
             exit_ip: Some("203.0.113.9".parse().unwrap()),
+            https: HttpsOutcome::Failed(HttpsFailure::ConnectRefused(403)),
         };
         let listed_in_nl = due("198.51.100.20");
-        let found = record(&listed_in_nl, &alive, Some(&geoip));
+        let found = record(&listed_in_nl, &Verdict::Alive(alive.clone()), Some(&geoip));
         assert_eq!(found.country.as_deref(), Some("JP"));
         assert_eq!(found.exit_ip, alive.exit_ip);
+        assert_eq!(found.supports_https, Some(false));
+        assert!(found.https_checked);
+        assert_eq!(
+            found.https_failure.map(|f| f.to_string()).as_deref(),
+            Some("connect_refused 403")
+        );
 
-        let dead = CheckOutcome {
-            alive: false,
-            dead_reason: Some(DeadReason::Refused),
-            latency_ms: None,
-            anonymity: None,
-            evidence: Vec::new(),
-            supports_https: None,
+        let hidden = Alive {
             exit_ip: None,
+            https: HttpsOutcome::NotChecked,
+            ..alive.clone()
         };
+        let found = record(&listed_in_nl, &Verdict::Alive(hidden), Some(&geoip));
+        assert_eq!(found.country, None);
+        assert_eq!(found.supports_https, None);
+        assert!(!found.https_checked);
+
+        let dead = Verdict::Dead(DeadReason::Refused);
         let found = record(&listed_in_nl, &dead, Some(&geoip));
-        assert_eq!(found.country.as_deref(), Some("NL"));
-        assert_eq!(found.dead_reason.as_deref(), Some("refused"));
-        assert_eq!(record(&listed_in_nl, &alive, None).country, None);
+        assert_eq!(found.country, None);
+        assert_eq!(found.dead_reason, Some(DeadReason::Refused));
+        assert_eq!(
+            record(&listed_in_nl, &Verdict::Alive(alive), None).country,
+            None
+        );
+    }
+
+    #[test]
+    fn summary_counts_reasons_by_name_and_says_who_held_the_rest() {
+        let mut summary = CycleSummary {
+            due: 200,
+            checked: 3,
+            alive: 0,
+            leased_by_others: 197,
+            ..CycleSummary::default()
+        };
+        summary.dead_by_reason.insert(DeadReason::BadStatus(403), 1);
+        summary.dead_by_reason.insert(DeadReason::BadStatus(502), 1);
+        summary.dead_by_reason.insert(DeadReason::Refused, 1);
+        let counts = summary.dead_counts();
+        assert_eq!(counts.get("bad_status"), Some(&2));
+        assert_eq!(counts.get("refused"), Some(&1));
+        let line = summary.summary_line();
+        assert!(
+            line.contains("200 due, 197 leased by other instances, 3 checked"),
+            "{line}"
+        );
+        let all_leased = CycleSummary {
+            due: 200,
+            skipped: Some(SkipReason::LeasedByOthers { due: 200 }),
+            ..CycleSummary::default()
+        };
+        assert_eq!(
+            all_leased.summary_line(),
+            "validation cycle skipped: all 200 due proxies are leased by other instances, which check them"
+        );
     }
 
     #[test]

@@ -10,13 +10,17 @@ use serde_json::Value;
 use crate::proxy::Anonymity;
 
 /// Why a check found a proxy dead. A dead proxy is data, not an error: the
-/// reason feeds statistics through [`DeadReason::as_str`].
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// reason feeds statistics through [`DeadReason::as_str`]. Each names the
+/// step that failed: the TCP connect, the tunnel's handshake, the answer.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum DeadReason {
     /// The proxy's port refused the connection.
     Refused,
     /// No TCP connection within `connect_timeout`.
     ConnectTimeout,
+    /// Connected, but the SOCKS reply did not come within the request's
+    /// deadline (a SOCKS check against a port that speaks something else).
+    HandshakeTimeout,
     /// Connected, but the whole answer did not arrive within the check's deadline.
     Timeout,
     /// The connection was reset or closed before a complete answer.
@@ -47,6 +51,7 @@ impl DeadReason {
         match self {
             DeadReason::Refused => "refused",
             DeadReason::ConnectTimeout => "connect_timeout",
+            DeadReason::HandshakeTimeout => "handshake_timeout",
             DeadReason::Timeout => "timeout",
             DeadReason::Reset => "reset",
             DeadReason::Unreachable => "unreachable",
@@ -87,17 +92,34 @@ pub struct JudgeExpectations {
 pub struct JudgeView {
     /// The `origin` field as sent, possibly a list (`"a, b"`).
     pub origin: String,
-    /// Every address of `origin`, in order; never empty.
-    pub origin_ips: Vec<IpAddr>,
+    /// Every entry of `origin`, in order, `None` where an entry is not an
+    /// address (squid's `unknown`, `_hidden`); never empty.
+    pub origin_entries: Vec<Option<IpAddr>>,
     /// The request headers the judge received, names as it spelled them.
     pub headers: Vec<(String, String)>,
     pub url: String,
 }
 
 impl JudgeView {
-    /// The address the judge saw the request come from: origin's first.
-    pub fn exit_ip(&self) -> IpAddr {
-        self.origin_ips[0]
+    /// The addresses of `origin`, in order.
+    pub fn origin_ips(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.origin_entries.iter().flatten().copied()
+    }
+
+    /// The judge's TCP peer, where the request left the proxy: origin's
+    /// last entry (httpbin puts a forwarded value first and, behind a load
+    /// balancer, the peer last). `None` when that entry is our own address
+    /// or not an address: a transparent proxy forwarding ours to a bare
+    /// httpbin shows no peer at all. Never a forwarded value.
+    pub fn exit_ip(&self, own_ip: IpAddr) -> Option<IpAddr> {
+        let last = (*self.origin_entries.last()?)?;
+        (last != own_ip).then_some(last)
+    }
+
+    /// The address the judge saw a direct request come from: origin's
+    /// first address (`None` when it shows none).
+    pub fn first_ip(&self) -> Option<IpAddr> {
+        self.origin_ips().next()
     }
 }
 
@@ -156,13 +178,17 @@ pub fn classify(
             return Err(DeadReason::NotJudge);
         }
     }
-    let mut origin_ips = Vec::new();
-    for part in origin.split(',') {
-        match parse_ip_token(part.trim()) {
-            Some(ip) => origin_ips.push(ip),
-            None => return Err(DeadReason::NotJudge),
-        }
+    // An entry that is not an address is what a proxy put in a forwarded
+    // header (`X-Forwarded-For: unknown`), which httpbin copies: evidence
+    // about the proxy, not a sign that someone else answered (the nonce
+    // decides that). An origin without any entry is no judge's.
+    if origin.trim().is_empty() {
+        return Err(DeadReason::NotJudge);
     }
+    let origin_entries: Vec<Option<IpAddr>> = origin
+        .split(',')
+        .map(|part| parse_ip_token(part.trim()))
+        .collect();
     let mut headers = Vec::with_capacity(header_map.len());
     for (name, value) in header_map {
         match value {
@@ -181,7 +207,7 @@ pub fn classify(
     }
     Ok(JudgeView {
         origin: origin.clone(),
-        origin_ips,
+        origin_entries,
         headers,
         url: url.clone(),
     })
@@ -192,7 +218,7 @@ pub fn classify(
 /// empty for an elite proxy.
 pub fn anonymity(view: &JudgeView, own_ip: IpAddr) -> (Anonymity, Vec<String>) {
     let mut leaks = Vec::new();
-    if view.origin_ips.contains(&own_ip) {
+    if view.origin_ips().any(|ip| ip == own_ip) {
         leaks.push(format!("origin: {}", view.origin));
     }
     // Any header carrying our address betrays us, whatever its name: some
@@ -209,8 +235,9 @@ pub fn anonymity(view: &JudgeView, own_ip: IpAddr) -> (Anonymity, Vec<String>) {
     }
     let mut hints = Vec::new();
     // httpbin folds X-Forwarded-For into origin, so a list there means a
-    // proxy announced a client even when the header itself is not echoed.
-    if view.origin_ips.len() > 1 {
+    // proxy announced a client even when the header itself is not echoed,
+    // and so does an entry that is no address (`unknown`).
+    if view.origin_entries.len() > 1 || view.origin_entries.iter().any(Option::is_none) {
         hints.push(format!("origin: {}", view.origin));
     }
     for (name, value) in &view.headers {
@@ -390,10 +417,44 @@ mod tests {
         assert_eq!(grade, Anonymity::Elite);
     }
 
+    /// Guards the contract's exit address: the judge's TCP peer, which is
+    /// origin's last entry (it used to be the first: a forwarded value).
     #[test]
-    fn exit_ip_is_origins_first_address() {
-        let view = classify(200, &echo("198.51.100.9, 10.0.0.1", &[]), &expect()).unwrap();
-        assert_eq!(view.exit_ip(), "198.51.100.9".parse::<IpAddr>().unwrap());
+    fn exit_ip_is_origins_last_entry_unless_ours_or_no_address() {
+        let exit = |origin: &str| {
+            classify(200, &echo(origin, &[]), &expect())
+                .unwrap()
+                .exit_ip(own())
+        };
+        let peer: IpAddr = "198.51.100.9".parse().unwrap();
+        assert_eq!(exit("198.51.100.9"), Some(peer));
+        // httpbin.org: the forwarded value, then its load balancer's peer.
+        assert_eq!(exit("10.0.0.1, 198.51.100.9"), Some(peer));
+        assert_eq!(exit(&format!("{OWN}, 198.51.100.9")), Some(peer));
+        // A bare httpbin behind a transparent proxy shows only ours.
+        assert_eq!(exit(OWN), None);
+        assert_eq!(exit(&format!("198.51.100.9, {OWN}")), None);
+        // squid's `forwarded_for off` and friends.
+        assert_eq!(exit("unknown"), None);
+        assert_eq!(exit("198.51.100.9, unknown"), None);
+        assert_eq!(exit("unknown, 198.51.100.9"), Some(peer));
+    }
+
+    /// Guards the squid `X-Forwarded-For: unknown` case: a non-address in
+    /// origin or in a forwarding header is a proxy header, never "not the
+    /// judge".
+    #[test]
+    fn non_address_entries_are_proxy_evidence() {
+        for origin in ["unknown", "unknown, 198.51.100.9", "for=_hidden"] {
+            let (graded, evidence) = grade(origin, &[]);
+            assert_eq!(graded, Anonymity::Anonymous, "{origin}");
+            assert_eq!(evidence, vec![format!("origin: {origin}")]);
+        }
+        let (graded, evidence) = grade("198.51.100.9", &[("X-Forwarded-For", "unknown")]);
+        assert_eq!(graded, Anonymity::Anonymous);
+        assert_eq!(evidence, vec!["X-Forwarded-For: unknown".to_string()]);
+        let (graded, _) = grade(&format!("unknown, {OWN}"), &[]);
+        assert_eq!(graded, Anonymity::Transparent);
     }
 
     #[test]
@@ -433,14 +494,21 @@ mod tests {
         }
     }
 
+    /// An origin without any entry is no judge's. Entries that are not
+    /// addresses used to make the answer "not the judge" too; the contract
+    /// makes them evidence instead (the nonce tells the judge's answer).
     #[test]
-    fn judge_shaped_body_with_fake_origin_is_a_hijack() {
-        for origin in ["", "localhost", "1.2.3.4, evil", "999.1.1.1"] {
+    fn judge_shaped_body_with_empty_origin_is_a_hijack() {
+        for origin in ["", "  "] {
             assert_eq!(
                 classify(200, &echo(origin, &[]), &expect()),
                 Err(DeadReason::NotJudge),
-                "{origin}"
+                "{origin:?}"
             );
+        }
+        for origin in ["localhost", "1.2.3.4, evil", "999.1.1.1"] {
+            let view = classify(200, &echo(origin, &[]), &expect()).unwrap();
+            assert_eq!(view.exit_ip(own()), None, "{origin}");
         }
     }
 

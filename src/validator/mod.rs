@@ -5,3 +5,4 @@ pub mod cycle;
 pub mod geoip;
 pub mod judge_answer;
 pub mod raw_http;
+pub mod tunnel;

@@ -93,15 +93,20 @@ pub fn binary() -> PathBuf {
 }
 
 /// A judge on a closed loopback port: a service under test whose config names
-/// no `validation_target` of its own must not reach the default, httpbin.org.
-pub const OFFLINE_JUDGE: &str = "validation_target = http://127.0.0.1:9/get";
+/// no `validation_target` of its own must not reach the default, httpbin.org
+/// (nor the https check's default).
+pub const OFFLINE_JUDGE: &str = "validation_target = http://127.0.0.1:9/get\nhttps_target =";
 
 /// A minimal valid configuration for tests with `sections` after [database]
 /// (each section may appear once). Without a `validation_target` in them,
 /// the judge is [`OFFLINE_JUDGE`].
 pub fn config_text(database_url: &str, sections: &str) -> String {
     let sections = if sections.contains("validation_target") {
-        sections.to_string()
+        if sections.contains("https_target") {
+            sections.to_string()
+        } else {
+            sections.replacen("[validator]\n", "[validator]\nhttps_target =\n", 1)
+        }
     } else if sections.contains("[validator]\n") {
         sections.replacen(
             "[validator]\n",
@@ -316,7 +321,7 @@ pub fn populated_service(server_lines: &str) -> PopulatedService {
     let sections = format!(
         "[server]\nbind = 127.0.0.1:0\nworkers = 4\n{server_lines}\n\
          [fetcher]\nsource_urls = {list}\nallow_private_addresses = true\ntimeout_ms = 2000\n\
-         [validator]\nvalidation_target = {judge}\nvalidation_timeout_ms = 1000\n\
+         [validator]\nvalidation_target = {judge}\nhttps_target =\nvalidation_timeout_ms = 1000\n\
          connect_timeout_ms = 500\nvalidation_workers = 8\n\
          [scheduler]\ninterval_seconds = 2\n",
         list = farm.list_url("schemes"),
@@ -370,6 +375,7 @@ impl TestConfig {
             .set("fetcher", "timeout_ms", "500")
             .set("fetcher", "allow_private_addresses", "true")
             .set("validator", "validation_target", "http://127.0.0.1:9/get")
+            .set("validator", "https_target", "")
             .set("validator", "validation_timeout_ms", "1000")
             .set("validator", "connect_timeout_ms", "500")
             .set("scheduler", "interval_seconds", "3600")
@@ -1010,3 +1016,4 @@ pub mod procfs {
             .unwrap_or(0)
     }
 }
+pub mod real;

@@ -20,6 +20,8 @@ mod manifest;
 mod proxies;
 mod server;
 mod spec;
+pub mod targets;
+pub mod tls;
 mod wire;
 
 use std::collections::HashMap;
@@ -37,8 +39,9 @@ use socket2::{Domain, Socket, Type};
 
 pub use lists::BUILT_IN as BUILT_IN_LISTS;
 pub use manifest::ManifestEntry;
-pub use proxies::{INJECTED_ORIGIN, VIA};
+pub use proxies::{start_tls_judge, tls_judge_ca_file, INJECTED_ORIGIN, VIA};
 pub use spec::{Behaviour, Credentials, FarmSpec, Listing, Mix, ProxyGroup};
+pub use tls::{ServerCert, TestCa, TlsJudge};
 
 use proxies::ProxyConfig;
 
@@ -120,10 +123,16 @@ impl Farm {
         let mut groups = spec
             .groups
             .iter()
-            .flat_map(|g| std::iter::repeat_n(g, g.count));
+            .flat_map(|g| (0..g.count).map(move |position| (g, position)));
+        let mut exit_ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
         for (index, ip) in addresses.into_iter().enumerate() {
-            let Some(group) = groups.next() else { break };
+            let Some((group, position)) = groups.next() else {
+                break;
+            };
             let ip = IpAddr::V4(ip);
+            if position % group.exit_group.max(1) == 0 {
+                exit_ip = ip;
+            }
             let mut credentials = group.credentials.clone();
             if group.behaviour == Behaviour::AuthRequired && credentials.is_none() {
                 credentials = Some(Credentials::new(
@@ -149,24 +158,28 @@ impl Farm {
                 listeners.push((index, listener));
                 port
             };
-            manifest.push(
-                ManifestEntry::new(
-                    index,
-                    protocol,
-                    ip,
-                    port,
-                    group.behaviour,
-                    connect,
-                    credentials.as_ref(),
-                )
-                .listed(group.listing),
-            );
+            let mut entry = ManifestEntry::new(
+                index,
+                protocol,
+                ip,
+                port,
+                group.behaviour,
+                connect,
+                credentials.as_ref(),
+            )
+            .connect_443_only(group.connect_443_only, spec.https_judge_port)
+            .listed(group.listing);
+            if entry.exit_ip.is_some() {
+                entry.exit_ip = Some(exit_ip);
+            }
+            manifest.push(entry);
             configs.push(Arc::new(ProxyConfig {
                 index,
-                ip,
+                exit_ip,
                 behaviour: group.behaviour,
                 protocol,
                 connect,
+                connect_443_only: group.connect_443_only,
                 credentials,
             }));
         }

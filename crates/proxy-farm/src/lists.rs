@@ -112,11 +112,13 @@ pub fn generated_line(n: u64) -> String {
     format!("127.{second}.{third}.{fourth}:{port}\n")
 }
 
-/// The `html` list: a 200 page that is not a list.
+/// The `html` list: a 200 page that is not a list (its table has no
+/// proxy: a page with one is a list).
 pub fn html_page() -> &'static str {
     "<!DOCTYPE html>\n<html><head><title>Free Proxy List</title></head>\n\
      <body><h1>Free proxies</h1><p>Please enable JavaScript to see the list.</p>\n\
-     <table><tr><td>127.9.9.9</td><td>8080</td></tr></table></body></html>\n"
+     <table><tr><th>IP Address</th><th>Port</th></tr><tr><td>-</td><td>-</td></tr></table>\n\
+     <p>Updated 12:30</p></body></html>\n"
 }
 
 /// The `json-error` list: a 200 answer that is an API's JSON error, not a list.

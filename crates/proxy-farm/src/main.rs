@@ -59,9 +59,17 @@ fn run(args: Args) -> anyhow::Result<()> {
     let spec = if args.every_behaviour {
         FarmSpec::every_behaviour()
     } else {
-        FarmSpec::mix(args.proxies, &parse_mix(&args.mix, &args.latency_ms)?)
+        FarmSpec::demo(args.proxies, &parse_mix(&args.mix, &args.latency_ms)?)
     };
-    let spec = spec.listen(args.listen).huge_lines(args.huge_lines);
+    // The https judge of the demo: port 443 where it may bind (as root), so
+    // that proxies tunnelling to 443 only support https, as stock squid does.
+    let https_judge = proxy_farm::start_tls_judge(SocketAddr::from(([127, 44, 0, 1], 443)))
+        .or_else(|_| proxy_farm::start_tls_judge(SocketAddr::from(([127, 44, 0, 1], 0))))
+        .context("cannot start the farm's https judge")?;
+    let spec = spec
+        .listen(args.listen)
+        .huge_lines(args.huge_lines)
+        .https_judge_port(https_judge.port());
     let mut signals = Signals::new([SIGINT, SIGTERM]).context("cannot install signal handlers")?;
     let farm =
         Farm::start(spec).with_context(|| format!("cannot start the farm on {}", args.listen))?;
@@ -70,17 +78,20 @@ fn run(args: Args) -> anyhow::Result<()> {
             .with_context(|| format!("cannot write the manifest to {}", path.display()))?;
     }
     if let Some(path) = &args.write_config {
-        std::fs::write(path, demo_config(&farm))
+        std::fs::write(path, demo_config(&farm, https_judge))
             .with_context(|| format!("cannot write the config to {}", path.display()))?;
         println!("proxy-pool config written to {}", path.display());
     }
-    print_summary(&farm, args.manifest.as_deref());
+    print_summary(&farm, https_judge, args.manifest.as_deref());
     if let Some(signal) = signals.forever().next() {
         log::info!("signal {signal} received, stopping the farm");
     }
     drop(farm);
     Ok(())
 }
+
+/// Debian's tor-geoipdb: a free country database in Tor's geoip format.
+const TOR_GEOIP: &str = "/usr/share/tor/geoip";
 
 fn parse_mix(shares: &str, latency: &str) -> anyhow::Result<Mix> {
     let parts: Vec<f64> = shares
@@ -114,7 +125,7 @@ fn parse_mix(shares: &str, latency: &str) -> anyhow::Result<Mix> {
     })
 }
 
-fn print_summary(farm: &Farm, manifest: Option<&std::path::Path>) {
+fn print_summary(farm: &Farm, https_judge: SocketAddr, manifest: Option<&std::path::Path>) {
     let alive = farm.manifest().iter().filter(|entry| entry.alive).count();
     println!(
         "proxy farm: {} proxies ({alive} expected alive)",
@@ -130,14 +141,20 @@ fn print_summary(farm: &Farm, manifest: Option<&std::path::Path>) {
     }
     println!();
     println!("config.ini for proxy-pool (add a [database] url unless DATABASE_URL is set):");
-    print!("{}", demo_config(farm));
+    print!("{}", demo_config(farm, https_judge));
     println!();
     println!("stop with Ctrl-C");
 }
 
 /// A proxy-pool configuration that fetches this farm's lists and validates
 /// against its judge, on a short schedule so the pool fills within seconds.
-fn demo_config(farm: &Farm) -> String {
+fn demo_config(farm: &Farm, https_judge: SocketAddr) -> String {
+    // Debian's tor-geoipdb, when installed, gives the demo its countries.
+    let geoip = if std::path::Path::new(TOR_GEOIP).is_file() {
+        format!("\n[geoip]\ndatabase = {TOR_GEOIP}\n")
+    } else {
+        String::new()
+    };
     format!(
         "; proxy-pool against a local proxy farm (offline demo)\n\
          [fetcher]\n\
@@ -149,11 +166,14 @@ fn demo_config(farm: &Farm) -> String {
          interval_seconds = 120\n\n\
          [validator]\n\
          validation_target = {judge}\n\
+         https_target = https://{https_judge}/get?show_env=1\n\
+         https_ca_file = {ca_file}\n\
          validation_timeout_ms = 2000\n\
          connect_timeout_ms = 1000\n\
          revalidate_after_seconds = 60\n\n\
          [scheduler]\n\
-         interval_seconds = 15\n",
+         interval_seconds = 15\n{geoip}",
+        ca_file = proxy_farm::tls_judge_ca_file().display(),
         schemes = farm.list_url("schemes"),
         junk = farm.list_url("junk"),
         judge = farm.judge_url(),

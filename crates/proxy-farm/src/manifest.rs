@@ -23,13 +23,21 @@ pub struct ManifestEntry {
     pub behaviour: Behaviour,
     /// Whether an http proxy tunnels CONNECT (always false for socks).
     pub connect: bool,
+    /// Whether that CONNECT reaches port 443 only.
+    pub connect_443_only: bool,
     /// Whether a check through it reaches the judge and returns its answer.
     pub alive: bool,
     /// None when not alive; socks proxies are elite.
     pub anonymity: Option<Anonymity>,
-    /// None when not alive. For http proxies whether CONNECT works; socks
-    /// proxies tunnel any TCP stream, so `Some(true)`.
+    /// None when not alive. Whether the https check (a tunnel to the https
+    /// judge, verified TLS, the judge's answer) succeeds: for http proxies
+    /// whether CONNECT reaches the judge and TLS is not intercepted; socks
+    /// proxies tunnel any TCP stream, so `Some(true)`. A validator without
+    /// an https check leaves it unknown.
     pub supports_https: Option<bool>,
+    /// When `supports_https` is `Some(false)`, the `https_failure` a correct
+    /// validator writes (`connect_refused 405`, `tls_intercepted`, ...).
+    pub https_failure: Option<&'static str>,
     /// The address the judge sees a check come from (the proxy's own);
     /// None when not alive.
     pub exit_ip: Option<IpAddr>,
@@ -65,9 +73,11 @@ impl ManifestEntry {
             password,
             behaviour,
             connect,
+            connect_443_only: false,
             alive: expected.alive,
             anonymity: expected.anonymity,
             supports_https: expected.supports_https,
+            https_failure: expected.https_failure,
             exit_ip: expected.alive.then_some(ip),
             dead_reasons: expected.dead_reasons,
         }
@@ -96,12 +106,24 @@ impl ManifestEntry {
             self.alive = false;
             self.anonymity = None;
             self.supports_https = None;
+            self.https_failure = None;
             self.exit_ip = None;
             self.dead_reasons = if self.protocol.is_http() {
                 &["proxy_auth_required"]
             } else {
                 &["socks"]
             };
+        }
+        self
+    }
+
+    /// The entry of a proxy whose CONNECT reaches port 443 only, for a
+    /// validator whose https judge listens on `https_judge_port`.
+    pub(crate) fn connect_443_only(mut self, only: bool, https_judge_port: u16) -> ManifestEntry {
+        self.connect_443_only = only;
+        if only && self.supports_https == Some(true) && https_judge_port != 443 {
+            self.supports_https = Some(false);
+            self.https_failure = Some("connect_refused 403");
         }
         self
     }
@@ -143,10 +165,12 @@ impl ManifestEntry {
             "behaviour": self.behaviour.name(),
             "parameter": parameter,
             "connect": self.connect,
+            "connect_443_only": self.connect_443_only,
             "url": self.url(),
             "alive": self.alive,
             "anonymity": self.anonymity.map(|a| a.as_str()),
             "supports_https": self.supports_https,
+            "https_failure": self.https_failure,
             "exit_ip": self.exit_ip.map(|ip| ip.to_string()),
             "dead_reasons": self.dead_reasons,
         })
@@ -159,6 +183,7 @@ pub(crate) struct Expected {
     pub alive: bool,
     pub anonymity: Option<Anonymity>,
     pub supports_https: Option<bool>,
+    pub https_failure: Option<&'static str>,
     pub dead_reasons: &'static [&'static str],
 }
 
@@ -173,6 +198,7 @@ pub(crate) fn expect(behaviour: Behaviour, protocol: Protocol, connect: bool) ->
         alive: false,
         anonymity: None,
         supports_https: None,
+        https_failure: None,
         dead_reasons,
     };
     let http = protocol.is_http();
@@ -181,14 +207,16 @@ pub(crate) fn expect(behaviour: Behaviour, protocol: Protocol, connect: bool) ->
         | Behaviour::Socks4
         | Behaviour::Socks5
         | Behaviour::Slow(_)
+        | Behaviour::TlsIntercept
         | Behaviour::AuthRequired => Anonymity::Elite,
+        Behaviour::XffUnknown => Anonymity::Anonymous,
         Behaviour::Flaky(fraction) if fraction < 1.0 => Anonymity::Elite,
         Behaviour::Anonymous => Anonymity::Anonymous,
         Behaviour::Transparent => Anonymity::Transparent,
         Behaviour::Dead => return dead(&["refused"]),
         Behaviour::BlackHole if http => return dead(&["timeout"]),
-        // A SOCKS client may count the silent handshake as part of connecting.
-        Behaviour::BlackHole => return dead(&["timeout", "connect_timeout"]),
+        // Connected, then silence: the handshake failed, not the connect.
+        Behaviour::BlackHole => return dead(&["handshake_timeout"]),
         _ if !http => return dead(&[]),
         Behaviour::Flaky(_) => return dead(&["reset"]),
         Behaviour::Garbage | Behaviour::MalformedStatus => return dead(&["garbage"]),
@@ -199,10 +227,19 @@ pub(crate) fn expect(behaviour: Behaviour, protocol: Protocol, connect: bool) ->
         }
     };
     let anonymity = if http { anonymity } else { Anonymity::Elite };
+    let https_failure = match behaviour {
+        _ if !http => None,
+        // Its second connection, the https check's, is hung up on.
+        Behaviour::Flaky(_) => Some("reset"),
+        Behaviour::TlsIntercept => Some("tls_intercepted"),
+        _ if !connect => Some("connect_refused 405"),
+        _ => None,
+    };
     Expected {
         alive: true,
         anonymity: Some(anonymity),
-        supports_https: Some(!http || connect),
+        supports_https: Some(https_failure.is_none()),
+        https_failure,
         dead_reasons: &[],
     }
 }
@@ -331,6 +368,35 @@ mod tests {
             expect(Behaviour::Socks4, Protocol::Socks4, false).supports_https,
             Some(true)
         );
+        let refused = expect(Behaviour::Elite, Protocol::Http, false);
+        assert_eq!(refused.https_failure, Some("connect_refused 405"));
+        let intercepted = expect(Behaviour::TlsIntercept, Protocol::Https, true);
+        assert_eq!(intercepted.supports_https, Some(false));
+        assert_eq!(intercepted.https_failure, Some("tls_intercepted"));
+        assert_eq!(intercepted.anonymity, Some(Anonymity::Elite));
+        assert_eq!(
+            expect(Behaviour::XffUnknown, Protocol::Http, false).anonymity,
+            Some(Anonymity::Anonymous)
+        );
+    }
+
+    #[test]
+    fn a_443_only_proxy_supports_https_only_with_a_judge_on_443() {
+        let ip = "127.1.0.3".parse().unwrap();
+        let entry =
+            || ManifestEntry::new(2, Protocol::Https, ip, 3128, Behaviour::Elite, true, None);
+        let on_443 = entry().connect_443_only(true, 443);
+        assert_eq!(
+            (on_443.supports_https, on_443.https_failure),
+            (Some(true), None)
+        );
+        let elsewhere = entry().connect_443_only(true, 8443);
+        assert_eq!(
+            (elsewhere.supports_https, elsewhere.https_failure),
+            (Some(false), Some("connect_refused 403"))
+        );
+        let any_port = entry().connect_443_only(false, 8443);
+        assert_eq!(any_port.supports_https, Some(true));
     }
 
     #[test]

@@ -2,9 +2,12 @@
 //! Every upstream connection leaves from the proxy's own loopback address, so
 //! the judge sees the proxy as the origin, and goes only to loopback.
 
-use std::net::{IpAddr, SocketAddr, TcpStream};
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, OnceLock};
+use std::thread;
 use std::time::{Duration, Instant};
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 use crate::spec::{Behaviour, Credentials};
 use crate::wire::{self, Bound, Head};
@@ -20,10 +23,13 @@ pub const VIA: &str = "1.1 farm-proxy";
 /// One simulated proxy's fixed settings.
 pub(crate) struct ProxyConfig {
     pub index: usize,
-    pub ip: IpAddr,
+    /// The address its outgoing connections leave from (its own unless it
+    /// is in an exit group).
+    pub exit_ip: IpAddr,
     pub behaviour: Behaviour,
     pub protocol: Protocol,
     pub connect: bool,
+    pub connect_443_only: bool,
     pub credentials: Option<Credentials>,
 }
 
@@ -183,7 +189,20 @@ fn serve_http(
         let Some(target) = wire::parse_authority(&head.target, 443) else {
             return wire::write_response(&mut client, 400, &[], b"bad CONNECT target\n", bound);
         };
-        let upstream = match wire::connect_from(config.ip, target, UPSTREAM_CONNECT_TIMEOUT) {
+        if config.connect_443_only && target.port() != 443 {
+            let body = b"CONNECT to port 443 only\n";
+            return wire::write_response(&mut client, 403, &[], body, bound);
+        }
+        if config.behaviour == Behaviour::TlsIntercept {
+            wire::write_all(
+                &mut client,
+                b"HTTP/1.1 200 Connection established\r\n\r\n",
+                bound,
+            )?;
+            serve_tls_echo(client, intercepting_tls(), config.exit_ip);
+            return Ok(());
+        }
+        let upstream = match wire::connect_from(config.exit_ip, target, UPSTREAM_CONNECT_TIMEOUT) {
             Ok(upstream) => upstream,
             Err(_) => return wire::write_response(&mut client, 502, &[], b"", bound),
         };
@@ -203,7 +222,7 @@ fn serve_http(
         let body = b"this is a proxy: send an absolute URI\n";
         return wire::write_response(&mut client, 400, &[], body, bound);
     };
-    let mut upstream = match wire::connect_from(config.ip, target, UPSTREAM_CONNECT_TIMEOUT) {
+    let mut upstream = match wire::connect_from(config.exit_ip, target, UPSTREAM_CONNECT_TIMEOUT) {
         Ok(upstream) => upstream,
         Err(_) => return wire::write_response(&mut client, 502, &[], b"", bound),
     };
@@ -242,6 +261,7 @@ pub(crate) fn forwarded_head(
             headers.push(("Via", VIA.to_owned()));
             headers.push(("X-Forwarded-For", client_ip.to_string()));
         }
+        Behaviour::XffUnknown => headers.push(("X-Forwarded-For", "unknown".to_owned())),
         _ => {}
     }
     let mut out = Vec::new();
@@ -298,7 +318,7 @@ fn serve_socks4(
         return wire::write_all(&mut client, &reply(91), bound);
     };
     let upstream = match wire::connect_from(
-        config.ip,
+        config.exit_ip,
         SocketAddr::new(ip, port),
         UPSTREAM_CONNECT_TIMEOUT,
     ) {
@@ -401,7 +421,7 @@ fn serve_socks5(
         return wire::write_all(&mut client, &socks5_reply(2), bound);
     };
     let target = SocketAddr::new(ip, u16::from_be_bytes(port));
-    let upstream = match wire::connect_from(config.ip, target, UPSTREAM_CONNECT_TIMEOUT) {
+    let upstream = match wire::connect_from(config.exit_ip, target, UPSTREAM_CONNECT_TIMEOUT) {
         Ok(upstream) => upstream,
         Err(_) => return wire::write_all(&mut client, &socks5_reply(5), bound),
     };
@@ -443,6 +463,83 @@ fn huge_header(client: &mut TcpStream, bound: Bound) -> std::io::Result<()> {
         b"\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
         bound,
     )
+}
+
+/// The test https judge's certificate, key and CA (throwaway, for loopback
+/// tests only): valid for 127.0.0.1, `localhost` and 127.44.0.1-64.
+const JUDGE_CERT: &[u8] = include_bytes!("../../../src/validator/testdata/judge.pem");
+const JUDGE_KEY: &[u8] = include_bytes!("../../../src/validator/testdata/judge.key");
+/// A certificate for 127.0.0.1 that no root vouches for: what a proxy reading
+/// its clients' TLS presents.
+const INTERCEPT_CERT: &[u8] = include_bytes!("../../../src/validator/testdata/intercept.pem");
+const INTERCEPT_KEY: &[u8] = include_bytes!("../../../src/validator/testdata/intercept.key");
+
+/// The CA file a validator needs (`https_ca_file`) to trust [`start_tls_judge`].
+pub fn tls_judge_ca_file() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../src/validator/testdata/ca.pem")
+}
+
+fn server_tls(cert_pem: &[u8], key_pem: &[u8]) -> Arc<rustls::ServerConfig> {
+    use rustls::pki_types::pem::PemObject;
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<_, _>>()
+        .expect("the farm's test certificate");
+    let key = PrivatePkcs8KeyDer::from_pem_slice(key_pem).expect("the farm's test key");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .and_then(|builder| {
+            builder
+                .with_no_client_auth()
+                .with_single_cert(certs, PrivateKeyDer::Pkcs8(key))
+        })
+        .expect("the farm's TLS configuration");
+    Arc::new(config)
+}
+
+fn judge_tls() -> Arc<rustls::ServerConfig> {
+    static CONFIG: OnceLock<Arc<rustls::ServerConfig>> = OnceLock::new();
+    CONFIG
+        .get_or_init(|| server_tls(JUDGE_CERT, JUDGE_KEY))
+        .clone()
+}
+
+fn intercepting_tls() -> Arc<rustls::ServerConfig> {
+    static CONFIG: OnceLock<Arc<rustls::ServerConfig>> = OnceLock::new();
+    CONFIG
+        .get_or_init(|| server_tls(INTERCEPT_CERT, INTERCEPT_KEY))
+        .clone()
+}
+
+/// Starts an https judge (the judge's echo over TLS, certificate signed by
+/// [`tls_judge_ca_file`]) on `address` (port 443 on a 127.44.0.x address
+/// as root: the port stock proxies tunnel to). Its threads live as long as
+/// the process. Returns the address it listens on.
+pub fn start_tls_judge(address: SocketAddr) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(address)?;
+    let bound = listener.local_addr()?;
+    thread::Builder::new()
+        .name("farm-tls-judge".into())
+        .stack_size(128 * 1024)
+        .spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let Ok(peer) = stream.peer_addr() else {
+                    continue;
+                };
+                let _ = thread::Builder::new()
+                    .stack_size(256 * 1024)
+                    .spawn(move || serve_tls_echo(stream, judge_tls(), peer.ip()));
+            }
+        })?;
+    Ok(bound)
+}
+
+/// Answers one request on `stream` over TLS with `tls`'s certificate: the
+/// judge's echo, with `origin` as the origin.
+fn serve_tls_echo(stream: TcpStream, tls: Arc<rustls::ServerConfig>, origin: IpAddr) {
+    if let Err(error) = crate::tls::serve_judge_tls(stream, SocketAddr::new(origin, 0), tls) {
+        log::debug!("farm tls judge: {error}");
+    }
 }
 
 /// A fake origin in a documentation range (RFC 5737): never a real host.

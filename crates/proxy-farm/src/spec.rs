@@ -20,6 +20,14 @@ pub enum Behaviour {
     Anonymous,
     /// Adds `X-Forwarded-For: <client ip>` and `Via`.
     Transparent,
+    /// Adds `X-Forwarded-For: unknown`, as squid with `forwarded_for off`.
+    /// (`Anonymous` is the Via-only proxy: squid's `forwarded_for delete`,
+    /// tinyproxy's default.)
+    XffUnknown,
+    /// Reads its clients' TLS: accepts CONNECT to any port, then terminates
+    /// the TLS itself with a certificate no root vouches for and answers as
+    /// the judge. Plain http goes through like `Elite`.
+    TlsIntercept,
     /// A working SOCKS4 proxy (the group's protocol is forced to socks4).
     Socks4,
     /// A working SOCKS5 proxy (the group's protocol is forced to socks5).
@@ -28,7 +36,10 @@ pub enum Behaviour {
     Dead,
     /// Accepts and never answers, holding the connection.
     BlackHole,
-    /// Works like `Elite` (or its socks protocol) after this many milliseconds.
+    /// Works like `Elite` (or its socks protocol) after this many
+    /// milliseconds: for a socks proxy every reply of its handshake comes
+    /// that late (a slow socks reply), for an http proxy that tunnels, its
+    /// CONNECT answer too (a slow CONNECT).
     Slow(u64),
     /// Closes this fraction of connections (deterministically: with 0.5 every
     /// second one), works otherwise.
@@ -61,6 +72,8 @@ impl Behaviour {
             Behaviour::Elite => "elite",
             Behaviour::Anonymous => "anonymous",
             Behaviour::Transparent => "transparent",
+            Behaviour::XffUnknown => "xff_unknown",
+            Behaviour::TlsIntercept => "tls_intercept",
             Behaviour::Socks4 => "socks4",
             Behaviour::Socks5 => "socks5",
             Behaviour::Dead => "dead",
@@ -132,8 +145,16 @@ pub struct ProxyGroup {
     pub credentials: Option<Credentials>,
     /// Whether an http proxy tunnels CONNECT (true by default for `https`).
     pub connect: bool,
+    /// Whether its CONNECT reaches port 443 only (stock squid's
+    /// `http_access deny CONNECT !SSL_ports`, tinyproxy's `ConnectPort 443`);
+    /// any other port gets 403.
+    pub connect_443_only: bool,
     /// How the credentials appear in the lists and the manifest.
     pub listing: Listing,
+    /// Proxies per exit: every `exit_group` consecutive proxies of this
+    /// group open their outgoing connections from one address, the first
+    /// one's (one exit behind many entry points). 1: each its own exit.
+    pub exit_group: usize,
 }
 
 impl ProxyGroup {
@@ -143,9 +164,18 @@ impl ProxyGroup {
             protocol: behaviour.default_protocol(),
             count,
             credentials: None,
-            connect: false,
+            connect: behaviour == Behaviour::TlsIntercept,
+            connect_443_only: false,
             listing: Listing::AsRequired,
+            exit_group: 1,
         }
+    }
+
+    /// Tunnels CONNECT to port 443 only.
+    pub fn connect_443_only(mut self) -> ProxyGroup {
+        self.connect = true;
+        self.connect_443_only = true;
+        self
     }
 
     /// Sets the protocol; `https` also turns CONNECT support on.
@@ -169,6 +199,13 @@ impl ProxyGroup {
 
     pub fn listed(mut self, listing: Listing) -> ProxyGroup {
         self.listing = listing;
+        self
+    }
+
+    /// Makes every `size` consecutive proxies of the group share one exit
+    /// address (at least 1).
+    pub fn exit_group(mut self, size: usize) -> ProxyGroup {
+        self.exit_group = size.max(1);
         self
     }
 }
@@ -218,6 +255,10 @@ pub struct FarmSpec {
     pub connection_limit: Duration,
     /// Seeds the random choices (latencies, binary list bytes).
     pub seed: u64,
+    /// The port of the https judge the validator under test tunnels to (its
+    /// `https_target`), for the manifest: a proxy that tunnels to 443 only
+    /// supports https exactly when it is 443.
+    pub https_judge_port: u16,
 }
 
 impl Default for FarmSpec {
@@ -232,6 +273,7 @@ impl Default for FarmSpec {
             slow_chunk_delay: Duration::from_secs(1),
             connection_limit: Duration::from_secs(60),
             seed: 42,
+            https_judge_port: 443,
         }
     }
 }
@@ -283,6 +325,11 @@ impl FarmSpec {
         self
     }
 
+    pub fn https_judge_port(mut self, port: u16) -> FarmSpec {
+        self.https_judge_port = port;
+        self
+    }
+
     /// The number of proxies the spec describes.
     pub fn total(&self) -> usize {
         self.groups.iter().map(|group| group.count).sum()
@@ -291,8 +338,11 @@ impl FarmSpec {
     /// One proxy of every behaviour, over http, https (CONNECT), socks4 and
     /// socks5, with and without credentials, and http and socks5 proxies
     /// listed without the credentials they require or with wrong ones.
-    /// `Slow` waits 200 ms; `Flaky(0.5)` fails every second connection,
-    /// starting with the second.
+    /// `Slow` waits 200 ms, and 1.5 s (http, CONNECT) and 1.2 s (socks5)
+    /// for a validator with a 3 s timeout and a 1 s connect timeout; `Flaky(0.5)`
+    /// fails every second connection, starting with the second. A
+    /// TLS-intercepting proxy, an XFF-`unknown` one and one tunnelling to
+    /// 443 only show the tricks of real proxies.
     pub fn every_behaviour() -> FarmSpec {
         use Behaviour::*;
         use Listing::*;
@@ -304,6 +354,11 @@ impl FarmSpec {
             .group(one(Anonymous).protocol(Protocol::Https))
             .group(one(Transparent))
             .group(one(Transparent).protocol(Protocol::Https))
+            .group(one(XffUnknown))
+            .group(one(TlsIntercept).protocol(Protocol::Https))
+            .group(one(Elite).protocol(Protocol::Https).connect_443_only())
+            .group(one(Slow(1500)).connect(true))
+            .group(one(Slow(1200)).protocol(Protocol::Socks5))
             .group(one(Socks4))
             .group(one(Socks4).credentials("farmuser4", ""))
             .group(one(Socks5))
@@ -370,9 +425,92 @@ impl FarmSpec {
     }
 }
 
+impl FarmSpec {
+    /// The offline demo's pool (`proxy-farm` without `--every-behaviour`):
+    /// `mix`'s dead and black-hole shares, and its alive share spread the way
+    /// a real pool looks: slow elite http proxies tunnelling CONNECT (some
+    /// to 443 only), anonymous (Via-only), transparent, XFF-`unknown` and
+    /// TLS-intercepting ones, socks4 and socks5, https-capable and not.
+    pub fn demo(total: usize, mix: &Mix) -> FarmSpec {
+        use Behaviour::*;
+        let base = FarmSpec::mix(total, mix);
+        let alive = base
+            .groups
+            .iter()
+            .filter(|group| matches!(group.behaviour, Slow(_)))
+            .count();
+        // Shares of the alive proxies, in thousandths; the rest stay slow elite.
+        let kinds: [(u32, ProxyGroup); 8] = [
+            (150, ProxyGroup::new(Anonymous, 1)),
+            (100, ProxyGroup::new(Transparent, 1).connect(true)),
+            (50, ProxyGroup::new(XffUnknown, 1)),
+            (120, ProxyGroup::new(Socks5, 1)),
+            (80, ProxyGroup::new(Socks4, 1)),
+            (
+                60,
+                ProxyGroup::new(Elite, 1)
+                    .protocol(Protocol::Https)
+                    .connect_443_only(),
+            ),
+            (
+                40,
+                ProxyGroup::new(TlsIntercept, 1).protocol(Protocol::Https),
+            ),
+            (50, ProxyGroup::new(Elite, 1).protocol(Protocol::Https)),
+        ];
+        let mut spec = FarmSpec {
+            groups: Vec::new(),
+            ..base.clone()
+        };
+        let mut slow = base
+            .groups
+            .iter()
+            .filter(|g| matches!(g.behaviour, Slow(_)));
+        for (thousandths, group) in kinds {
+            let count = alive * thousandths as usize / 1000;
+            // Each replaces one slow elite proxy, so the total stays.
+            for _ in 0..count {
+                slow.next();
+            }
+            spec = spec.group(ProxyGroup { count, ..group });
+        }
+        for group in slow {
+            spec = spec.group(group.clone());
+        }
+        for group in base
+            .groups
+            .iter()
+            .filter(|g| !matches!(g.behaviour, Slow(_)))
+        {
+            spec = spec.group(group.clone());
+        }
+        spec
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_demo_pool_is_not_all_elite_http() {
+        let spec = FarmSpec::demo(1000, &Mix::default());
+        assert_eq!(spec.total(), 1000);
+        let count = |name: &str| {
+            spec.groups
+                .iter()
+                .filter(|g| g.behaviour.name() == name)
+                .map(|g| g.count)
+                .sum::<usize>()
+        };
+        assert_eq!(count("dead"), 300);
+        assert_eq!(count("black_hole"), 200);
+        assert_eq!(count("anonymous"), 75);
+        assert_eq!(count("socks5"), 60);
+        assert_eq!(count("tls_intercept"), 20);
+        assert!(count("slow") > 100);
+        assert!(spec.groups.iter().any(|g| g.connect_443_only));
+    }
 
     #[test]
     fn mix_adds_up_to_total_in_the_default_shares() {
