@@ -549,6 +549,7 @@ fn scoring() -> ScoringConfig {
         ban_cooldown_max: Duration::from_secs(21600),
         top_k: 10,
         explore_ratio: 0.1,
+        discount: 0.9,
     }
 }
 
@@ -596,6 +597,7 @@ fn make_stats(proxies: &[ActiveProxy]) -> SnapshotData {
                         banned_until_ms: banned.then_some(now_ms + 1_800_000),
                         ban_count: u32::from(banned),
                         last_used_ms: now_ms - rng.i64(0..3_600_000),
+                        discounted: None,
                     }
                 })
                 .collect();

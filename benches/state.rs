@@ -33,6 +33,7 @@ fn scoring() -> ScoringConfig {
         ban_cooldown_max: Duration::from_secs(21600),
         top_k: 10,
         explore_ratio: 0.1,
+        discount: 0.9,
     }
 }
 
@@ -86,6 +87,7 @@ fn stats(active: &[ActiveProxy], rng: &mut fastrand::Rng) -> SnapshotData {
                         banned_until_ms: banned.then(|| now_ms + rng.i64(1..3_600_000)),
                         ban_count: u32::from(banned),
                         last_used_ms: now_ms - rng.i64(0..86_400_000),
+                        discounted: None,
                     }
                 })
                 .collect();

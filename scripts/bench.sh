@@ -2,11 +2,11 @@
 # Whole-service benchmarks, printed as tables with the machine, the commit and
 # the command. Speed and memory targets are checked here, never in tests.
 #   scripts/bench.sh            every benchmark
-#   scripts/bench.sh ingest     one of: ingest validate api state scale_out
+#   scripts/bench.sh ingest     one of: ingest validate api state scale_out learning
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-all=(ingest validate api scale_out state)
+all=(ingest validate api scale_out state learning)
 selected=("$@")
 [ ${#selected[@]} -eq 0 ] && selected=("${all[@]}")
 

@@ -117,8 +117,15 @@ pub struct ScoringConfig {
     pub ban_threshold: i32,
     pub ban_cooldown: Duration,
     pub ban_cooldown_max: Duration,
+    /// On a long candidate list (over 256), the best estimates of the
+    /// source that take part in the draw.
     pub top_k: usize,
+    /// On a long candidate list, the share of the draw's candidates taken
+    /// at random from the whole list (untried proxies included).
     pub explore_ratio: f64,
+    /// Each report first multiplies a proxy's discounted counts by this:
+    /// the estimate weighs about the last `1 / (1 - discount)` reports.
+    pub discount: f64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -533,7 +540,7 @@ const KEYS: &[Key] = &[
         "scoring",
         "top_k",
         Kind::Whole {
-            default: 10,
+            default: 32,
             min: 1,
             max: 100_000
         },
@@ -542,8 +549,14 @@ const KEYS: &[Key] = &[
     key!(
         "scoring",
         "explore_ratio",
-        Kind::Ratio { default: 0.1 },
+        Kind::Ratio { default: 0.5 },
         scoring.explore_ratio
+    ),
+    key!(
+        "scoring",
+        "discount",
+        Kind::Ratio { default: 0.9 },
+        scoring.discount
     ),
     key!(
         "state",
@@ -1042,6 +1055,16 @@ impl Reader<'_> {
         }
         let s = "scoring";
         let scoring = &config.scoring;
+        if scoring.discount <= 0.0 {
+            self.problem(
+                s,
+                Some("discount"),
+                format!(
+                    "expected a number above 0 and at most 1, found {}",
+                    scoring.discount
+                ),
+            );
+        }
         if scoring.success_delta < 0 {
             self.problem(
                 s,
@@ -1446,8 +1469,9 @@ mod tests {
         assert_eq!(config.scheduler.interval, Duration::from_secs(60));
         assert_eq!(config.scoring.failure_delta, -5);
         assert_eq!(config.scoring.ban_threshold, -15);
-        assert_eq!(config.scoring.top_k, 10);
-        assert_eq!(config.scoring.explore_ratio, 0.1);
+        assert_eq!(config.scoring.top_k, 32);
+        assert_eq!(config.scoring.explore_ratio, 0.5);
+        assert_eq!(config.scoring.discount, 0.9);
         assert_eq!(
             config.state.snapshot_path,
             PathBuf::from("source_stats.bin")

@@ -10,9 +10,11 @@
 //! replaced atomically: written to a temporary file in the same directory,
 //! fsynced, renamed over the old one, and the directory fsynced.
 //!
-//! Versions: 1 held the stats only; 2 adds the active set. Both are read (a
-//! version 1 file gives an empty active set); only the current one is
-//! written.
+//! Versions: 1 held the stats only; 2 adds the active set; 3 adds what the
+//! choice learns (each entry's discounted counts) and each active proxy's
+//! exit address. All are read (a version 1 file gives an empty active set;
+//! entries of versions 1 and 2 have no discounted counts, which the restore
+//! derives from their counts); only the current one is written.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
@@ -27,7 +29,7 @@ pub const MAGIC: [u8; 8] = *b"PPSNAP\0\x01";
 /// version and of [`OLDEST_READABLE_VERSION`] onwards are read, each with
 /// its own layout; any other is treated as unreadable (moved aside), never
 /// misread.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 /// The first version, stats only ([`SnapshotDataV1`]).
 pub const OLDEST_READABLE_VERSION: u32 = 1;
 const HEADER_LEN: usize = 28;
@@ -48,21 +50,111 @@ pub struct SnapshotData {
     pub active: Vec<ActiveSnapshot>,
 }
 
-/// A version 1 payload: [`SnapshotData`] without the active set.
+/// A version 1 payload: a version 2 one without the active set.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct SnapshotDataV1 {
     pub taken_at_ms: i64,
     pub urls: Vec<String>,
-    pub sources: Vec<SourceSnapshot>,
+    pub sources: Vec<SourceSnapshotV2>,
+}
+
+/// A version 2 payload: entries without discounted counts, active proxies
+/// without their exit.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotDataV2 {
+    pub taken_at_ms: i64,
+    pub urls: Vec<String>,
+    pub sources: Vec<SourceSnapshotV2>,
+    pub active: Vec<ActiveSnapshotV2>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SourceSnapshotV2 {
+    pub name: String,
+    pub requests: u64,
+    pub feedbacks: u64,
+    pub entries: Vec<EntrySnapshotV2>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EntrySnapshotV2 {
+    pub url: u32,
+    pub score: i32,
+    pub success_count: u64,
+    pub failure_count: u64,
+    pub banned_until_ms: Option<i64>,
+    pub ban_count: u32,
+    pub last_used_ms: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ActiveSnapshotV2 {
+    pub id: i64,
+    pub url: u32,
+    pub latency_ms: Option<u32>,
+    pub anonymity: Option<String>,
+    pub country: Option<String>,
+    pub supports_https: Option<bool>,
+    pub last_validated_ms: Option<i64>,
+    pub anonymity_evidence: Option<String>,
 }
 
 impl From<SnapshotDataV1> for SnapshotData {
     fn from(v1: SnapshotDataV1) -> SnapshotData {
-        SnapshotData {
+        SnapshotData::from(SnapshotDataV2 {
             taken_at_ms: v1.taken_at_ms,
             urls: v1.urls,
             sources: v1.sources,
             active: Vec::new(),
+        })
+    }
+}
+
+impl From<SnapshotDataV2> for SnapshotData {
+    fn from(v2: SnapshotDataV2) -> SnapshotData {
+        let sources = v2
+            .sources
+            .into_iter()
+            .map(|source| SourceSnapshot {
+                name: source.name,
+                requests: source.requests,
+                feedbacks: source.feedbacks,
+                entries: source
+                    .entries
+                    .into_iter()
+                    .map(|entry| EntrySnapshot {
+                        url: entry.url,
+                        score: entry.score,
+                        success_count: entry.success_count,
+                        failure_count: entry.failure_count,
+                        banned_until_ms: entry.banned_until_ms,
+                        ban_count: entry.ban_count,
+                        last_used_ms: entry.last_used_ms,
+                        discounted: None,
+                    })
+                    .collect(),
+            })
+            .collect();
+        let active = v2
+            .active
+            .into_iter()
+            .map(|active| ActiveSnapshot {
+                id: active.id,
+                url: active.url,
+                latency_ms: active.latency_ms,
+                anonymity: active.anonymity,
+                country: active.country,
+                supports_https: active.supports_https,
+                last_validated_ms: active.last_validated_ms,
+                anonymity_evidence: active.anonymity_evidence,
+                exit_ip: None,
+            })
+            .collect();
+        SnapshotData {
+            taken_at_ms: v2.taken_at_ms,
+            urls: v2.urls,
+            sources,
+            active,
         }
     }
 }
@@ -86,6 +178,9 @@ pub struct EntrySnapshot {
     /// Bans so far of this proxy for this source (each doubles the next).
     pub ban_count: u32,
     pub last_used_ms: i64,
+    /// The recency-discounted successes and failures the choice draws
+    /// from; `None` in files of versions 1 and 2.
+    pub discounted: Option<(f32, f32)>,
 }
 
 /// One active proxy: what get-proxy answers with, as its last successful
@@ -106,6 +201,8 @@ pub struct ActiveSnapshot {
     pub last_validated_ms: Option<i64>,
     /// Which headers gave the proxy away (none for elite proxies).
     pub anonymity_evidence: Option<String>,
+    /// Where its connections leave from, when known.
+    pub exit_ip: Option<std::net::IpAddr>,
 }
 
 impl SnapshotData {
@@ -358,6 +455,9 @@ fn read_snapshot(file: File) -> Result<SnapshotData, ReadFailure> {
     let decoded = if version == 1 {
         bincode::serde::decode_from_std_read::<SnapshotDataV1, _, _>(&mut hashing, bincode_config())
             .map(SnapshotData::from)
+    } else if version == 2 {
+        bincode::serde::decode_from_std_read::<SnapshotDataV2, _, _>(&mut hashing, bincode_config())
+            .map(SnapshotData::from)
     } else {
         bincode::serde::decode_from_std_read(&mut hashing, bincode_config())
     };
@@ -471,6 +571,7 @@ mod tests {
                         banned_until_ms: None,
                         ban_count: 0,
                         last_used_ms: 1_699_999_999_000,
+                        discounted: Some((5.2, 0.0)),
                     },
                     EntrySnapshot {
                         url: 1,
@@ -480,6 +581,7 @@ mod tests {
                         banned_until_ms: Some(1_700_001_800_000),
                         ban_count: 2,
                         last_used_ms: 1_699_999_999_500,
+                        discounted: Some((0.0, 3.4)),
                     },
                 ],
             }],
@@ -493,6 +595,7 @@ mod tests {
                     supports_https: None,
                     last_validated_ms: Some(1_699_999_990_000),
                     anonymity_evidence: None,
+                    exit_ip: Some("5.6.7.9".parse().unwrap()),
                 },
                 ActiveSnapshot {
                     id: 42,
@@ -503,6 +606,7 @@ mod tests {
                     supports_https: Some(true),
                     last_validated_ms: None,
                     anonymity_evidence: Some("Via: 1.1 squid".into()),
+                    exit_ip: None,
                 },
             ],
         }
@@ -599,11 +703,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("stats.bin");
         fs::write(&path, bytes).unwrap();
-        let expected = SnapshotData {
+        let mut expected = SnapshotData {
             urls: sample().urls[..2].to_vec(),
             active: Vec::new(),
             ..sample()
         };
+        for entry in &mut expected.sources[0].entries {
+            entry.discounted = None;
+        }
         match load(&path).unwrap() {
             Loaded::Loaded(data) => assert_eq!(data, expected),
             other => panic!("expected the version 1 snapshot, got {other:?}"),
@@ -614,6 +721,78 @@ mod tests {
             bytes,
             "a load leaves the file as it is"
         );
+    }
+
+    /// `sample` as a version 2 binary wrote it: no discounted counts, no
+    /// exits.
+    fn sample_v2() -> SnapshotDataV2 {
+        let current = sample();
+        SnapshotDataV2 {
+            taken_at_ms: current.taken_at_ms,
+            urls: current.urls,
+            sources: current
+                .sources
+                .into_iter()
+                .map(|source| SourceSnapshotV2 {
+                    name: source.name,
+                    requests: source.requests,
+                    feedbacks: source.feedbacks,
+                    entries: source
+                        .entries
+                        .into_iter()
+                        .map(|e| EntrySnapshotV2 {
+                            url: e.url,
+                            score: e.score,
+                            success_count: e.success_count,
+                            failure_count: e.failure_count,
+                            banned_until_ms: e.banned_until_ms,
+                            ban_count: e.ban_count,
+                            last_used_ms: e.last_used_ms,
+                        })
+                        .collect(),
+                })
+                .collect(),
+            active: current
+                .active
+                .into_iter()
+                .map(|a| ActiveSnapshotV2 {
+                    id: a.id,
+                    url: a.url,
+                    latency_ms: a.latency_ms,
+                    anonymity: a.anonymity,
+                    country: a.country,
+                    supports_https: a.supports_https,
+                    last_validated_ms: a.last_validated_ms,
+                    anonymity_evidence: a.anonymity_evidence,
+                })
+                .collect(),
+        }
+    }
+
+    /// Guards the upgrade from version 2: its stats and active set load,
+    /// without discounted counts (the restore derives them) or exits.
+    #[test]
+    fn a_version_2_file_loads_without_discounted_counts_or_exits() {
+        let payload = bincode::serde::encode_to_vec(sample_v2(), bincode_config()).unwrap();
+        let mut hashing = Hashing::new(io::sink());
+        hashing.write_all(&payload).unwrap();
+        let mut bytes = header(payload.len() as u64, hashing.hash).to_vec();
+        bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
+        bytes.extend_from_slice(&payload);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stats.bin");
+        fs::write(&path, &bytes).unwrap();
+        let mut expected = sample();
+        for entry in &mut expected.sources[0].entries {
+            entry.discounted = None;
+        }
+        for active in &mut expected.active {
+            active.exit_ip = None;
+        }
+        match load(&path).unwrap() {
+            Loaded::Loaded(data) => assert_eq!(data, expected),
+            other => panic!("expected the version 2 snapshot, got {other:?}"),
+        }
     }
 
     #[test]

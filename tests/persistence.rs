@@ -147,6 +147,7 @@ fn sigterm_with_200k_stats_entries_writes_them_and_exits_0_within_the_bound() {
                 banned_until_ms: None,
                 ban_count: 0,
                 last_used_ms: now_ms,
+                discounted: None,
             })
             .collect()
     };

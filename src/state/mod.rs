@@ -15,6 +15,7 @@
 //! 3. one source's Mutex: its stats. One source's traffic never waits for
 //!    another's; no registry lock is ever requested while holding one.
 
+mod estimate;
 mod pick;
 mod registry;
 mod restore;
@@ -62,10 +63,8 @@ pub const ACTIVE_SNAPSHOT_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 /// Sources kept at once unless configured otherwise (`[state] max_sources`).
 pub const DEFAULT_MAX_SOURCES: usize = 10_000;
 
-/// Candidate lists this short are scanned whole: exact and cheap.
+/// Candidate lists this short take part in the draw whole.
 const EXACT_SCAN_LEN: usize = 256;
-/// How far the sampler for unscored proxies scans before giving up.
-const UNSCORED_SCAN_LIMIT: usize = 2048;
 /// Activations or deactivations a sync applies per write lock: short enough
 /// that get-proxy waits well under a millisecond behind one round.
 const SYNC_ROUND: usize = 1024;
@@ -241,6 +240,7 @@ impl State {
             filter: &filter,
             candidates,
             rules: &self.rules,
+            now: now_ms,
         };
         let mut rng = fastrand::Rng::with_seed(fastrand::u64(..));
         let mut chosen = if candidates.len() <= EXACT_SCAN_LEN {
@@ -253,7 +253,7 @@ impl State {
             chosen = picker.pick_exact(count, &mut rng);
         }
         if chosen.is_empty() {
-            return Err(picker.explain(now_ms));
+            return Err(picker.explain());
         }
         for (slot, _) in &chosen {
             if let Some(stats) = source_state.entries.get_mut(slot) {
@@ -308,16 +308,25 @@ impl State {
         success: bool,
         now: DateTime<Utc>,
     ) -> Result<FeedbackOutcome, FeedbackError> {
-        let slot = self
-            .registry
-            .read()
-            .slot_of_url(proxy_url)
-            .ok_or(FeedbackError::UnknownProxy)?;
+        let (slot, exit) = {
+            let registry = self.registry.read();
+            let slot = registry
+                .slot_of_url(proxy_url)
+                .ok_or(FeedbackError::UnknownProxy)?;
+            (slot, registry.exit_of(slot))
+        };
         let handle = self.source_handle_bounded(source)?;
         self.feedbacks.fetch_add(1, Ordering::Relaxed);
         let mut source_state = handle.lock();
         source_state.last_request = source_state.last_request.max(millis(now));
+        let bans_before = source_state.entries.get(&slot).map_or(0, |s| s.ban_count);
         let stats = source_state.record(slot, success, millis(now), &self.rules);
+        // Sites ban addresses: this ban covers every proxy of the exit.
+        if let (Some(exit), Some(until)) = (exit, stats.banned_until) {
+            if stats.ban_count > bans_before {
+                source_state.ban_exit(exit, until);
+            }
+        }
         Ok(FeedbackOutcome {
             score: stats.score,
             success_count: stats.success_count,

@@ -1,12 +1,26 @@
 //! The choice of a get-proxy: which eligible proxies a source is given.
 //! Made under the registry's read lock and the source's lock, so it is pure
 //! and bounded: no allocation proportional to the pool, no I/O.
+//!
+//! Thompson sampling (see [`super::estimate`]): every proxy taking part
+//! draws a value from the source's posterior for it, and the highest draws
+//! win. On a short candidate list every eligible proxy takes part; on a
+//! long one, the `top_k` best estimates of the source and a random sample
+//! of the whole list (untried proxies included), so that the cost does not
+//! grow with the pool. Proxies banned for the source, or behind an exit
+//! banned for it, never take part; `count > 1` answers distinct exits while
+//! the draw holds enough of them.
 
 use std::time::Duration;
 
-use super::registry::{country_code, Filter, Registry, Slot};
+use super::estimate::Posterior;
+use super::registry::{country_code, ExitId, Filter, Registry, Slot};
 use super::source::{Rules, SourceState};
-use super::{NoProxy, NoProxyReason, PickQuery, UNSCORED_SCAN_LIMIT};
+use super::{NoProxy, NoProxyReason, PickQuery};
+
+/// How far the walk of the best estimates goes past proxies the filter
+/// refuses, per proxy it needs.
+const WALK_PER_WANTED: usize = 8;
 
 pub(super) fn compile_filter(query: &PickQuery) -> Filter {
     let country = query.country.as_deref().map(country_code);
@@ -30,7 +44,12 @@ pub(super) struct Picker<'a> {
     /// Active slots, a superset of those matching the filter.
     pub candidates: &'a [Slot],
     pub rules: &'a Rules,
+    /// Unix milliseconds.
+    pub now: i64,
 }
+
+/// One proxy's draw: the value, the slot, its score.
+type Draw = (f32, Slot, i32);
 
 impl Picker<'_> {
     fn matches(&self, slot: Slot) -> bool {
@@ -39,166 +58,117 @@ impl Picker<'_> {
             .is_some_and(|meta| self.filter.matches(meta))
     }
 
-    fn explore_draws(&self, count: usize, rng: &mut fastrand::Rng) -> usize {
-        (0..count)
-            .filter(|_| rng.f64() < self.rules.explore_ratio)
-            .count()
+    fn exit_banned(&self, slot: Slot) -> bool {
+        if self.source.exit_bans.is_empty() {
+            return false;
+        }
+        self.registry
+            .exit_of(slot)
+            .and_then(|exit| self.source.exit_bans.get(&exit))
+            .is_some_and(|&until| until > self.now)
     }
 
-    /// Exact choice over every candidate, for short lists and as the last
+    /// The draw of `slot` when it may take part: matching, not banned, not
+    /// behind a banned exit.
+    fn draw(&self, slot: Slot, rng: &mut fastrand::Rng) -> Option<Draw> {
+        if !self.matches(slot) {
+            return None;
+        }
+        let (posterior, score) = match self.source.entries.get(&slot) {
+            // Expired bans were lifted before the pick.
+            Some(stats) if stats.banned_until.is_some() => return None,
+            Some(stats) => (stats.posterior, stats.score),
+            None => (Posterior::default(), self.rules.initial_score),
+        };
+        if self.exit_banned(slot) {
+            return None;
+        }
+        Some((posterior.draw(rng), slot, score))
+    }
+
+    /// Every eligible candidate draws: for short lists, and as the last
     /// word before answering "none".
     pub fn pick_exact(&self, count: usize, rng: &mut fastrand::Rng) -> Vec<(Slot, i32)> {
-        let mut scored = Vec::new();
-        let mut unscored = Vec::new();
-        for &slot in self.candidates {
-            if !self.matches(slot) {
-                continue;
-            }
-            match self.source.entries.get(&slot) {
-                // Expired bans were lifted before the pick.
-                Some(stats) if stats.banned_until.is_some() => {}
-                Some(stats) => scored.push((slot, stats.score)),
-                None => unscored.push((slot, self.rules.initial_score)),
-            }
-        }
-        let mut chosen = Vec::with_capacity(count);
-        let explore = self.explore_draws(count, rng).min(unscored.len());
-        choose_random(&mut unscored, explore, rng, &mut chosen);
-        let need = count - chosen.len();
-        let mut pool = scored;
-        pool.extend(unscored.into_iter().skip(explore));
-        let pool_size = self.rules.top_k.max(need);
-        if pool.len() > pool_size {
-            // The best `pool_size`, ties broken at random.
-            let mut keyed: Vec<(i32, u32, Slot)> = pool
-                .iter()
-                .map(|&(slot, score)| (score, rng.u32(..), slot))
-                .collect();
-            keyed.select_nth_unstable_by(pool_size - 1, |a, b| b.cmp(a));
-            keyed.truncate(pool_size);
-            pool = keyed
-                .into_iter()
-                .map(|(score, _, slot)| (slot, score))
-                .collect();
-        }
-        choose_random(&mut pool, need, rng, &mut chosen);
-        chosen
+        let drawn: Vec<Draw> = self
+            .candidates
+            .iter()
+            .filter_map(|&slot| self.draw(slot, rng))
+            .collect();
+        self.best_distinct(drawn, count)
     }
 
-    /// Choice without looking at every candidate: the explore share from a
-    /// random sample of unscored proxies, the rest at random among the
-    /// `top_k` found by walking the source's scores best-first.
+    /// The source's `top_k` best estimates and a random sample of the
+    /// candidates draw, without looking at every candidate.
     pub fn pick_fast(&self, count: usize, rng: &mut fastrand::Rng) -> Vec<(Slot, i32)> {
-        let mut chosen = Vec::with_capacity(count);
-        let explore = self.explore_draws(count, rng);
-        chosen.extend(self.sample_unscored(explore, &[], rng));
-        let need = count - chosen.len();
-        if need == 0 {
-            return chosen;
-        }
-        let mut pool = self.top(self.rules.top_k.max(need), &chosen, rng);
-        choose_random(&mut pool, need, rng, &mut chosen);
-        chosen
-    }
-
-    /// The `k` best eligible proxies not in `exclude`; unscored ones count
-    /// as `initial_score`.
-    fn top(&self, k: usize, exclude: &[(Slot, i32)], rng: &mut fastrand::Rng) -> Vec<(Slot, i32)> {
-        let initial = self.rules.initial_score;
-        let excluded = |slot: Slot, more: &[(Slot, i32)]| {
-            exclude.iter().chain(more).any(|&(other, _)| other == slot)
-        };
-        let mut pool: Vec<(Slot, i32)> = Vec::with_capacity(k);
-        let mut walk = self.source.by_score.iter().rev().peekable();
-        while let Some(&&(score, slot)) = walk.peek() {
-            if score <= initial {
-                break;
-            }
-            walk.next();
-            if self.matches(slot) && !excluded(slot, &[]) {
-                pool.push((slot, score));
-                if pool.len() == k {
-                    return pool;
+        let best = self.rules.top_k.max(count);
+        let random = self.rules.random_draws.max(count);
+        let mut drawn: Vec<Draw> = Vec::with_capacity(best + random);
+        let walk_limit = best.saturating_mul(WALK_PER_WANTED).saturating_add(64);
+        for &(_, slot) in self.source.ranked.iter().rev().take(walk_limit) {
+            if let Some(draw) = self.draw(slot, rng) {
+                drawn.push(draw);
+                if drawn.len() == best {
+                    break;
                 }
             }
         }
-        // At the initial score, scored and unscored proxies tie: gather
-        // enough of both and keep a random share.
-        let room = k - pool.len();
-        let mut level: Vec<(Slot, i32)> = Vec::new();
-        while let Some(&&(score, slot)) = walk.peek() {
-            if score < initial || level.len() == room {
+        let len = self.candidates.len();
+        let mut found = 0;
+        for _ in 0..(4 * random + 16) {
+            let slot = self.candidates[rng.usize(..len)];
+            if let Some(draw) = self.draw(slot, rng) {
+                drawn.push(draw);
+                found += 1;
+                if found == random {
+                    break;
+                }
+            }
+        }
+        self.best_distinct(drawn, count)
+    }
+
+    /// The `count` highest draws, one slot once, distinct exits first: a
+    /// proxy whose exit is taken already comes only when the draw holds no
+    /// more exits (proxies of unknown exit count as their own).
+    fn best_distinct(&self, mut drawn: Vec<Draw>, count: usize) -> Vec<(Slot, i32)> {
+        if count == 1 {
+            let best = drawn.iter().max_by(|a, b| a.0.total_cmp(&b.0));
+            return best
+                .map(|&(_, slot, score)| (slot, score))
+                .into_iter()
+                .collect();
+        }
+        drawn.sort_unstable_by(|a, b| b.0.total_cmp(&a.0));
+        let mut chosen: Vec<(Slot, i32)> = Vec::with_capacity(count);
+        let mut exits: Vec<ExitId> = Vec::with_capacity(count);
+        let mut same_exit: Vec<(Slot, i32)> = Vec::new();
+        for (_, slot, score) in drawn {
+            if chosen.len() == count {
                 break;
             }
-            walk.next();
-            if self.matches(slot) && !excluded(slot, &[]) {
-                level.push((slot, score));
-            }
-        }
-        let mut exclude_more = pool.clone();
-        exclude_more.extend_from_slice(exclude);
-        level.extend(self.sample_unscored(room, &exclude_more, rng));
-        choose_random(&mut level, room, rng, &mut pool);
-        if pool.len() == k {
-            return pool;
-        }
-        for &(score, slot) in walk {
-            if score >= initial {
-                // Already considered in the tie above.
+            if chosen
+                .iter()
+                .chain(&same_exit)
+                .any(|&(other, _)| other == slot)
+            {
                 continue;
             }
-            if self.matches(slot) && !excluded(slot, &pool) {
-                pool.push((slot, score));
-                if pool.len() == k {
-                    break;
+            match self.registry.exit_of(slot) {
+                Some(exit) if exits.contains(&exit) => same_exit.push((slot, score)),
+                Some(exit) => {
+                    exits.push(exit);
+                    chosen.push((slot, score));
                 }
+                None => chosen.push((slot, score)),
             }
         }
-        pool
-    }
-
-    /// Up to `n` distinct eligible proxies this source has no stats on, not
-    /// in `exclude`: random probes, then a bounded scan.
-    fn sample_unscored(
-        &self,
-        n: usize,
-        exclude: &[(Slot, i32)],
-        rng: &mut fastrand::Rng,
-    ) -> Vec<(Slot, i32)> {
-        let mut found: Vec<(Slot, i32)> = Vec::with_capacity(n);
-        let len = self.candidates.len();
-        if n == 0 || len == 0 {
-            return found;
-        }
-        let fits = |slot: Slot, found: &[(Slot, i32)]| {
-            !self.source.entries.contains_key(&slot)
-                && self.matches(slot)
-                && !exclude.iter().chain(found).any(|&(other, _)| other == slot)
-        };
-        for _ in 0..(4 * n + 16) {
-            let slot = self.candidates[rng.usize(..len)];
-            if fits(slot, &found) {
-                found.push((slot, self.rules.initial_score));
-                if found.len() == n {
-                    return found;
-                }
-            }
-        }
-        let start = rng.usize(..len);
-        for i in 0..len.min(UNSCORED_SCAN_LIMIT) {
-            let slot = self.candidates[(start + i) % len];
-            if fits(slot, &found) {
-                found.push((slot, self.rules.initial_score));
-                if found.len() == n {
-                    break;
-                }
-            }
-        }
-        found
+        let room = count - chosen.len();
+        chosen.extend(same_exit.into_iter().take(room));
+        chosen
     }
 
     /// Why nothing is eligible. Called only after an exact pick found none.
-    pub fn explain(&self, now: i64) -> NoProxy {
+    pub fn explain(&self) -> NoProxy {
         if !self.candidates.iter().any(|&slot| self.matches(slot)) {
             return NoProxy {
                 reason: NoProxyReason::NoMatch,
@@ -206,25 +176,21 @@ impl Picker<'_> {
             };
         }
         // Bans are ordered by their end: the first matching one ends first.
-        let retry_after = self
+        let proxy_ban = self
             .source
             .bans
             .iter()
             .find(|&&(_, slot)| self.matches(slot))
-            .map(|&(until, _)| Duration::from_millis(until.saturating_sub(now).max(0) as u64));
+            .map(|&(until, _)| until);
+        let exit_ban = self.source.exit_ban_ends.first().map(|&(until, _)| until);
+        let until = match (proxy_ban, exit_ban) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         NoProxy {
             reason: NoProxyReason::AllBanned,
-            retry_after,
+            retry_after: until
+                .map(|until| Duration::from_millis(until.saturating_sub(self.now).max(0) as u64)),
         }
-    }
-}
-
-/// Moves `n` random items of `from` (at most all) to `into`.
-fn choose_random<T: Copy>(from: &mut [T], n: usize, rng: &mut fastrand::Rng, into: &mut Vec<T>) {
-    let n = n.min(from.len());
-    for i in 0..n {
-        let j = rng.usize(i..from.len());
-        from.swap(i, j);
-        into.push(from[i]);
     }
 }

@@ -8,12 +8,16 @@
 //! can start from the smallest bucket its filters allow.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::proxy::{ActiveProxy, Anonymity, Protocol, ProxyKey};
 
 /// A dense index into [`Registry::slots`].
 pub(crate) type Slot = u32;
+
+/// A dense number for an exit address, assigned when first seen.
+pub(crate) type ExitId = u32;
 
 /// Maps keyed by the small integers we assign ourselves (slots, database
 /// ids). They never come from outside, so FxHash (one multiply) is safe and
@@ -40,6 +44,8 @@ pub(crate) struct Meta {
     pub anonymity: Option<Anonymity>,
     pub country: Option<u16>,
     pub latency_ms: Option<u32>,
+    /// Where its connections leave from, when known (set by the registry).
+    pub exit: Option<ExitId>,
 }
 
 impl Meta {
@@ -50,6 +56,7 @@ impl Meta {
             anonymity: proxy.anonymity,
             country: proxy.country.as_deref().and_then(country_code),
             latency_ms: proxy.latency_ms,
+            exit: None,
         }
     }
 
@@ -173,6 +180,10 @@ pub(crate) struct Registry {
     metas: Vec<Option<Meta>>,
     slot_by_id: IntMap<i64, Slot>,
     buckets: HashMap<BucketKey, Vec<Slot>>,
+    /// Every exit address seen, numbered. Never shrinks: exits are few
+    /// beside proxies, and a number must keep its meaning for the sources'
+    /// exit bans.
+    exit_ids: HashMap<IpAddr, ExitId>,
     /// Bumped by every validator change, so that a memory sync can tell
     /// which changes are newer than its read of the table.
     change_seq: u64,
@@ -203,6 +214,17 @@ impl Registry {
         let start = start.min(self.slots.len());
         let end = start.saturating_add(n).min(self.slots.len());
         &self.slots[start..end]
+    }
+
+    /// The exit of `slot` when it is active and its exit is known.
+    #[inline]
+    pub fn exit_of(&self, slot: Slot) -> Option<ExitId> {
+        self.meta(slot).and_then(|meta| meta.exit)
+    }
+
+    fn exit_id(&mut self, ip: IpAddr) -> ExitId {
+        let next = self.exit_ids.len() as ExitId;
+        *self.exit_ids.entry(ip).or_insert(next)
     }
 
     /// The filter facts of `slot` when it is active.
@@ -263,7 +285,8 @@ impl Registry {
                 self.deactivate_slot(previous);
             }
         }
-        let meta = Meta::of(&proxy);
+        let mut meta = Meta::of(&proxy);
+        meta.exit = proxy.exit_ip.map(|ip| self.exit_id(ip));
         let entry = &mut self.slots[slot as usize];
         entry.key = proxy.key.clone();
         if let Some(record) = &mut entry.active {

@@ -10,6 +10,7 @@ use parking_lot::Mutex;
 use crate::proxy::{ActiveProxy, Anonymity, ProxyKey};
 use crate::snapshot::{ActiveSnapshot, EntrySnapshot, SnapshotData, SourceSnapshot};
 
+use super::estimate::Posterior;
 use super::registry::Slot;
 use super::source::{SourceState, Stats};
 use super::sync::fingerprint;
@@ -68,6 +69,7 @@ impl State {
                             banned_until_ms: stats.banned_until,
                             ban_count: stats.ban_count,
                             last_used_ms: stats.last_used,
+                            discounted: Some((stats.posterior.successes, stats.posterior.failures)),
                         })
                     })
                     .collect(),
@@ -86,6 +88,7 @@ impl State {
                     supports_https: proxy.supports_https,
                     last_validated_ms: proxy.last_validated_at.map(millis),
                     anonymity_evidence: proxy.anonymity_evidence.as_deref().map(str::to_string),
+                    exit_ip: proxy.exit_ip,
                 })
             })
             .collect();
@@ -195,6 +198,17 @@ impl State {
                         banned_until: entry.banned_until_ms,
                         ban_count: entry.ban_count,
                         last_used: entry.last_used_ms,
+                        posterior: match entry.discounted {
+                            Some((successes, failures)) => Posterior {
+                                successes: successes.max(0.0),
+                                failures: failures.max(0.0),
+                            },
+                            None => Posterior::from_counts(
+                                entry.success_count,
+                                entry.failure_count,
+                                self.rules.discount,
+                            ),
+                        },
                     },
                 );
                 report.entries += 1;
@@ -239,7 +253,7 @@ impl State {
                 continue;
             }
             let proxy = ActiveProxy {
-                exit_ip: None,
+                exit_ip: snapshot.exit_ip,
                 id: snapshot.id,
                 key,
                 latency_ms: snapshot.latency_ms,

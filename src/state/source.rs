@@ -6,7 +6,8 @@ use std::collections::BTreeSet;
 
 use crate::config::ScoringConfig;
 
-use super::registry::{IntMap, Slot};
+use super::estimate::Posterior;
+use super::registry::{ExitId, IntMap, Slot};
 
 /// The scoring configuration in the units the hot path uses.
 #[derive(Clone, Debug)]
@@ -22,8 +23,12 @@ pub(crate) struct Rules {
     pub ban_threshold: i32,
     pub ban_cooldown_ms: i64,
     pub ban_cooldown_max_ms: i64,
+    /// On a long candidate list, the best estimates that take part in the
+    /// draw, and the random candidates beside them.
     pub top_k: usize,
-    pub explore_ratio: f64,
+    pub random_draws: usize,
+    /// Each report first multiplies a proxy's counts by this.
+    pub discount: f32,
 }
 
 impl Rules {
@@ -42,7 +47,8 @@ impl Rules {
             ban_cooldown_ms: duration_ms(config.ban_cooldown),
             ban_cooldown_max_ms: duration_ms(config.ban_cooldown_max),
             top_k: config.top_k.max(1),
-            explore_ratio: config.explore_ratio.clamp(0.0, 1.0),
+            random_draws: random_draws(config.top_k.max(1), config.explore_ratio),
+            discount: (config.discount as f32).clamp(0.01, 1.0),
         }
     }
 
@@ -57,15 +63,24 @@ impl Rules {
     }
 }
 
+/// The random candidates beside `top_k` best ones that make `explore_ratio`
+/// of a long list's draw (a ratio above 0.9 counts as 0.9).
+fn random_draws(top_k: usize, explore_ratio: f64) -> usize {
+    let ratio = explore_ratio.clamp(0.0, 0.9);
+    (top_k as f64 * ratio / (1.0 - ratio)).round() as usize
+}
+
 fn duration_ms(duration: std::time::Duration) -> i64 {
     i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// What a source knows about one proxy. Exists only once the source reported
 /// on it, so memory follows feedback, not sources × proxies.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub(crate) struct Stats {
     pub score: i32,
+    /// What the choice draws from (see [`Posterior`]).
+    pub posterior: Posterior,
     pub success_count: u64,
     pub failure_count: u64,
     /// Set while banned; a ban is lifted lazily once this has passed.
@@ -82,14 +97,19 @@ impl Stats {
 }
 
 /// Per-source state. Invariants: every entry is in exactly one of
-/// `by_score` (not banned) and `bans` (banned), under its current values.
+/// `ranked` (not banned) and `bans` (banned), under its current values;
+/// every exit ban is in both `exit_bans` and `exit_ban_ends`.
 #[derive(Debug, Default)]
 pub(crate) struct SourceState {
     pub entries: IntMap<Slot, Stats>,
-    /// Unbanned entries, walked best-first by get-proxy.
-    pub by_score: BTreeSet<(i32, Slot)>,
+    /// Unbanned entries by their estimate, walked best-first by get-proxy.
+    pub ranked: BTreeSet<(u32, Slot)>,
     /// Banned entries by the end of their ban.
     pub bans: BTreeSet<(i64, Slot)>,
+    /// Exits banned for this source (a ban of one of their proxies), until
+    /// when; and the same by the end of the ban.
+    pub exit_bans: IntMap<ExitId, i64>,
+    pub exit_ban_ends: BTreeSet<(i64, ExitId)>,
     pub requests: u64,
     pub feedbacks: u64,
     /// Feedbacks that reported a success, and a failure (restored sources
@@ -115,15 +135,38 @@ impl SourceState {
             if let Some(stats) = self.entries.get_mut(&slot) {
                 stats.banned_until = None;
                 stats.score = rules.initial_score;
-                self.by_score.insert((stats.score, slot));
+                stats.posterior = Posterior::default();
+                self.ranked.insert((stats.posterior.key(), slot));
             }
         }
+        while let Some(&(until, exit)) = self.exit_ban_ends.first() {
+            if until > now {
+                break;
+            }
+            self.exit_ban_ends.pop_first();
+            if self.exit_bans.get(&exit) == Some(&until) {
+                self.exit_bans.remove(&exit);
+            }
+        }
+    }
+
+    /// Bans `exit` for this source until `until` (a later end wins).
+    pub fn ban_exit(&mut self, exit: ExitId, until: i64) {
+        if let Some(&old) = self.exit_bans.get(&exit) {
+            if old >= until {
+                return;
+            }
+            self.exit_ban_ends.remove(&(old, exit));
+        }
+        self.exit_bans.insert(exit, until);
+        self.exit_ban_ends.insert((until, exit));
     }
 
     /// Applies one feedback and returns the entry's new values.
     pub fn record(&mut self, slot: Slot, success: bool, now: i64, rules: &Rules) -> Stats {
         let stats = self.entries.entry(slot).or_insert(Stats {
             score: rules.initial_score,
+            posterior: Posterior::default(),
             success_count: 0,
             failure_count: 0,
             banned_until: None,
@@ -142,13 +185,14 @@ impl SourceState {
                 self.bans.remove(&(until, slot));
                 stats.banned_until = None;
                 stats.score = rules.initial_score;
+                stats.posterior = Posterior::default();
             }
             Some(until) => {
                 self.bans.remove(&(until, slot));
             }
             None => {
                 // A no-op for a fresh entry, not yet indexed.
-                self.by_score.remove(&(stats.score, slot));
+                self.ranked.remove(&(stats.posterior.key(), slot));
             }
         }
         let delta = if success {
@@ -162,6 +206,7 @@ impl SourceState {
             .score
             .saturating_add(delta)
             .clamp(rules.min_score, rules.max_score);
+        stats.posterior = stats.posterior.update(success, rules.discount);
         stats.last_used = now;
         if stats.banned_until.is_none() && stats.score < rules.ban_threshold {
             let until = now.saturating_add(rules.cooldown_ms(stats.ban_count));
@@ -172,7 +217,7 @@ impl SourceState {
         // late successes lift its score: the ban is a time-out, not a score.
         match stats.banned_until {
             Some(until) => self.bans.insert((until, slot)),
-            None => self.by_score.insert((stats.score, slot)),
+            None => self.ranked.insert((stats.posterior.key(), slot)),
         };
         *stats
     }
@@ -182,12 +227,12 @@ impl SourceState {
         if let Some(old) = self.entries.remove(&slot) {
             match old.banned_until {
                 Some(until) => self.bans.remove(&(until, slot)),
-                None => self.by_score.remove(&(old.score, slot)),
+                None => self.ranked.remove(&(old.posterior.key(), slot)),
             };
         }
         match stats.banned_until {
             Some(until) => self.bans.insert((until, slot)),
-            None => self.by_score.insert((stats.score, slot)),
+            None => self.ranked.insert((stats.posterior.key(), slot)),
         };
         self.entries.insert(slot, stats);
     }
@@ -204,7 +249,7 @@ impl SourceState {
             if let Some(old) = self.entries.remove(slot) {
                 match old.banned_until {
                     Some(until) => self.bans.remove(&(until, *slot)),
-                    None => self.by_score.remove(&(old.score, *slot)),
+                    None => self.ranked.remove(&(old.posterior.key(), *slot)),
                 };
             }
         }
@@ -213,11 +258,12 @@ impl SourceState {
 
     #[cfg(test)]
     pub fn assert_consistent(&self) {
-        assert_eq!(self.entries.len(), self.by_score.len() + self.bans.len());
+        assert_eq!(self.entries.len(), self.ranked.len() + self.bans.len());
+        assert_eq!(self.exit_bans.len(), self.exit_ban_ends.len());
         for (slot, stats) in &self.entries {
             match stats.banned_until {
                 Some(until) => assert!(self.bans.contains(&(until, *slot))),
-                None => assert!(self.by_score.contains(&(stats.score, *slot))),
+                None => assert!(self.ranked.contains(&(stats.posterior.key(), *slot))),
             }
         }
     }
@@ -239,6 +285,7 @@ mod tests {
             ban_cooldown_max: Duration::from_secs(21600),
             top_k: 10,
             explore_ratio: 0.1,
+            discount: 0.9,
         }
     }
 
@@ -313,7 +360,7 @@ mod tests {
             source.record(5, true, 10, &rules);
         }
         assert!(source.entries[&5].is_banned_at(10));
-        assert!(source.by_score.is_empty());
+        assert!(source.ranked.is_empty());
         source.assert_consistent();
     }
 

@@ -150,7 +150,7 @@ pub struct SourceSummary {
     pub failures: u64,
 }
 
-/// One source's stats, best first, for /sources/NAME.
+/// One source's stats, best estimate first, for /sources/NAME.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SourceView {
     pub name: String,
@@ -167,6 +167,12 @@ pub struct SourceEntry {
     pub key: ProxyKey,
     pub active: bool,
     pub score: i32,
+    /// The estimated chance that the proxy works for this source: the
+    /// mean of the posterior the choice draws from.
+    pub estimate: f64,
+    /// The recency-discounted counts behind the estimate.
+    pub discounted_successes: f64,
+    pub discounted_failures: f64,
     pub success_count: u64,
     pub failure_count: u64,
     pub is_banned: bool,

@@ -113,7 +113,7 @@ impl State {
         let (rows, requests, feedbacks, total_entries) = {
             let source = handle.lock();
             let mut rows: Vec<(Slot, Stats)> = Vec::with_capacity(limit.min(source.entries.len()));
-            for &(_, slot) in source.by_score.iter().rev().take(limit) {
+            for &(_, slot) in source.ranked.iter().rev().take(limit) {
                 if let Some(stats) = source.entries.get(&slot) {
                     rows.push((slot, *stats));
                 }
@@ -144,6 +144,9 @@ impl State {
                     key: entry.key.clone(),
                     active: entry.active.is_some(),
                     score: stats.score,
+                    estimate: f64::from(stats.posterior.mean()),
+                    discounted_successes: f64::from(stats.posterior.successes),
+                    discounted_failures: f64::from(stats.posterior.failures),
                     success_count: stats.success_count,
                     failure_count: stats.failure_count,
                     is_banned: stats.is_banned_at(now_ms),
