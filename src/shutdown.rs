@@ -71,6 +71,8 @@ impl Shutdown {
                         log::warn!(
                             "second {name} received: exiting now, without the last snapshot"
                         );
+                        // The log writer's queue goes out first (bounded wait).
+                        log::logger().flush();
                         std::process::exit(128 + signal);
                     }
                 }

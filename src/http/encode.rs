@@ -32,11 +32,7 @@ pub fn encode_response<N: AsRef<str>, V: AsRef<str>>(
     options: AnswerOptions,
 ) {
     out.reserve(body.len() + 128);
-    out.extend_from_slice(b"HTTP/1.1 ");
-    push_number(out, u64::from(status));
-    out.push(b' ');
-    out.extend_from_slice(reason(status).as_bytes());
-    out.extend_from_slice(b"\r\n");
+    push_status_line(out, Version::Http11, status);
     push_headers(out, headers, Keep::NotFraming);
     out.extend_from_slice(b"Content-Length: ");
     push_number(out, body.len() as u64);
@@ -60,12 +56,7 @@ pub fn encode_response_head<N: AsRef<str>, V: AsRef<str>>(
     status: u16,
     headers: &[(N, V)],
 ) {
-    out.extend_from_slice(version.as_str().as_bytes());
-    out.push(b' ');
-    push_number(out, u64::from(status));
-    out.push(b' ');
-    out.extend_from_slice(reason(status).as_bytes());
-    out.extend_from_slice(b"\r\n");
+    push_status_line(out, version, status);
     push_headers(out, headers, Keep::All);
     out.extend_from_slice(b"\r\n");
 }
@@ -81,6 +72,15 @@ pub fn encode_request_head<N: AsRef<str>, V: AsRef<str>>(
 ) {
     push_request_line(out, method, target, version);
     push_headers(out, headers, Keep::All);
+    out.extend_from_slice(b"\r\n");
+}
+
+fn push_status_line(out: &mut Vec<u8>, version: Version, status: u16) {
+    out.extend_from_slice(version.as_str().as_bytes());
+    out.push(b' ');
+    push_number(out, u64::from(status));
+    out.push(b' ');
+    out.extend_from_slice(reason(status).as_bytes());
     out.extend_from_slice(b"\r\n");
 }
 

@@ -92,6 +92,16 @@ impl Version {
 pub struct Headers(pub Vec<(String, String)>);
 
 impl Headers {
+    /// Headers from name-value pairs, in order.
+    pub fn from_pairs(pairs: &[(&str, &str)]) -> Headers {
+        Headers(
+            pairs
+                .iter()
+                .map(|(name, value)| (name.to_string(), value.to_string()))
+                .collect(),
+        )
+    }
+
     /// The first value of `name` (case-insensitive).
     pub fn get(&self, name: &str) -> Option<&str> {
         self.all(name).next()
@@ -326,25 +336,19 @@ impl ResponseHead {
     }
 }
 
+/// What a head parser returns: `Ok(None)` while incomplete, else the head
+/// and its length in bytes.
+pub type Parsed<H> = Result<Option<(H, usize)>, HeadError>;
+
 /// Parses a complete request head from the front of `input`: `Ok(None)` when
 /// more bytes are needed, else the head and its length in bytes.
-pub fn parse_request(
-    input: &[u8],
-    limits: HeadLimits,
-) -> Result<Option<(RequestHead, usize)>, HeadError> {
+pub fn parse_request(input: &[u8], limits: HeadLimits) -> Parsed<RequestHead> {
     let mut slots = [httparse::EMPTY_HEADER; MAX_HEADER_SLOTS];
     let mut request =
         httparse::Request::new(&mut slots[..limits.max_headers.min(MAX_HEADER_SLOTS)]);
-    let length = match request.parse(input) {
-        Ok(httparse::Status::Complete(length)) => length,
-        Ok(httparse::Status::Partial) => return partial(input, limits),
-        Err(err) => return Err(parse_error(err, limits)),
+    let Some(length) = head_length(request.parse(input), input, limits)? else {
+        return Ok(None);
     };
-    if length > limits.max_head_bytes {
-        return Err(HeadError::TooLarge {
-            max_head_bytes: limits.max_head_bytes,
-        });
-    }
     let head = RequestHead {
         method: request.method.unwrap_or("").to_string(),
         target: request.path.unwrap_or("").to_string(),
@@ -356,23 +360,13 @@ pub fn parse_request(
 
 /// Parses a complete response head from the front of `input`, like
 /// [`parse_request`].
-pub fn parse_response(
-    input: &[u8],
-    limits: HeadLimits,
-) -> Result<Option<(ResponseHead, usize)>, HeadError> {
+pub fn parse_response(input: &[u8], limits: HeadLimits) -> Parsed<ResponseHead> {
     let mut slots = [httparse::EMPTY_HEADER; MAX_HEADER_SLOTS];
     let mut response =
         httparse::Response::new(&mut slots[..limits.max_headers.min(MAX_HEADER_SLOTS)]);
-    let length = match response.parse(input) {
-        Ok(httparse::Status::Complete(length)) => length,
-        Ok(httparse::Status::Partial) => return partial(input, limits),
-        Err(err) => return Err(parse_error(err, limits)),
+    let Some(length) = head_length(response.parse(input), input, limits)? else {
+        return Ok(None);
     };
-    if length > limits.max_head_bytes {
-        return Err(HeadError::TooLarge {
-            max_head_bytes: limits.max_head_bytes,
-        });
-    }
     let head = ResponseHead {
         status: response.code.unwrap_or(0),
         reason: response.reason.unwrap_or("").to_string(),
@@ -382,13 +376,23 @@ pub fn parse_response(
     Ok(Some((head, length)))
 }
 
-fn partial<T>(input: &[u8], limits: HeadLimits) -> Result<Option<T>, HeadError> {
-    if input.len() >= limits.max_head_bytes {
-        return Err(HeadError::TooLarge {
-            max_head_bytes: limits.max_head_bytes,
-        });
+/// The head's length from httparse's verdict, within the caps: `Ok(None)`
+/// while incomplete and still under `max_head_bytes`.
+fn head_length(
+    parsed: httparse::Result<usize>,
+    input: &[u8],
+    limits: HeadLimits,
+) -> Result<Option<usize>, HeadError> {
+    let too_large = HeadError::TooLarge {
+        max_head_bytes: limits.max_head_bytes,
+    };
+    match parsed {
+        Ok(httparse::Status::Complete(length)) if length > limits.max_head_bytes => Err(too_large),
+        Ok(httparse::Status::Complete(length)) => Ok(Some(length)),
+        Ok(httparse::Status::Partial) if input.len() >= limits.max_head_bytes => Err(too_large),
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(err) => Err(parse_error(err, limits)),
     }
-    Ok(None)
 }
 
 fn parse_error(err: httparse::Error, limits: HeadLimits) -> HeadError {
@@ -423,7 +427,7 @@ mod tests {
         max_headers: 8,
     };
 
-    fn request(text: &str) -> Result<Option<(RequestHead, usize)>, HeadError> {
+    fn request(text: &str) -> Parsed<RequestHead> {
         parse_request(text.as_bytes(), LIMITS)
     }
 
@@ -487,14 +491,7 @@ mod tests {
 
     #[test]
     fn framing_headers_are_read_strictly() {
-        let headers = |pairs: &[(&str, &str)]| {
-            Headers(
-                pairs
-                    .iter()
-                    .map(|(n, v)| (n.to_string(), v.to_string()))
-                    .collect(),
-            )
-        };
+        let headers = Headers::from_pairs;
         assert_eq!(
             headers(&[("content-length", "12")]).content_length(),
             Ok(Some(12))

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use crate::http::body::{BodyDecoder, BodyError};
 use crate::http::head::{
-    parse_request, parse_response, HeadError, HeadLimits, RequestHead, ResponseHead,
+    parse_request, parse_response, HeadError, HeadLimits, Parsed, RequestHead, ResponseHead,
 };
 
 /// How long a blocking call waits before looking at a stop flag again.
@@ -181,7 +181,7 @@ impl std::error::Error for ReadError {}
 
 /// A head parser of [`super::head`]: the head and its length, or `None` for
 /// more bytes.
-type ParseHead<H> = fn(&[u8], HeadLimits) -> Result<Option<(H, usize)>, HeadError>;
+type ParseHead<H> = fn(&[u8], HeadLimits) -> Parsed<H>;
 
 /// Reads until `parse` finds a complete head at the front of `pending`, then
 /// removes the head from it (what follows stays: a body, a next message). A
