@@ -29,9 +29,9 @@
 mod support;
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::process::Command;
-use std::sync::{Arc, Barrier, OnceLock};
+use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::Duration;
 
@@ -46,56 +46,13 @@ use proxy_pool::validator::check::{CheckConfig, Checker};
 use proxy_pool::validator::cycle::{CycleSummary, SkipReason, Validator, ValidatorSettings};
 use proxy_pool::validator::geoip::Geoip;
 
-use support::{wait_for, Service, TestConfig, TestDb};
+use support::{https_judge, wait_for, Service, TestConfig, TestDb};
 
 /// The validator's timeouts in these tests, the contract's example: a 3 s
 /// request budget and a 1 s connect, with farm proxies up to 2 s slow (a
 /// slow socks reply, a slow CONNECT) that must all be graded alive.
 const TIMEOUT_MS: u64 = 3000;
 const CONNECT_TIMEOUT_MS: u64 = 1000;
-
-/// The farm's https judge for every test of this file, started once, and
-/// the file with the CA that verifies it.
-struct HttpsJudge {
-    judge: proxy_farm::TlsJudge,
-    ca_file: std::path::PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-fn https_judge() -> &'static HttpsJudge {
-    static JUDGE: OnceLock<HttpsJudge> = OnceLock::new();
-    JUDGE.get_or_init(|| {
-        let ca = proxy_farm::TestCa::new("proxy-pool validator tests").expect("test CA");
-        let dir = tempfile::tempdir().expect("tempdir");
-        let ca_file = dir.path().join("ca.pem");
-        ca.write_pem(&ca_file).expect("write the CA");
-        // Port 443 where the tests may bind it, on an address of its own
-        // (another test run may hold one).
-        let start = fastrand::u8(1..=64);
-        for offset in 0..64u8 {
-            let last = (start + offset - 1) % 64 + 1;
-            let ip = IpAddr::from([127, 44, 0, last]);
-            let cert = ca.server_cert(&[ip]).expect("judge certificate");
-            if let Ok(judge) = proxy_farm::TlsJudge::start(SocketAddr::new(ip, 443), &cert) {
-                return HttpsJudge {
-                    judge,
-                    ca_file,
-                    _dir: dir,
-                };
-            }
-        }
-        eprintln!("cannot bind port 443 (not root?): the https judge takes any port");
-        let ip = IpAddr::from([127, 44, 0, 1]);
-        let cert = ca.server_cert(&[ip]).expect("judge certificate");
-        let judge = proxy_farm::TlsJudge::start(SocketAddr::new(ip, 0), &cert)
-            .expect("start the https judge");
-        HttpsJudge {
-            judge,
-            ca_file,
-            _dir: dir,
-        }
-    })
-}
 
 /// A database, a farm, and the pieces a validator is built from.
 struct Rig {

@@ -297,6 +297,62 @@ pub struct PopulatedService {
     pub alive: usize,
 }
 
+/// The farm's https judge for every test of a binary, started once, and
+/// the file with the CA that verifies it.
+pub struct HttpsJudge {
+    pub judge: proxy_farm::TlsJudge,
+    pub ca_file: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+pub fn https_judge() -> &'static HttpsJudge {
+    static JUDGE: std::sync::OnceLock<HttpsJudge> = std::sync::OnceLock::new();
+    JUDGE.get_or_init(|| {
+        let ca = proxy_farm::TestCa::new("proxy-pool validator tests").expect("test CA");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca_file = dir.path().join("ca.pem");
+        ca.write_pem(&ca_file).expect("write the CA");
+        // Port 443 where the tests may bind it, on an address of its own
+        // (another test run may hold one).
+        let start = fastrand::u8(1..=64);
+        for offset in 0..64u8 {
+            let last = (start + offset - 1) % 64 + 1;
+            let ip = std::net::IpAddr::from([127, 44, 0, last]);
+            let cert = ca.server_cert(&[ip]).expect("judge certificate");
+            if let Ok(judge) =
+                proxy_farm::TlsJudge::start(std::net::SocketAddr::new(ip, 443), &cert)
+            {
+                return HttpsJudge {
+                    judge,
+                    ca_file,
+                    _dir: dir,
+                };
+            }
+        }
+        eprintln!("cannot bind port 443 (not root?): the https judge takes any port");
+        let ip = std::net::IpAddr::from([127, 44, 0, 1]);
+        let cert = ca.server_cert(&[ip]).expect("judge certificate");
+        let judge = proxy_farm::TlsJudge::start(std::net::SocketAddr::new(ip, 0), &cert)
+            .expect("start the https judge");
+        HttpsJudge {
+            judge,
+            ca_file,
+            _dir: dir,
+        }
+    })
+}
+
+impl HttpsJudge {
+    /// The `[validator]` lines that make the https check ask this judge.
+    pub fn config_lines(&self) -> String {
+        format!(
+            "https_target = {}?show_env=1\nhttps_ca_file = {}\n",
+            self.judge.url(),
+            self.ca_file.display()
+        )
+    }
+}
+
 /// The farm behind [`populated_service`]: working proxies of every protocol
 /// and anonymity, plus dead ones the validator must leave out.
 pub fn small_farm_spec() -> proxy_farm::FarmSpec {
@@ -315,17 +371,20 @@ pub fn small_farm_spec() -> proxy_farm::FarmSpec {
 /// is active. `server_lines` go into the `[server]` section (e.g. an
 /// `api_token`).
 pub fn populated_service(server_lines: &str) -> PopulatedService {
-    let farm = proxy_farm::Farm::start(small_farm_spec()).expect("start the farm");
+    let https = https_judge();
+    let spec = small_farm_spec().https_judge_port(https.judge.address().port());
+    let farm = proxy_farm::Farm::start(spec).expect("start the farm");
     let alive = farm.manifest().iter().filter(|e| e.alive).count();
     let db = TestDb::new();
     let sections = format!(
         "[server]\nbind = 127.0.0.1:0\nworkers = 4\n{server_lines}\n\
          [fetcher]\nsource_urls = {list}\nallow_private_addresses = true\ntimeout_ms = 2000\n\
-         [validator]\nvalidation_target = {judge}\nhttps_target =\nvalidation_timeout_ms = 1000\n\
+         [validator]\nvalidation_target = {judge}\n{https}validation_timeout_ms = 1000\n\
          connect_timeout_ms = 500\nvalidation_workers = 8\n\
          [scheduler]\ninterval_seconds = 2\n",
         list = farm.list_url("schemes"),
         judge = farm.judge_url(),
+        https = https.config_lines(),
     );
     let service = Service::start(&config_text(&db.url, &sections));
     // /health is public, so this works with an api_token too.
