@@ -23,7 +23,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub fetcher: FetcherConfig,
     /// Every list to fetch: `[fetcher] source_urls` first, then `[source.NAME]`.
-    pub sources: Vec<SourceConfig>,
+    pub lists: Vec<ListConfig>,
     pub validator: ValidatorConfig,
     pub scheduler: SchedulerConfig,
     pub scoring: ScoringConfig,
@@ -80,7 +80,7 @@ pub struct FetcherConfig {
 }
 
 #[derive(Clone, Debug, PartialEq)]
-pub struct SourceConfig {
+pub struct ListConfig {
     /// `[source.NAME]`'s NAME, or the URL itself for `source_urls` entries.
     pub name: String,
     pub url: String,
@@ -272,7 +272,7 @@ enum Kind {
     },
     /// `[database] url`: a postgres URL, `DATABASE_URL` overrides it.
     DatabaseUrl,
-    /// `[fetcher] source_urls`: read into [`Config::sources`] with the
+    /// `[fetcher] source_urls`: read into [`Config::lists`] with the
     /// `[source.NAME]` sections.
     ListUrls,
 }
@@ -294,7 +294,7 @@ enum Value {
     MaybeAddr(Option<SocketAddr>),
     Protocol(Protocol),
     Path(Option<PathBuf>),
-    /// Shown only; never stored (the list URLs are kept in `sources`).
+    /// Shown only; never stored (the list URLs are kept in `lists`).
     Shown(String),
     /// Read elsewhere (the list URLs, with the `[source.NAME]` sections).
     Elsewhere,
@@ -413,7 +413,7 @@ const KEYS: &[Key] = &[
         set: |_, _| {},
         get: |config| {
             let urls: Vec<String> = config
-                .sources
+                .lists
                 .iter()
                 .filter(|list| list.name == list.url)
                 .map(|list| redact_url(&list.url))
@@ -813,7 +813,7 @@ struct Entry {
 #[derive(Debug, Default)]
 struct RawIni {
     sections: BTreeMap<String, (u32, BTreeMap<String, Entry>)>,
-    source_order: Vec<String>,
+    list_order: Vec<String>,
 }
 
 impl Config {
@@ -906,7 +906,7 @@ fn read_raw(text: &str, problems: &mut Vec<Problem>) -> RawIni {
                     });
                 } else {
                     if name.starts_with("source.") {
-                        raw.source_order.push(name.clone());
+                        raw.list_order.push(name.clone());
                     }
                     raw.sections.insert(name.clone(), (line, BTreeMap::new()));
                 }
@@ -998,7 +998,7 @@ impl Reader<'_> {
             let value = self.read(key, &config, database_url_env.as_deref());
             (key.set)(&mut config, value);
         }
-        config.sources = self.lists(&config.fetcher);
+        config.lists = self.lists(&config.fetcher);
         self.check_relations(&config);
         config
     }
@@ -1189,7 +1189,7 @@ impl Reader<'_> {
     }
 
     /// Every list to fetch: `[fetcher] source_urls`, then each `[source.NAME]`.
-    fn lists(&mut self, fetcher: &FetcherConfig) -> Vec<SourceConfig> {
+    fn lists(&mut self, fetcher: &FetcherConfig) -> Vec<ListConfig> {
         let mut sources = Vec::new();
         let urls = self.string("fetcher", "source_urls", "");
         for url in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
@@ -1197,7 +1197,7 @@ impl Reader<'_> {
                 self.problem("fetcher", Some("source_urls"), message);
                 continue;
             }
-            if sources.iter().any(|s: &SourceConfig| s.url == url) {
+            if sources.iter().any(|s: &ListConfig| s.url == url) {
                 self.problem(
                     "fetcher",
                     Some("source_urls"),
@@ -1205,14 +1205,14 @@ impl Reader<'_> {
                 );
                 continue;
             }
-            sources.push(SourceConfig {
+            sources.push(ListConfig {
                 name: url.to_string(),
                 url: url.to_string(),
                 interval: fetcher.interval,
                 protocol: fetcher.default_protocol,
             });
         }
-        for section in self.raw.source_order.clone() {
+        for section in self.raw.list_order.clone() {
             let name = section["source.".len()..].to_string();
             if !is_valid_source_name(&name) {
                 self.problem(
@@ -1223,7 +1223,7 @@ impl Reader<'_> {
             }
             let url = self.url(&section, "url", "");
             let interval_default = fetcher.interval.as_secs();
-            let source = SourceConfig {
+            let source = ListConfig {
                 name,
                 url,
                 interval: self.seconds(&section, "interval_seconds", interval_default),
@@ -1485,7 +1485,7 @@ impl fmt::Display for Config {
                 writeln!(f, "{} = {}", key.name, key.kind.show(&(key.get)(self)))?;
             }
             if section == "fetcher" {
-                for list in self.sources.iter().filter(|list| list.name != list.url) {
+                for list in self.lists.iter().filter(|list| list.name != list.url) {
                     writeln!(f, "\n[source.{}]", list.name)?;
                     writeln!(f, "url = {}", redact_url(&list.url))?;
                     writeln!(f, "interval_seconds = {}", list.interval.as_secs())?;
@@ -1578,8 +1578,8 @@ mod tests {
         );
         assert_eq!(config.state.sync_interval, Duration::from_secs(30));
         assert_eq!(config.geoip.database, None);
-        assert_eq!(config.sources.len(), 1);
-        assert_eq!(config.sources[0].protocol, Protocol::Http);
+        assert_eq!(config.lists.len(), 1);
+        assert_eq!(config.lists[0].protocol, Protocol::Http);
     }
 
     #[test]
@@ -1652,7 +1652,7 @@ mod tests {
             "{MINIMAL}[source.socks_list]\nurl = http://127.0.0.1:9/socks.txt ; a comment\ninterval_seconds = 900\nprotocol = socks5\n"
         );
         let config = parse(&text).unwrap();
-        let source = &config.sources[1];
+        let source = &config.lists[1];
         assert_eq!(source.name, "socks_list");
         assert_eq!(source.url, "http://127.0.0.1:9/socks.txt");
         assert_eq!(source.interval, Duration::from_secs(900));

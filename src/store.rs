@@ -96,8 +96,8 @@ pub struct DueCount {
 
 /// How many of a list's proxies work now and ever did.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SourceYield {
-    pub source: String,
+pub struct ListYield {
+    pub list: String,
     pub listed: i64,
     pub active_now: i64,
     pub ever_active: i64,
@@ -467,16 +467,16 @@ impl Store {
 
     /// Each list's yield: proxies it listed, how many are active now, and how
     /// many were ever found alive.
-    pub fn source_yields(&self) -> Result<Vec<SourceYield>, StoreError> {
+    pub fn list_yields(&self) -> Result<Vec<ListYield>, StoreError> {
         self.yields_of(None)
     }
 
     /// One list's yield (zeros for a list that gave nothing yet), read at
     /// once: a fetch's summary line must not wait for the next refresh.
-    pub fn source_yield(&self, source: &str) -> Result<SourceYield, StoreError> {
+    pub fn list_yield(&self, source: &str) -> Result<ListYield, StoreError> {
         let found = self.yields_of(Some(source))?.pop();
-        Ok(found.unwrap_or_else(|| SourceYield {
-            source: source.to_string(),
+        Ok(found.unwrap_or_else(|| ListYield {
+            list: source.to_string(),
             listed: 0,
             active_now: 0,
             ever_active: 0,
@@ -484,7 +484,7 @@ impl Store {
     }
 
     /// The yields of every list, or of `only` that one.
-    fn yields_of(&self, only: Option<&str>) -> Result<Vec<SourceYield>, StoreError> {
+    fn yields_of(&self, only: Option<&str>) -> Result<Vec<ListYield>, StoreError> {
         let mut conn = self.conn()?;
         let rows = conn.query(
             // proxy_lists, without its join of proxies to itself.
@@ -507,8 +507,8 @@ impl Store {
         )?;
         Ok(rows
             .iter()
-            .map(|row| SourceYield {
-                source: row.get(0),
+            .map(|row| ListYield {
+                list: row.get(0),
                 listed: row.get(1),
                 active_now: row.get(2),
                 ever_active: row.get(3),

@@ -16,11 +16,11 @@ use std::time::{Duration, Instant};
 
 use proxy_farm::{Farm, FarmSpec};
 use proxy_pool::config::{Config, DatabaseConfig};
-use proxy_pool::fetcher::{FetchKind, Fetcher, SourceStatus};
+use proxy_pool::fetcher::{FetchKind, Fetcher, ListStatus};
 use proxy_pool::health::Health;
 use proxy_pool::proxy::{Protocol, ProxyKey};
 use proxy_pool::shutdown::Shutdown;
-use proxy_pool::store::{CheckRecord, SourceYield, Store};
+use proxy_pool::store::{CheckRecord, ListYield, Store};
 
 use support::{wait_for, TestDb};
 
@@ -142,11 +142,11 @@ fn in_network(ip: IpAddr, network: &str) -> bool {
     ip.to_string().starts_with(prefix)
 }
 
-fn fetch(fetcher: &Arc<Fetcher>) -> SourceStatus {
-    fetcher.fetch_source(0, FetchKind::Manual).0
+fn fetch(fetcher: &Arc<Fetcher>) -> ListStatus {
+    fetcher.fetch_list(0, FetchKind::Manual).0
 }
 
-fn assert_ok(status: &SourceStatus) {
+fn assert_ok(status: &ListStatus) {
     assert_eq!(status.last_error, None, "{}", status.summary_line());
 }
 
@@ -510,7 +510,7 @@ fn a_fetch_summary_shows_the_lists_yield_at_once() {
         "127.41.0.1:80\n127.41.0.2:80\n127.41.0.3:80\n".to_string(),
     );
     let fetcher = world.one_list("yield-now", "yielding", "", "http");
-    let figures = |status: &SourceStatus| {
+    let figures = |status: &ListStatus| {
         status
             .yields
             .as_ref()
@@ -645,7 +645,7 @@ fn failing_lists_record_why() {
     ];
     for (list, expected) in cases {
         let fetcher = world.one_list("bad", list, "timeout_ms = 3000", "http");
-        let (status, retry_after) = fetcher.fetch_source(0, FetchKind::Manual);
+        let (status, retry_after) = fetcher.fetch_list(0, FetchKind::Manual);
         let error = status.last_error.clone().unwrap_or_default();
         assert!(error.contains(expected), "{list}: {error:?}");
         assert!(status.last_success_at.is_none(), "{list}");
@@ -988,9 +988,9 @@ fn proxy_lists_and_yields_record_which_list_gave_what() {
              UPDATE proxies SET is_active = false, alive_count = 1 WHERE ip = '127.33.0.1';",
         )
         .expect("mark");
-    let yields = world.store.source_yields().expect("yields");
-    let row = |source: &str, listed, active_now, ever_active| SourceYield {
-        source: source.to_string(),
+    let yields = world.store.list_yields().expect("yields");
+    let row = |source: &str, listed, active_now, ever_active| ListYield {
+        list: source.to_string(),
         listed,
         active_now,
         ever_active,
@@ -1039,11 +1039,11 @@ fn links_stored_before_first_lists_count_once() {
         )
         .expect("old link");
     assert_eq!(world.count("SELECT count(*) FROM proxy_lists"), 3);
-    let yields = world.store.source_yields().expect("yields");
+    let yields = world.store.list_yields().expect("yields");
     assert_eq!(
         yields,
-        vec![SourceYield {
-            source: "old".to_string(),
+        vec![ListYield {
+            list: "old".to_string(),
             listed: 3,
             active_now: 0,
             ever_active: 0,
@@ -1131,11 +1131,11 @@ fn a_database_of_the_first_schema_is_upgraded_in_place() {
         ),
         1
     );
-    let yields = world.store.source_yields().expect("yields");
+    let yields = world.store.list_yields().expect("yields");
     assert_eq!(
         yields,
-        vec![SourceYield {
-            source: "old".to_string(),
+        vec![ListYield {
+            list: "old".to_string(),
             listed: 3,
             active_now: 1,
             ever_active: 1,
@@ -1249,23 +1249,23 @@ fn instances_share_a_scheduled_fetch_but_not_a_manual_one() {
     let a = world.fetcher(&config, "instance-a");
     let b = world.fetcher(&config, "instance-b");
 
-    let (status, _) = a.fetch_source(0, FetchKind::Scheduled);
+    let (status, _) = a.fetch_list(0, FetchKind::Scheduled);
     assert!(!status.skipped());
     assert_ok(&status);
     assert_eq!(world.farm.list_hits("shared"), 1);
 
-    let (status, _) = b.fetch_source(0, FetchKind::Scheduled);
+    let (status, _) = b.fetch_list(0, FetchKind::Scheduled);
     assert!(status.skipped(), "{}", status.summary_line());
     assert!(status.summary_line().contains("skipped"));
-    let (status, _) = a.fetch_source(0, FetchKind::Scheduled);
+    let (status, _) = a.fetch_list(0, FetchKind::Scheduled);
     assert!(status.skipped());
     assert_eq!(world.farm.list_hits("shared"), 1);
 
-    let (status, _) = b.fetch_source(0, FetchKind::Manual);
+    let (status, _) = b.fetch_list(0, FetchKind::Manual);
     assert!(!status.skipped());
     assert_ok(&status);
     assert_eq!(world.farm.list_hits("shared"), 2);
-    let (status, _) = a.fetch_source(0, FetchKind::Manual);
+    let (status, _) = a.fetch_list(0, FetchKind::Manual);
     assert!(!status.skipped());
     assert_eq!(world.farm.list_hits("shared"), 3);
 
@@ -1292,10 +1292,10 @@ fn the_claim_opens_again_after_the_interval() {
     let a = world.fetcher(&config, "instance-a");
     let b = world.fetcher(&config, "instance-b");
     let started = Instant::now();
-    assert!(!a.fetch_source(0, FetchKind::Scheduled).0.skipped());
-    assert!(b.fetch_source(0, FetchKind::Scheduled).0.skipped());
+    assert!(!a.fetch_list(0, FetchKind::Scheduled).0.skipped());
+    assert!(b.fetch_list(0, FetchKind::Scheduled).0.skipped());
     wait_for("b's claim", Duration::from_secs(3), || {
-        !b.fetch_source(0, FetchKind::Scheduled).0.skipped()
+        !b.fetch_list(0, FetchKind::Scheduled).0.skipped()
     });
     // Within the interval less its 10% slack for clock jitter.
     assert!(started.elapsed() >= Duration::from_millis(850));
@@ -1759,7 +1759,7 @@ fn a_start_up_fetch_skipped_for_the_fleet_is_logged_at_info() {
         "[source.fleet-list]\nurl = http://{farm}/lists/fleet\ninterval_seconds = 60\n",
     );
     let first = world.fetcher(&config, "instance-a");
-    assert_ok(&first.fetch_source(0, FetchKind::Scheduled).0);
+    assert_ok(&first.fetch_list(0, FetchKind::Scheduled).0);
     // Instance b starts (or a restarts) within the interval.
     let second = world.fetcher(&config, "instance-b");
     let shutdown = Shutdown::new();

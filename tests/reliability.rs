@@ -925,7 +925,7 @@ fn an_endless_list_ends_at_the_timeout_when_the_cap_is_far() {
         "t".into(),
     ));
     let started = Instant::now();
-    let (status, _) = fetcher.fetch_source(0, FetchKind::Manual);
+    let (status, _) = fetcher.fetch_list(0, FetchKind::Manual);
     let took = started.elapsed();
     assert!(took < Duration::from_millis(1500 + 1000), "took {took:?}");
     let error = status.last_error.unwrap_or_default();

@@ -1,7 +1,7 @@
 //! The fetcher: every configured list on its own fixed-rate schedule, in its
 //! own thread, so that a list that hangs or fails never delays another. Each
 //! fetch downloads (bounded), parses (forgiving, strict) and upserts (bulk,
-//! never deleting), and leaves a status per source for /stats.
+//! never deleting), and leaves a status per list for /stats.
 
 pub mod download;
 pub mod parse;
@@ -15,11 +15,11 @@ use chrono::{DateTime, Utc};
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::{Mutex, RwLock};
 
-use crate::config::{redact_url, Config, SourceConfig};
+use crate::config::{redact_url, Config, ListConfig};
 use crate::health::Health;
 use crate::scheduler::next_tick;
 use crate::shutdown::ShutdownSignal;
-use crate::store::{SourceYield, Store};
+use crate::store::{ListYield, Store};
 use crate::supervisor::Supervisor;
 
 use self::download::{CacheValidators, DownloadError, Downloaded};
@@ -139,7 +139,7 @@ pub fn read_list(bytes: &[u8], truncated: bool, options: &ParseOptions) -> ReadL
 /// shows the counts of the unchanged list. `last_stored` keeps the counts of
 /// the last list stored, from the fetch that ended at `last_success_at`.
 #[derive(Clone, Debug, Default)]
-pub struct SourceStatus {
+pub struct ListStatus {
     pub name: String,
     pub url: String,
     pub interval: Duration,
@@ -153,10 +153,10 @@ pub struct SourceStatus {
     pub last_error: Option<String>,
     pub consecutive_failures: u32,
     pub last_stored: Option<ListCounts>,
-    pub yields: Option<SourceYield>,
+    pub yields: Option<ListYield>,
 }
 
-impl SourceStatus {
+impl ListStatus {
     /// The last fetch was answered 304: the list is the one stored last.
     pub fn not_modified(&self) -> bool {
         self.stage == FetchStage::NotModified
@@ -236,18 +236,18 @@ impl SourceStatus {
     }
 }
 
-struct SourceRuntime {
-    config: SourceConfig,
-    /// The source's name with any password in it hidden. A `source_urls`
+struct ListRuntime {
+    config: ListConfig,
+    /// The list's name with any password in it hidden. A `source_urls`
     /// entry is named by its URL, which may carry credentials: this is the
     /// name logs, statuses and the database see.
     name: String,
-    status: Mutex<SourceStatus>,
+    status: Mutex<ListStatus>,
     /// The last stored answer's validators, with the database outages seen
     /// when it was stored: after another outage they are not sent, and the
     /// list is downloaded and stored whole again.
     validators: Mutex<(CacheValidators, u64)>,
-    /// Asks the source's thread to fetch now (POST /admin/fetch); holds at most one.
+    /// Asks the list's thread to fetch now (POST /admin/fetch); holds at most one.
     trigger: (Sender<()>, Receiver<()>),
 }
 
@@ -271,13 +271,13 @@ pub enum FetchKind {
 /// right after its fetch.
 #[derive(Default)]
 struct Yields {
-    by_source: HashMap<String, SourceYield>,
+    by_source: HashMap<String, ListYield>,
     /// Every list was read once: a list missing from `by_source` gave nothing.
     refreshed: bool,
 }
 
 pub struct Fetcher {
-    sources: Vec<Arc<SourceRuntime>>,
+    lists: Vec<Arc<ListRuntime>>,
     store: Store,
     health: Arc<Health>,
     agent: ureq::Agent,
@@ -328,19 +328,19 @@ pub fn retry_at(
 
 impl Fetcher {
     pub fn new(config: &Config, store: Store, health: Arc<Health>, instance: String) -> Fetcher {
-        let sources = config
-            .sources
+        let lists = config
+            .lists
             .iter()
-            .map(|source| {
-                let name = redact_url(&source.name);
-                Arc::new(SourceRuntime {
-                    config: source.clone(),
+            .map(|list| {
+                let name = redact_url(&list.name);
+                Arc::new(ListRuntime {
+                    config: list.clone(),
                     name: name.clone(),
-                    status: Mutex::new(SourceStatus {
+                    status: Mutex::new(ListStatus {
                         name,
-                        url: redact_url(&source.url),
-                        interval: source.interval,
-                        ..SourceStatus::default()
+                        url: redact_url(&list.url),
+                        interval: list.interval,
+                        ..ListStatus::default()
                     }),
                     validators: Mutex::new((CacheValidators::default(), 0)),
                     trigger: crossbeam_channel::bounded(1),
@@ -348,7 +348,7 @@ impl Fetcher {
             })
             .collect();
         Fetcher {
-            sources,
+            lists,
             store,
             health,
             agent: download::agent(config.fetcher.timeout),
@@ -368,18 +368,18 @@ impl Fetcher {
         self
     }
 
-    pub fn statuses(&self) -> Vec<SourceStatus> {
-        self.sources
+    pub fn statuses(&self) -> Vec<ListStatus> {
+        self.lists
             .iter()
-            .map(|source| self.with_yields(&source.status.lock()))
+            .map(|list| self.with_yields(&list.status.lock()))
             .collect()
     }
 
     /// Refreshes each list's yield from the database (called periodically).
     pub fn refresh_yields(&self) {
-        match self.store.source_yields() {
+        match self.store.list_yields() {
             Ok(rows) => {
-                let by_source = rows.into_iter().map(|y| (y.source.clone(), y)).collect();
+                let by_source = rows.into_iter().map(|y| (y.list.clone(), y)).collect();
                 *self.yields.write() = Yields {
                     by_source,
                     refreshed: true,
@@ -391,45 +391,45 @@ impl Fetcher {
 
     /// Reads one list's yield now, so that its fetch's summary is true at
     /// once and not only after the next refresh.
-    fn refresh_yield(&self, source: &str) {
-        match self.store.source_yield(source) {
+    fn refresh_yield(&self, list: &str) {
+        match self.store.list_yield(list) {
             Ok(found) => {
                 self.yields
                     .write()
                     .by_source
-                    .insert(source.to_string(), found);
+                    .insert(list.to_string(), found);
             }
-            Err(err) => log::debug!("{source}: cannot read the list's yield: {err}"),
+            Err(err) => log::debug!("{list}: cannot read the list's yield: {err}"),
         }
     }
 
-    /// Asks every source's thread to fetch now; does not wait.
+    /// Asks every list's thread to fetch now; does not wait.
     pub fn trigger_all(&self) {
-        for source in &self.sources {
-            let _ = source.trigger.0.try_send(());
+        for list in &self.lists {
+            let _ = list.trigger.0.try_send(());
         }
     }
 
-    /// Fetches every source once, in parallel, refreshes the yields, and
-    /// returns the statuses (in source order).
-    pub fn fetch_all_once(self: &Arc<Self>, kind: FetchKind) -> Vec<SourceStatus> {
-        let handles: Vec<_> = (0..self.sources.len())
+    /// Fetches every list once, in parallel, refreshes the yields, and
+    /// returns the statuses (in list order).
+    pub fn fetch_all_once(self: &Arc<Self>, kind: FetchKind) -> Vec<ListStatus> {
+        let handles: Vec<_> = (0..self.lists.len())
             .map(|index| {
                 let fetcher = self.clone();
-                thread::spawn(move || fetcher.fetch_source(index, kind))
+                thread::spawn(move || fetcher.fetch_list(index, kind))
             })
             .collect();
         for (index, handle) in handles.into_iter().enumerate() {
             // A fetch thread that panicked leaves the status it had.
             if handle.join().is_err() {
-                log::error!("{}: the fetch thread panicked", self.sources[index].name);
+                log::error!("{}: the fetch thread panicked", self.lists[index].name);
             }
         }
         self.refresh_yields();
         self.statuses()
     }
 
-    /// Starts one thread per source: a fetch at once, then on the source's
+    /// Starts one thread per list: a fetch at once, then on the list's
     /// fixed-rate grid, with exponential backoff after failures.
     pub fn start(
         self: &Arc<Self>,
@@ -437,20 +437,20 @@ impl Fetcher {
         shutdown: ShutdownSignal,
     ) -> std::io::Result<Vec<JoinHandle<()>>> {
         let mut handles = Vec::new();
-        for index in 0..self.sources.len() {
+        for index in 0..self.lists.len() {
             let fetcher = self.clone();
             let shutdown = shutdown.clone();
             let handle = supervisor.spawn(format!("fetch-{index}"), move || {
-                fetcher.source_loop(index, shutdown)
+                fetcher.list_loop(index, shutdown)
             })?;
             handles.push(handle);
         }
         Ok(handles)
     }
 
-    fn source_loop(&self, index: usize, shutdown: ShutdownSignal) {
-        let source = self.sources[index].clone();
-        let interval = source.config.interval;
+    fn list_loop(&self, index: usize, shutdown: ShutdownSignal) {
+        let list = self.lists[index].clone();
+        let interval = list.config.interval;
         let t0 = Instant::now();
         let mut due = t0;
         let mut kind = FetchKind::Scheduled;
@@ -470,14 +470,14 @@ impl Fetcher {
             };
             crossbeam_channel::select! {
                 recv(shutdown.receiver()) -> _ => return,
-                recv(source.trigger.1) -> _ => kind = FetchKind::Manual,
+                recv(list.trigger.1) -> _ => kind = FetchKind::Manual,
                 default(due.saturating_duration_since(Instant::now())) => kind = FetchKind::Scheduled,
             }
         }
     }
 
-    /// One fetch of one source; returns its status and any Retry-After.
-    pub fn fetch_source(&self, index: usize, kind: FetchKind) -> (SourceStatus, Option<Duration>) {
+    /// One fetch of one list; returns its status and any Retry-After.
+    pub fn fetch_list(&self, index: usize, kind: FetchKind) -> (ListStatus, Option<Duration>) {
         self.fetch(index, kind, false)
     }
 
@@ -486,22 +486,22 @@ impl Fetcher {
         index: usize,
         kind: FetchKind,
         startup: bool,
-    ) -> (SourceStatus, Option<Duration>) {
-        let source = &self.sources[index];
-        let config = &source.config;
+    ) -> (ListStatus, Option<Duration>) {
+        let list = &self.lists[index];
+        let config = &list.config;
         if kind == FetchKind::Scheduled {
             match self
                 .store
-                .claim_fetch(&source.name, config.interval, &self.instance)
+                .claim_fetch(&list.name, config.interval, &self.instance)
             {
                 Ok(true) => self.health.record_database(true, None),
                 Ok(false) => {
                     if startup {
-                        self.log_startup_skip(source);
+                        self.log_startup_skip(list);
                     } else {
-                        log::debug!("{}: fetched by another instance this interval", source.name);
+                        log::debug!("{}: fetched by another instance this interval", list.name);
                     }
-                    let mut status = source.status.lock();
+                    let mut status = list.status.lock();
                     status.stage = FetchStage::Skipped;
                     return (status.clone(), None);
                 }
@@ -514,16 +514,16 @@ impl Fetcher {
                         stage: FetchStage::NoBody,
                         counts: ListCounts::default(),
                     };
-                    return self.record_failure(source, failure, err.to_string(), None);
+                    return self.record_failure(list, failure, err.to_string(), None);
                 }
             }
         }
-        let (status, retry_after) = self.download_and_store(source);
+        let (status, retry_after) = self.download_and_store(list);
         if kind == FetchKind::Scheduled && status.last_error.is_some() {
             // A failed fetch does not count as this interval's fetch: the
             // retries after backoff (here or on another instance) may run.
-            if let Err(err) = self.store.release_fetch(&source.name, &self.instance) {
-                log::debug!("{}: cannot release the fetch claim: {err}", source.name);
+            if let Err(err) = self.store.release_fetch(&list.name, &self.instance) {
+                log::debug!("{}: cannot release the fetch claim: {err}", list.name);
             }
         }
         (status, retry_after)
@@ -531,29 +531,29 @@ impl Fetcher {
 
     /// At start-up, a list another instance (or this one before a restart)
     /// fetched within its interval is not fetched again: say so once, at info.
-    fn log_startup_skip(&self, source: &SourceRuntime) {
-        let interval = source.config.interval.as_secs();
-        match self.store.fetch_lease(&source.name) {
+    fn log_startup_skip(&self, list: &ListRuntime) {
+        let interval = list.config.interval.as_secs();
+        match self.store.fetch_lease(&list.name) {
             Ok(Some((by, at))) => log::info!(
                 "{}: fetched by {by} at {}, within its interval: not fetched at start-up; \
                  its next fetch is at the next tick, in {interval} s",
-                source.name,
+                list.name,
                 at.format("%Y-%m-%dT%H:%M:%SZ")
             ),
             _ => log::info!(
                 "{}: fetched by another instance within its interval: not fetched at start-up; \
                  its next fetch is at the next tick, in {interval} s",
-                source.name
+                list.name
             ),
         }
     }
 
-    fn download_and_store(&self, source: &SourceRuntime) -> (SourceStatus, Option<Duration>) {
-        let config = &source.config;
+    fn download_and_store(&self, list: &ListRuntime) -> (ListStatus, Option<Duration>) {
+        let config = &list.config;
         let started = Instant::now();
         let started_at = Utc::now();
         let validators = {
-            let (validators, outages) = &*source.validators.lock();
+            let (validators, outages) = &*list.validators.lock();
             if *outages == self.health.database_outages() {
                 validators.clone()
             } else {
@@ -569,7 +569,7 @@ impl Fetcher {
         );
         let (bytes, truncated, new_validators) = match downloaded {
             Ok(Downloaded::NotModified) => {
-                let mut status = source.status.lock();
+                let mut status = list.status.lock();
                 // The list is the one stored last: its counts, nothing new.
                 let counts = status.last_stored.unwrap_or_default();
                 let counts = ListCounts { new: 0, ..counts };
@@ -578,8 +578,8 @@ impl Fetcher {
                 status.last_error = None;
                 status.consecutive_failures = 0;
                 drop(status);
-                self.refresh_yield(&source.name);
-                let status = self.with_yields(&source.status.lock());
+                self.refresh_yield(&list.name);
+                let status = self.with_yields(&list.status.lock());
                 log::info!("fetch {}", status.summary_line());
                 return (status, None);
             }
@@ -600,7 +600,7 @@ impl Fetcher {
                     stage: FetchStage::NoBody,
                     counts: ListCounts::default(),
                 };
-                return self.record_failure(source, failure, message, retry_after);
+                return self.record_failure(list, failure, message, retry_after);
             }
         };
         let options = ParseOptions {
@@ -616,14 +616,14 @@ impl Fetcher {
                 stage: FetchStage::NotAList,
                 counts,
             };
-            self.refresh_yield(&source.name);
-            return self.record_failure(source, failure, reason.to_string(), None);
+            self.refresh_yield(&list.name);
+            return self.record_failure(list, failure, reason.to_string(), None);
         }
         for reject in parsed.first_rejects.iter().take(3) {
-            log::info!("{}: {reject}", source.name);
+            log::info!("{}: {reject}", list.name);
         }
         let outages = self.health.database_outages();
-        let upserted = match self.store.upsert_listed(&source.name, &parsed.proxies) {
+        let upserted = match self.store.upsert_listed(&list.name, &parsed.proxies) {
             Ok(upserted) => {
                 self.health.record_database(true, None);
                 upserted
@@ -637,7 +637,7 @@ impl Fetcher {
                     counts,
                 };
                 return self.record_failure(
-                    source,
+                    list,
                     failure,
                     format!("cannot store the list: {err}"),
                     None,
@@ -647,16 +647,16 @@ impl Fetcher {
         counts.new = upserted.new;
         // Only a stored list may be answered with 304 next time, and only
         // while the database keeps it: not after an outage.
-        *source.validators.lock() = (new_validators, outages);
-        let mut status = source.status.lock();
+        *list.validators.lock() = (new_validators, outages);
+        let mut status = list.status.lock();
         status.record(started_at, started, FetchStage::Stored, counts);
         status.last_success_at = Some(Utc::now());
         status.last_stored = Some(counts);
         status.last_error = None;
         status.consecutive_failures = 0;
         drop(status);
-        self.refresh_yield(&source.name);
-        let status = self.with_yields(&source.status.lock());
+        self.refresh_yield(&list.name);
+        let status = self.with_yields(&list.status.lock());
         log::info!("fetch {}", status.summary_line());
         if counts.new > 0 {
             if let Some(validate_now) = &self.validate_now {
@@ -669,13 +669,13 @@ impl Fetcher {
 
     /// A copy of `status` with the list's yield as last read (zero for a
     /// list that gave nothing yet; None while it was never read).
-    fn with_yields(&self, status: &SourceStatus) -> SourceStatus {
+    fn with_yields(&self, status: &ListStatus) -> ListStatus {
         let mut status = status.clone();
         let yields = self.yields.read();
         status.yields = match yields.by_source.get(&status.name) {
             Some(found) => Some(found.clone()),
-            None if yields.refreshed => Some(SourceYield {
-                source: status.name.clone(),
+            None if yields.refreshed => Some(ListYield {
+                list: status.name.clone(),
                 listed: 0,
                 active_now: 0,
                 ever_active: 0,
@@ -690,12 +690,12 @@ impl Fetcher {
     /// debug, so that a list failing for hours warns once, not at every retry.
     fn record_failure(
         &self,
-        source: &SourceRuntime,
+        list: &ListRuntime,
         failure: Failure,
         message: String,
         retry_after: Option<Duration>,
-    ) -> (SourceStatus, Option<Duration>) {
-        let mut status = source.status.lock();
+    ) -> (ListStatus, Option<Duration>) {
+        let mut status = list.status.lock();
         let repeated = status.consecutive_failures > 0
             && status.last_error.as_deref() == Some(message.as_str());
         status.record(
