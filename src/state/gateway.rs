@@ -41,20 +41,7 @@ impl State {
         source_state.last_request = now_ms;
         self.requests
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Some(Pick {
-            id: proxy.id,
-            url: entry.url.to_string(),
-            protocol: proxy.key.protocol,
-            ip: proxy.key.ip,
-            port: proxy.key.port,
-            latency_ms: proxy.latency_ms,
-            anonymity: proxy.anonymity,
-            country: proxy.country.clone(),
-            score,
-            last_validated_at: proxy.last_validated_at,
-            anonymity_evidence: proxy.anonymity_evidence.clone(),
-            supports_https: proxy.supports_https,
-        })
+        Some(Pick::of(&entry.url, proxy, score))
     }
 }
 

@@ -282,21 +282,7 @@ impl State {
             .filter_map(|(slot, score)| {
                 let entry = registry.entry(slot)?;
                 let record = entry.active.as_ref()?;
-                let proxy = &record.proxy;
-                Some(Pick {
-                    id: proxy.id,
-                    url: entry.url.to_string(),
-                    protocol: proxy.key.protocol,
-                    ip: proxy.key.ip,
-                    port: proxy.key.port,
-                    latency_ms: proxy.latency_ms,
-                    anonymity: proxy.anonymity,
-                    country: proxy.country.clone(),
-                    score,
-                    last_validated_at: proxy.last_validated_at,
-                    anonymity_evidence: proxy.anonymity_evidence.clone(),
-                    supports_https: proxy.supports_https,
-                })
+                Some(Pick::of(&entry.url, &record.proxy, score))
             })
             .collect();
         Ok(picks)

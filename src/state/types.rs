@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use crate::proxy::{Anonymity, Protocol, ProxyKey};
+use crate::proxy::{ActiveProxy, Anonymity, Protocol, ProxyKey};
 
 /// What a get-proxy asks for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -58,6 +58,26 @@ pub struct Pick {
     pub anonymity_evidence: Option<Arc<str>>,
     /// An http proxy that also tunnels CONNECT; `None` when not checked.
     pub supports_https: Option<bool>,
+}
+
+impl Pick {
+    /// `proxy`, served under `url` with this source's `score`.
+    pub(crate) fn of(url: &str, proxy: &ActiveProxy, score: i32) -> Pick {
+        Pick {
+            id: proxy.id,
+            url: url.to_string(),
+            protocol: proxy.key.protocol,
+            ip: proxy.key.ip,
+            port: proxy.key.port,
+            latency_ms: proxy.latency_ms,
+            anonymity: proxy.anonymity,
+            country: proxy.country.clone(),
+            score,
+            last_validated_at: proxy.last_validated_at,
+            anonymity_evidence: proxy.anonymity_evidence.clone(),
+            supports_https: proxy.supports_https,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
