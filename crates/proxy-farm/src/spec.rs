@@ -357,7 +357,7 @@ impl FarmSpec {
             .group(one(XffUnknown))
             .group(one(TlsIntercept).protocol(Protocol::Https))
             .group(one(Elite).protocol(Protocol::Https).connect_443_only())
-            .group(one(Slow(1500)).connect(true))
+            .group(one(Slow(2000)).connect(true))
             .group(one(Slow(1200)).protocol(Protocol::Socks5))
             .group(one(Socks4))
             .group(one(Socks4).credentials("farmuser4", ""))
