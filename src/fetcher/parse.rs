@@ -242,6 +242,8 @@ fn parse(text: &str, truncated: bool, options: &ParseOptions) -> ParsedList {
 
 /// Tells a body's format from its start (and, for CSV, its first line).
 fn detect(text: &str) -> ListFormat {
+    // A byte order mark is not the body's first character (parse drops it too).
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let bytes = text.as_bytes();
     let Some(start) = bytes.iter().position(|b| !b.is_ascii_whitespace()) else {
         return ListFormat::Text;
@@ -847,6 +849,7 @@ mod tests {
             ("# list\nhttp\tsocks5\n", ListFormat::Csv),
             ("<!DOCTYPE html><html>", ListFormat::Html),
             ("  <table>", ListFormat::Html),
+            ("\u{feff}<p>", ListFormat::Html),
         ];
         for (body, format) in cases {
             assert_eq!(parse_list(body, &PUBLIC).format, format, "{body:?}");
@@ -983,6 +986,8 @@ mod tests {
             prop_assert!(parsed.proxies.iter().all(|key| is_public(key.ip)));
         }
 
+        /// Regression: a first line of a byte order mark and `<` was told
+        /// as text by `detect` and parsed as HTML.
         #[test]
         fn valid_lines_survive_arbitrary_neighbours(
             key in proxy_key(),
