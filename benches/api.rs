@@ -539,18 +539,7 @@ impl Report {
 }
 
 fn scoring() -> ScoringConfig {
-    ScoringConfig {
-        initial_score: 0,
-        success_delta: 1,
-        failure_delta: -5,
-        max_score: 100,
-        ban_threshold: -15,
-        ban_cooldown: Duration::from_secs(1800),
-        ban_cooldown_max: Duration::from_secs(21600),
-        top_k: 10,
-        explore_ratio: 0.1,
-        discount: 0.9,
-    }
+    ScoringConfig::defaults()
 }
 
 fn make_proxies() -> Vec<ActiveProxy> {

@@ -2,7 +2,6 @@
 //! proxies, 100 sources, 1,000,000 per-source stats entries.
 
 use std::hint::black_box;
-use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
@@ -23,18 +22,7 @@ const COUNTRIES: [&str; 50] = [
 ];
 
 fn scoring() -> ScoringConfig {
-    ScoringConfig {
-        initial_score: 0,
-        success_delta: 1,
-        failure_delta: -5,
-        max_score: 100,
-        ban_threshold: -15,
-        ban_cooldown: Duration::from_secs(1800),
-        ban_cooldown_max: Duration::from_secs(21600),
-        top_k: 10,
-        explore_ratio: 0.1,
-        discount: 0.9,
-    }
+    ScoringConfig::defaults()
 }
 
 fn now() -> DateTime<Utc> {

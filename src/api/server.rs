@@ -129,16 +129,10 @@ impl HttpServer {
         let Some(accept) = self.accept.take() else {
             return;
         };
-        // The accept thread blocks in accept(): a connection wakes it.
-        let mut wake = self.local_addr;
-        if wake.ip().is_unspecified() {
-            wake.set_ip(match wake {
-                SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-                SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-            });
+        crate::http::io::wake_accept(self.local_addr);
+        if accept.join().is_err() {
+            log::error!("api: the accept thread panicked");
         }
-        let _ = TcpStream::connect_timeout(&wake, Duration::from_secs(1));
-        let _ = accept.join();
     }
 }
 

@@ -139,14 +139,7 @@ impl Gateway {
         let Some(accept) = self.accept.take() else {
             return;
         };
-        let mut wake = self.local_addr;
-        if wake.ip().is_unspecified() {
-            wake.set_ip(match wake {
-                SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-                SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-            });
-        }
-        let _ = TcpStream::connect_timeout(&wake, Duration::from_secs(1));
+        crate::http::io::wake_accept(self.local_addr);
         if accept.join().is_err() {
             log::error!("gateway: the accept thread panicked");
         }

@@ -270,6 +270,21 @@ pub fn read_body(
     }
 }
 
+/// Wakes an accept loop blocked in `accept()` on `local_addr` (which stops
+/// once it sees its stop flag): one connection to it, to loopback when it
+/// listens on every address.
+pub fn wake_accept(local_addr: std::net::SocketAddr) {
+    let mut wake = local_addr;
+    if wake.ip().is_unspecified() {
+        wake.set_ip(match wake {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    // Refused or timed out: the listener is gone, and so is the loop.
+    let _ = TcpStream::connect_timeout(&wake, Duration::from_secs(1));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
