@@ -400,6 +400,12 @@ mod tests {
                 format!("http://{name}/get?show_env=1&check=abc")
             );
         }
+        // The judge counts a request once its answer is written, which the
+        // client may read first: wait for the count itself.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while judge.hits() < 2 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         assert_eq!(judge.hits(), 2);
         assert!(judge.url().starts_with("https://127.0.0.1:"));
     }
